@@ -1,0 +1,153 @@
+"""The whole Snakemake workflow on the smallest config, as a user runs it.
+
+One module-scoped run of ``snakemake --cores 2`` on a copy of the workflow;
+the tests then check the files produced and what a rerun would do (by dry
+runs, which is how Snakemake itself decides what to rerun).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "tests" / "configs" / "tiny.yaml"
+COPIED = ("Snakefile", "config.yaml", "workflow", "src", "envs")
+
+pytestmark = pytest.mark.workflow
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run snakemake in ``workdir`` with the tiny config, using this interpreter's env."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = str(workdir / "src")
+    command = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--cores",
+        "2",
+        "--configfile",
+        "tiny.yaml",
+        *args,
+    ]
+    result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def planned_jobs(result: subprocess.CompletedProcess) -> dict[str, int]:
+    """Rule -> job count from a dry run's "Job stats" table."""
+    text = result.stdout + result.stderr
+    counts: dict[str, int] = {}
+    if "Job stats:" not in text:
+        return counts
+    table = text.split("Job stats:", 1)[1]
+    for line in table.splitlines()[3:]:
+        match = re.match(r"^(\w+)\s+(\d+)\s*$", line.strip())
+        if not match:
+            break
+        if match.group(1) != "total":
+            counts[match.group(1)] = int(match.group(2))
+    return counts
+
+
+@pytest.fixture(scope="module")
+def workflow_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    workdir = tmp_path_factory.mktemp("workflow")
+    for name in COPIED:
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(source, workdir / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, workdir / name)
+    shutil.copy2(TINY, workdir / "tiny.yaml")
+    started = time.perf_counter()
+    snakemake(workdir)
+    print(f"whole workflow on the tiny config: {time.perf_counter() - started:.1f} s")
+    return workdir
+
+
+def tiny_grid() -> dict:
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    tiny = yaml.safe_load(TINY.read_text())
+    return {
+        "inits": sorted(config["inits"]),
+        "tasks": sorted(config["tasks"]),
+        "fractions": tiny["fractions"],
+        "seeds": tiny["seeds"],
+    }
+
+
+def test_workflow_produces_tables_and_figures(workflow_run: Path) -> None:
+    grid = tiny_grid()
+    runs = pd.read_csv(workflow_run / "results/tables/runs.csv")
+    n_runs = len(grid["inits"]) * len(grid["tasks"]) * len(grid["fractions"]) * len(grid["seeds"])
+    assert runs.groupby(["init", "task", "fraction", "seed"]).ngroups == n_runs
+    assert set(runs["metric"]) >= {"auc", "accuracy", "f1"}
+    summary = pd.read_csv(workflow_run / "results/tables/summary.csv")
+    assert set(summary["mark"]) <= {"best", "equivalent", "worse"}
+    assert (summary["n"] == len(grid["seeds"])).all()
+    markdown = (workflow_run / "results/tables/summary.md").read_text()
+    assert "**" in markdown
+    for task in grid["tasks"]:
+        assert task in markdown
+        for suffix in ("png", "pdf"):
+            figure = workflow_run / f"results/figures/label_efficiency_{task}.{suffix}"
+            assert figure.stat().st_size > 1000
+    rejects = pd.read_csv(workflow_run / "results/data/synthct.rejects.csv")
+    assert len(rejects) == 10  # one scout image per patient, rejected with its reason
+    assert rejects["reason"].str.contains("LOCALIZER", case=False).all()
+    for init in grid["inits"]:
+        assert (workflow_run / f"logs/finetune/{init}").is_dir()
+    assert (workflow_run / "benchmarks/pretrain/simclr.tsv").is_file()
+
+
+def test_second_run_does_nothing(workflow_run: Path) -> None:
+    result = snakemake(workflow_run, "--dry-run")
+    assert planned_jobs(result) == {}
+    assert "Nothing to be done" in result.stdout + result.stderr
+
+
+def test_finetune_setting_reruns_finetunes_and_what_follows(workflow_run: Path) -> None:
+    changed = workflow_run / "changed.yaml"
+    changed.write_text(yaml.safe_dump({"finetune": {"lr": 0.0005}}))
+    result = snakemake(workflow_run, "--dry-run", "--configfile", "tiny.yaml", "changed.yaml")
+    jobs = planned_jobs(result)
+    grid = tiny_grid()
+    n_runs = len(grid["inits"]) * len(grid["tasks"]) * len(grid["fractions"]) * len(grid["seeds"])
+    assert jobs.pop("finetune") == n_runs
+    assert jobs.pop("plots") == len(grid["tasks"])
+    assert jobs == {"aggregate": 1, "stats": 1, "tables": 1, "all": 1}
+
+
+def test_editing_finetune_code_reruns_finetunes_only(workflow_run: Path) -> None:
+    source = workflow_run / "src/medssl/finetune.py"
+    original = source.stat()
+    later = time.time() + 60
+    os.utime(source, (later, later))
+    try:
+        jobs = planned_jobs(snakemake(workflow_run, "--dry-run"))
+    finally:
+        os.utime(source, ns=(original.st_atime_ns, original.st_mtime_ns))
+    assert "finetune" in jobs
+    assert not {"synthesize", "convert", "split", "subsample", "pretrain"} & set(jobs)
+    assert {"aggregate", "stats", "tables", "plots"} <= set(jobs)
+
+
+def test_report_contains_figures(workflow_run: Path) -> None:
+    snakemake(workflow_run, "--report", "results/report.html")
+    report = workflow_run / "results/report.html"
+    assert report.stat().st_size > 10_000
+    assert "label_efficiency" in report.read_text(errors="replace")

@@ -1,0 +1,166 @@
+# Helpers shared by the rules: config checking, paths, settings and code inputs.
+# Nothing here walks folders or reads data: every SLURM job re-parses this file.
+
+import json
+import shlex
+import sys
+from pathlib import Path
+
+SRC = Path(workflow.basedir) / "src"
+# Jobs and this file import medssl from the checkout being run, so the code
+# Snakemake tracks as input is exactly the code that runs.
+sys.path.insert(0, str(SRC))
+
+from medssl.codedeps import module_sources
+from medssl.config import validate_config
+
+
+validate_config(config)
+
+# The prefix is formatted like a shell command, hence the doubled braces.
+shell.prefix(
+    "set -euo pipefail; "
+    f"export PYTHONPATH={shlex.quote(str(SRC))}" + "${{PYTHONPATH:+:$PYTHONPATH}}; "
+)
+
+
+def fraction_label(fraction):
+    """Path label of a training fraction: 0.1 -> '0.1', 1.0 -> '1'."""
+    return format(float(fraction), "g")
+
+
+DATASETS = sorted(config["data"]["datasets"])
+TASKS = sorted(config["tasks"])
+INITS = sorted(config["inits"])
+METHODS = sorted(config["pretrain"]["methods"])
+FRACTIONS = [fraction_label(f) for f in config["fractions"]]
+SEEDS = [str(s) for s in config["seeds"]]
+THREADS = config["compute"]["threads"]
+
+
+def alternatives(names):
+    return "|".join(names) if names else "(?!)"
+
+
+wildcard_constraints:
+    dataset=alternatives(DATASETS),
+    task=alternatives(TASKS),
+    init=alternatives(INITS),
+    method=alternatives(METHODS),
+    fraction=r"[0-9.e-]+",
+    seed=r"[0-9]+",
+
+
+def as_json(value):
+    """Settings travel to a stage as one sorted JSON string (a rule param)."""
+    return json.dumps(value, sort_keys=True)
+
+
+def code(stage):
+    """The source files ``python -m medssl.<stage>`` runs (rerun on edit)."""
+    return list(module_sources(stage))
+
+
+# --- data ---------------------------------------------------------------------
+
+
+def dataset_config(name):
+    return config["data"]["datasets"][name]
+
+
+def synthetic_settings(wildcards):
+    return as_json(dataset_config(wildcards.dataset)["synthetic"])
+
+
+def dicom_folder(wildcards):
+    dataset = dataset_config(wildcards.dataset)
+    if dataset["source"] == "synthetic":
+        return f"results/dicom/{wildcards.dataset}"
+    return dataset["dicom_dir"]
+
+
+def convert_settings(wildcards):
+    return as_json(config["data"]["convert"])
+
+
+def task_config(name):
+    return config["tasks"][name]
+
+
+def task_dataset_h5(wildcards):
+    return f"results/data/{task_config(wildcards.task)['dataset']}.h5"
+
+
+def task_labels(wildcards):
+    name = task_config(wildcards.task)["dataset"]
+    dataset = dataset_config(name)
+    if dataset["source"] == "synthetic":
+        return f"results/dicom/{name}.labels.csv"
+    return dataset["labels"]
+
+
+def task_settings(wildcards):
+    task = task_config(wildcards.task)
+    labels_key = dataset_config(task["dataset"])["labels_key"]
+    return as_json({"name": wildcards.task, "labels_key": labels_key, **task})
+
+
+# --- pre-training ------------------------------------------------------------
+
+
+def pretrain_h5(wildcards):
+    return f"results/data/{config['pretrain']['dataset']}.h5"
+
+
+def pretrain_settings(wildcards):
+    return as_json(config["pretrain"])
+
+
+# --- fine-tuning --------------------------------------------------------------
+
+
+def init_encoder(wildcards):
+    """Encoder file an init starts from; none for scratch."""
+    init = config["inits"][wildcards.init]
+    if init["source"] == "scratch":
+        return []
+    return [f"results/init/{init.get('method', wildcards.init)}/encoder.pt"]
+
+
+def encoder_argument(wildcards, input):
+    return f"--encoder {shlex.quote(input.encoder)}" if input.encoder else ""
+
+
+def finetune_settings(wildcards):
+    return as_json(config["finetune"])
+
+
+def finetune_metrics():
+    return expand(
+        "results/finetune/{init}/{task}/frac{fraction}/seed{seed}/metrics.json",
+        init=INITS,
+        task=TASKS,
+        fraction=FRACTIONS,
+        seed=SEEDS,
+    )
+
+
+# --- report -------------------------------------------------------------------
+
+
+def stats_settings(wildcards):
+    return as_json(config["stats"])
+
+
+def task_metric(wildcards):
+    return task_config(wildcards.task)["metric"]
+
+
+def final_outputs():
+    return [
+        "results/tables/runs.csv",
+        "results/tables/summary.csv",
+        "results/tables/summary.md",
+        *expand("results/figures/label_efficiency_{task}.png", task=TASKS),
+        *expand("results/data/{dataset}.rejects.csv", dataset=DATASETS),
+    ]

@@ -1,0 +1,80 @@
+# DICOM in, one HDF5 file per dataset, and the splits of every task.
+
+
+rule synthesize:
+    input:
+        code=code("synth"),
+    output:
+        dicom=directory("results/dicom/{dataset}"),
+        labels="results/dicom/{dataset}.labels.csv",
+    params:
+        settings=synthetic_settings,
+    log:
+        "logs/synthesize/{dataset}.log",
+    benchmark:
+        "benchmarks/synthesize/{dataset}.tsv"
+    threads: THREADS["synthesize"]
+    conda:
+        "../../envs/medssl.yaml"
+    shell:
+        "python -m medssl.synth --out-dir {output.dicom} --labels {output.labels}"
+        " --settings {params.settings:q} > {log} 2>&1"
+
+
+rule convert:
+    input:
+        dicom=dicom_folder,
+        code=code("convert"),
+    output:
+        h5="results/data/{dataset}.h5",
+        rejects="results/data/{dataset}.rejects.csv",
+    params:
+        settings=convert_settings,
+    log:
+        "logs/convert/{dataset}.log",
+    benchmark:
+        "benchmarks/convert/{dataset}.tsv"
+    threads: THREADS["convert"]
+    conda:
+        "../../envs/medssl.yaml"
+    shell:
+        "python -m medssl.convert --dicom-dir {input.dicom:q} --out {output.h5}"
+        " --rejects {output.rejects} --settings {params.settings:q} --threads {threads}"
+        " > {log} 2>&1"
+
+
+rule split:
+    input:
+        h5=task_dataset_h5,
+        labels=task_labels,
+        code=code("split"),
+    output:
+        "results/splits/{task}.csv",
+    params:
+        task=task_settings,
+    log:
+        "logs/split/{task}.log",
+    benchmark:
+        "benchmarks/split/{task}.tsv"
+    conda:
+        "../../envs/medssl.yaml"
+    shell:
+        "python -m medssl.split --data {input.h5} --labels {input.labels:q}"
+        " --task {params.task:q} --out {output} > {log} 2>&1"
+
+
+rule subsample:
+    input:
+        partition="results/splits/{task}.csv",
+        code=code("subsample"),
+    output:
+        "results/splits/{task}/seed{seed}.csv",
+    log:
+        "logs/subsample/{task}/seed{seed}.log",
+    benchmark:
+        "benchmarks/subsample/{task}/seed{seed}.tsv"
+    conda:
+        "../../envs/medssl.yaml"
+    shell:
+        "python -m medssl.subsample --partition {input.partition} --seed {wildcards.seed}"
+        " --out {output} > {log} 2>&1"

@@ -1,0 +1,33 @@
+# One fine-tuning run per (initialisation, task, training fraction, seed).
+
+
+rule finetune:
+    input:
+        h5=task_dataset_h5,
+        partition="results/splits/{task}.csv",
+        subsets="results/splits/{task}/seed{seed}.csv",
+        encoder=init_encoder,
+        code=code("finetune"),
+    output:
+        "results/finetune/{init}/{task}/frac{fraction}/seed{seed}/metrics.json",
+    params:
+        task=task_settings,
+        settings=finetune_settings,
+        encoder=encoder_argument,
+        backbone=config["pretrain"]["backbone"],
+        device=config["compute"]["device"],
+    log:
+        "logs/finetune/{init}/{task}/frac{fraction}/seed{seed}.log",
+    benchmark:
+        "benchmarks/finetune/{init}/{task}/frac{fraction}/seed{seed}.tsv"
+    threads: THREADS["finetune"]
+    resources:
+        gpu=1,
+    conda:
+        "../../envs/medssl.yaml"
+    shell:
+        "python -m medssl.finetune --data {input.h5} --partition {input.partition}"
+        " --subsets {input.subsets} --fraction {wildcards.fraction} --seed {wildcards.seed}"
+        " --task {params.task:q} --settings {params.settings:q} --init {wildcards.init}"
+        " {params.encoder} --backbone {params.backbone} --threads {threads}"
+        " --device {params.device} --out {output} > {log} 2>&1"
