@@ -109,3 +109,13 @@ def test_snakemake_refuses_bad_config_before_any_job(tmp_path: Path) -> None:
     )
     assert result.returncode != 0
     assert "finetune.protocol" in result.stdout + result.stderr
+
+
+def test_schema_names_match_the_registries() -> None:
+    """The schema lists methods and backbones so parsing never imports torch."""
+    from medssl.config import backbone_names, method_names
+    from medssl.methods import METHODS
+    from medssl.models import BACKBONES
+
+    assert sorted(method_names()) == sorted(METHODS)
+    assert sorted(backbone_names()) == sorted(BACKBONES)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import hashlib
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -85,3 +86,12 @@ def module_sources(module: str) -> tuple[str, ...]:
             if target is not None:
                 todo.append(target)
     return tuple(sorted(str(f) for f in seen))
+
+
+def code_digest(module: str) -> str:
+    """SHA-256 over the sources :func:`module_sources` lists, to tell code versions apart."""
+    digest = hashlib.sha256()
+    for file in module_sources(module):
+        digest.update(Path(file).relative_to(PACKAGE_DIR).as_posix().encode())
+        digest.update(Path(file).read_bytes())
+    return digest.hexdigest()

@@ -32,6 +32,18 @@ def load_schema(path: str | Path = SCHEMA_PATH) -> dict:
     return yaml.safe_load(Path(path).read_text())
 
 
+def method_names(schema_path: str | Path = SCHEMA_PATH) -> list[str]:
+    """Pre-training methods the schema accepts (kept equal to the registry by a test)."""
+    schema = load_schema(schema_path)
+    return list(schema["properties"]["pretrain"]["properties"]["methods"]["items"]["enum"])
+
+
+def backbone_names(schema_path: str | Path = SCHEMA_PATH) -> list[str]:
+    """Backbones the schema accepts (kept equal to the registry by a test)."""
+    schema = load_schema(schema_path)
+    return list(schema["properties"]["pretrain"]["properties"]["backbone"]["enum"])
+
+
 def _with_defaults(validator_class: type) -> type:
     """A validator class that fills in ``default`` values while it validates.
 

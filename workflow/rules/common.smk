@@ -12,7 +12,7 @@ SRC = Path(workflow.basedir) / "src"
 sys.path.insert(0, str(SRC))
 
 from medssl.codedeps import module_sources
-from medssl.config import validate_config
+from medssl.config import method_names, validate_config
 
 
 validate_config(config)
@@ -33,6 +33,7 @@ DATASETS = sorted(config["data"]["datasets"])
 TASKS = sorted(config["tasks"])
 INITS = sorted(config["inits"])
 METHODS = sorted(config["pretrain"]["methods"])
+METHOD_NAMES = method_names()
 FRACTIONS = [fraction_label(f) for f in config["fractions"]]
 SEEDS = [str(s) for s in config["seeds"]]
 THREADS = config["compute"]["threads"]
@@ -113,7 +114,17 @@ def pretrain_h5(wildcards):
 
 
 def pretrain_settings(wildcards):
-    return as_json(config["pretrain"])
+    """The shared pre-training keys plus this method's own sub-section only,
+    so adding a second method does not rerun the first."""
+    section = config["pretrain"]
+    others = set(METHOD_NAMES) - {wildcards.method}
+    return as_json(
+        {
+            key: value
+            for key, value in section.items()
+            if key not in others and key not in ("methods", "dataset")
+        }
+    )
 
 
 # --- fine-tuning --------------------------------------------------------------
@@ -128,7 +139,8 @@ def init_encoder(wildcards):
 
 
 def encoder_argument(wildcards, input):
-    return f"--encoder {shlex.quote(input.encoder)}" if input.encoder else ""
+    encoders = list(input.encoder)
+    return f"--encoder {shlex.quote(encoders[0])}" if encoders else ""
 
 
 def finetune_settings(wildcards):

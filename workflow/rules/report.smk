@@ -84,6 +84,7 @@ rule plots:
         pdf="results/figures/label_efficiency_{task}.pdf",
     params:
         metric=task_metric,
+        settings=stats_settings,
     log:
         "logs/plots/{task}.log",
     benchmark:
@@ -93,4 +94,5 @@ rule plots:
         "../../envs/report.yaml"
     shell:
         "python -m medssl.plots --summary {input.summary} --task {wildcards.task}"
-        " --metric {params.metric} --out {output.png} > {log} 2>&1"
+        " --metric {params.metric} --settings {params.settings:q} --out {output.png}"
+        " > {log} 2>&1"

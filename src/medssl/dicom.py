@@ -1,0 +1,309 @@
+"""DICOM reading and slice geometry shared by :mod:`medssl.convert`.
+
+Headers are read without pixel data first (cheap), so that a whole folder can
+be screened, grouped into series and sorted before any pixel is decoded. Every
+file ends up either as a :class:`SliceHeader` or as a rejection with a reason a
+person can act on; nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+
+#: Tags every image must carry: identity (for splitting by patient and joining
+#: labels) and geometry (for sorting and spacing).
+REQUIRED_TAGS = (
+    "PatientID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+    "Modality",
+    "Rows",
+    "Columns",
+    "PixelSpacing",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+)
+
+#: Without the rescale, CT stored values are not HU (typically off by 1024), so
+#: guessing slope 1 / intercept 0 would silently corrupt the intensities.
+REQUIRED_RESCALE_MODALITIES = frozenset({"CT"})
+
+#: First two bytes of the pixel data tags (7FE0,xxxx) in little- and big-endian files.
+_PIXEL_GROUP = (b"\xe0\x7f", b"\x7f\xe0")
+
+#: Files that are part of a DICOM file set but never images.
+# DICOMDIR is an index, not an image; Snakemake marks directory outputs with
+# .snakemake_timestamp. Neither is data, so neither is counted or rejected.
+SKIPPED_NAMES = frozenset({"DICOMDIR", ".SNAKEMAKE_TIMESTAMP"})  # compared upper-cased
+
+
+@dataclass(frozen=True)
+class SliceHeader:
+    """What convert needs from one image header; small and picklable for workers."""
+
+    file: str  # path relative to the scanned folder, as reported in outputs
+    path: str  # absolute path, for reading the pixels later
+    patient_id: str
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    modality: str
+    rows: int
+    columns: int
+    pixel_spacing: tuple[float, float]  # (between rows, between columns) in mm
+    orientation: tuple[float, ...]  # six direction cosines
+    position: tuple[float, float, float]
+    slice_thickness: float | None
+    spacing_between_slices: float | None
+    instance_number: int | None
+    z: float  # position along the slice normal in mm: the sort key of a series
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """One file that does not go into the dataset, and why."""
+
+    file: str
+    series_uid: str
+    reason: str
+
+
+def iter_files(root: Path) -> Iterator[Path]:
+    """Every regular file below ``root`` in a fixed (sorted) order, DICOMDIR excluded.
+
+    The order only makes logs and reject lists reproducible; nothing downstream
+    relies on it, since slices are sorted by geometry.
+    """
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            if name.upper() in SKIPPED_NAMES:
+                continue
+            path = Path(dirpath) / name
+            if path.is_file():
+                yield path
+
+
+def slice_normal(orientation: Sequence[float]) -> np.ndarray:
+    """Unit normal of the image plane: row cosines x column cosines."""
+    row = np.asarray(orientation[:3], dtype=np.float64)
+    col = np.asarray(orientation[3:6], dtype=np.float64)
+    normal = np.cross(row, col)
+    norm = float(np.linalg.norm(normal))
+    if not math.isfinite(norm) or norm < 1e-6:
+        raise ValueError(f"degenerate ImageOrientationPatient {list(orientation)}")
+    return normal / norm
+
+
+def slice_position(orientation: Sequence[float], position: Sequence[float]) -> float:
+    """Signed distance of the slice along its normal: the only reliable slice order.
+
+    InstanceNumber and file names are often wrong or shuffled; the geometry is not.
+    """
+    return float(np.dot(slice_normal(orientation), np.asarray(position, dtype=np.float64)))
+
+
+def orientation_key(orientation: Sequence[float], decimals: int = 3) -> tuple[float, ...]:
+    """Orientation rounded so that scanner float noise does not split a series."""
+    return tuple(round(float(v), decimals) + 0.0 for v in orientation)
+
+
+def _image_sop_class(uid: str) -> bool:
+    """True for single-frame image storage classes known to pydicom's UID dictionary."""
+    name = UID(uid).name
+    return "Image Storage" in name
+
+
+def _text(value: object) -> str:
+    return str(value).strip() if value is not None else ""
+
+
+def _floats(value: object, count: int, tag: str) -> tuple[float, ...]:
+    """A multi-valued DS tag as floats, with an error naming the tag if malformed."""
+    try:
+        values = tuple(float(v) for v in value)  # type: ignore[union-attr]
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"malformed {tag} {value!r}") from err
+    if len(values) != count or not all(math.isfinite(v) for v in values):
+        raise ValueError(f"malformed {tag} {list(values)} (needs {count} finite numbers)")
+    return values
+
+
+def _optional_float(ds: pydicom.Dataset, keyword: str) -> float | None:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def read_header(path: Path, root: Path, modalities: Sequence[str]) -> SliceHeader | Rejection:
+    """Read one file's header and screen it; return the header or a rejection.
+
+    The checks that need only the header happen here (readability, SOP class,
+    required tags, modality, localizers, multi-frame, colour); checks that need
+    the whole series (orientation, shape, duplicates) and the pixel decode come
+    later.
+    """
+    rel = path.relative_to(root).as_posix()
+    try:
+        with open(path, "rb") as handle:
+            ds = pydicom.dcmread(handle, stop_before_pixels=True)
+            # pydicom stops *at* the pixel data tag; a file that ends before it
+            # was cut short (pydicom itself silently keeps the partial header).
+            stopped_at = handle.tell()
+            reached_pixels = handle.read(2) in _PIXEL_GROUP
+    except InvalidDicomError as err:
+        return Rejection(rel, "", f"not DICOM ({err})")
+    except (EOFError, OSError) as err:
+        return Rejection(rel, "", f"unreadable or truncated header ({type(err).__name__}: {err})")
+    except Exception as err:  # pydicom raises many types on corrupt input
+        return Rejection(rel, "", f"unreadable header ({type(err).__name__}: {err})")
+
+    try:
+        series_uid = _text(ds.get("SeriesInstanceUID"))
+    except Exception as err:  # a corrupt element can fail on first access
+        return Rejection(rel, "", f"unreadable header ({type(err).__name__}: {err})")
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if not reached_pixels and syntax != DeflatedExplicitVRLittleEndian:
+        sop_class = _text(ds.get("SOPClassUID"))
+        known = bool(sop_class) and UID(sop_class).name != sop_class
+        if known and not _image_sop_class(sop_class):
+            return Rejection(
+                rel, series_uid, f"non-image SOP class {UID(sop_class).name} ({sop_class})"
+            )
+        return Rejection(
+            rel,
+            series_uid,
+            f"truncated or no pixel data (file ends after {stopped_at} bytes, before PixelData)",
+        )
+    try:
+        return _screen(ds, rel, os.path.abspath(path), series_uid, modalities)
+    except Exception as err:
+        return Rejection(rel, series_uid, f"unreadable header ({type(err).__name__}: {err})")
+
+
+def _screen(
+    ds: pydicom.Dataset, rel: str, abspath: str, series_uid: str, modalities: Sequence[str]
+) -> SliceHeader | Rejection:
+    """The header checks of :func:`read_header`, in the order a person would ask."""
+    sop_class = _text(ds.get("SOPClassUID")) or _text(
+        getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", None)
+    )
+    if not sop_class:
+        return Rejection(rel, series_uid, "missing required tag SOPClassUID")
+    if not _image_sop_class(sop_class):
+        return Rejection(
+            rel, series_uid, f"non-image SOP class {UID(sop_class).name} ({sop_class})"
+        )
+
+    for keyword in REQUIRED_TAGS:
+        value = ds.get(keyword)
+        if value is None or (isinstance(value, str) and not value.strip()) or value == []:
+            return Rejection(rel, series_uid, f"missing required tag {keyword}")
+
+    modality = _text(ds.Modality).upper()
+    if modality not in {m.upper() for m in modalities}:
+        return Rejection(rel, series_uid, f"modality {modality} not in {list(modalities)}")
+    if modality in REQUIRED_RESCALE_MODALITIES:
+        for keyword in ("RescaleSlope", "RescaleIntercept"):
+            if ds.get(keyword) in (None, ""):
+                return Rejection(rel, series_uid, f"missing required tag {keyword}")
+
+    image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
+    if "LOCALIZER" in image_type:
+        return Rejection(rel, series_uid, "localizer (ImageType contains LOCALIZER)")
+    frames = ds.get("NumberOfFrames")
+    if frames not in (None, "") and int(frames) > 1:
+        return Rejection(rel, series_uid, f"multi-frame image ({int(frames)} frames) not supported")
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if samples != 1:
+        return Rejection(rel, series_uid, f"not greyscale (SamplesPerPixel={samples})")
+
+    try:
+        orientation = _floats(ds.ImageOrientationPatient, 6, "ImageOrientationPatient")
+        position = _floats(ds.ImagePositionPatient, 3, "ImagePositionPatient")
+        z = slice_position(orientation, position)
+        spacing = _floats(ds.PixelSpacing, 2, "PixelSpacing")
+    except ValueError as err:
+        return Rejection(rel, series_uid, str(err))
+    if min(spacing) <= 0:
+        return Rejection(rel, series_uid, f"non-positive PixelSpacing {list(spacing)}")
+    rows, columns = int(ds.Rows), int(ds.Columns)
+    if rows < 1 or columns < 1:
+        return Rejection(rel, series_uid, f"empty image ({rows}x{columns})")
+
+    instance = ds.get("InstanceNumber")
+    return SliceHeader(
+        file=rel,
+        path=abspath,
+        patient_id=_text(ds.PatientID),
+        study_uid=_text(ds.StudyInstanceUID),
+        series_uid=series_uid,
+        sop_uid=_text(ds.SOPInstanceUID),
+        modality=modality,
+        rows=rows,
+        columns=columns,
+        pixel_spacing=(spacing[0], spacing[1]),
+        orientation=orientation,
+        position=(position[0], position[1], position[2]),
+        slice_thickness=_optional_float(ds, "SliceThickness"),
+        spacing_between_slices=_optional_float(ds, "SpacingBetweenSlices"),
+        instance_number=None if instance in (None, "") else int(instance),
+        z=z,
+    )
+
+
+def read_hu(path: str, rows: int, columns: int) -> np.ndarray:
+    """Decode one slice to HU (float64, rows x columns); ValueError says why not.
+
+    Pixel padding (the scanner's "outside the field of view" marker) becomes air,
+    -1000 HU, so that it neither looks like tissue nor stretches a min-max scaling.
+    """
+    ds = pydicom.dcmread(path)
+    if "PixelData" not in ds:
+        raise ValueError("missing PixelData")
+    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    syntax_name = UID(str(syntax)).name if syntax else "unknown transfer syntax"
+    if syntax is not None and not UID(str(syntax)).is_compressed:
+        bits = int(ds.get("BitsAllocated", 16) or 16)
+        expected = rows * columns * bits // 8
+        got = len(ds.PixelData)
+        if got < expected:
+            raise ValueError(f"truncated pixel data ({got} of {expected} bytes)")
+    try:
+        stored = ds.pixel_array
+    except Exception as err:
+        raise ValueError(
+            f"undecodable pixel data ({syntax_name}: {type(err).__name__}: {err})"
+        ) from err
+    if stored.shape != (rows, columns):
+        raise ValueError(f"decoded shape {stored.shape} differs from header {rows}x{columns}")
+
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    hu = stored.astype(np.float64) * slope + intercept
+
+    padding = ds.get("PixelPaddingValue")
+    if padding is not None:
+        limit = ds.get("PixelPaddingRangeLimit")
+        if limit is None:
+            mask = stored == padding
+        else:
+            low, high = sorted((int(padding), int(limit)))
+            mask = (stored >= low) & (stored <= high)
+        hu[mask] = -1000.0
+    return hu

@@ -1,0 +1,110 @@
+"""Classification metrics of one evaluation: ROC AUC, accuracy and F1.
+
+MONAI's implementations are used (``compute_roc_auc``, ``get_confusion_matrix``)
+so the numbers match what the medical-imaging community reports with the same
+library; the tests pin them to scikit-learn's definitions.
+
+Conventions, chosen to match scikit-learn:
+
+* binary: ``scores`` is the probability of class 1, the prediction is
+  ``score >= 0.5``; AUC and F1 are those of the positive class;
+* multi-class: ``scores`` is (N, K) class probabilities, the prediction is the
+  arg-max (first class on ties); AUC is the macro one-vs-rest mean and F1 the
+  macro mean over the classes present in the labels or the predictions;
+* an AUC that is undefined (a class absent from the labels) is NaN, never a
+  substitute number, so a downstream mean cannot silently include it.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import torch
+
+TASK_TYPES = ("binary", "multiclass")
+METRICS = ("auc", "accuracy", "f1")
+HIGHER_IS_BETTER = {"auc": True, "accuracy": True, "f1": True, "loss": False}
+
+
+def _check(task_type: str, labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Validate shapes and values; fail loudly rather than score garbage."""
+    if task_type not in TASK_TYPES:
+        raise ValueError(f"task type {task_type!r} is not one of {TASK_TYPES}")
+    labels = np.asarray(labels)
+    scores = np.asarray(scores, dtype=np.float64)
+    if labels.ndim != 1 or len(labels) == 0:
+        raise ValueError(f"labels must be a non-empty 1-D array, got shape {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        if not np.all(np.equal(np.mod(labels, 1), 0)):
+            raise ValueError("labels must be integer class codes")
+        labels = labels.astype(np.int64)
+    if not np.all(np.isfinite(scores)):
+        raise ValueError(f"{int((~np.isfinite(scores)).sum())} scores are NaN or infinite")
+    if task_type == "binary":
+        if scores.shape != labels.shape:
+            raise ValueError(f"binary scores must have shape {labels.shape}, got {scores.shape}")
+        if labels.min() < 0 or labels.max() > 1:
+            raise ValueError("binary labels must be 0 or 1")
+    else:
+        if scores.ndim != 2 or scores.shape[0] != len(labels) or scores.shape[1] < 2:
+            raise ValueError(
+                f"multiclass scores must have shape ({len(labels)}, K>=2), got {scores.shape}"
+            )
+        if labels.min() < 0 or labels.max() >= scores.shape[1]:
+            raise ValueError(f"labels must be in 0..{scores.shape[1] - 1}")
+    return labels.astype(np.int64), scores
+
+
+def _one_hot(codes: np.ndarray, n_classes: int) -> torch.Tensor:
+    return torch.nn.functional.one_hot(torch.from_numpy(codes), n_classes).to(torch.float64)
+
+
+def roc_auc(task_type: str, labels: np.ndarray, scores: np.ndarray) -> float:
+    """ROC AUC (binary) or macro one-vs-rest AUC (multi-class); NaN when undefined."""
+    labels, scores = _check(task_type, labels, scores)
+    from monai.metrics import compute_roc_auc  # lazy: importing MONAI costs seconds
+
+    pred = torch.from_numpy(scores)
+    if task_type == "binary":
+        target = torch.from_numpy(labels).to(torch.float64)
+    else:
+        target = _one_hot(labels, scores.shape[1])
+    with warnings.catch_warnings():
+        # MONAI warns and returns NaN when a class is absent: NaN is the answer we want.
+        warnings.simplefilter("ignore", UserWarning)
+        value = float(compute_roc_auc(pred, target, average="macro"))
+    return value if math.isfinite(value) else math.nan
+
+
+def predictions(task_type: str, scores: np.ndarray) -> np.ndarray:
+    """Hard class codes: ``score >= 0.5`` (binary) or the arg-max (multi-class)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if task_type == "binary":
+        return (scores >= 0.5).astype(np.int64)
+    return np.argmax(scores, axis=1).astype(np.int64)
+
+
+def classification_metrics(task_type: str, labels: np.ndarray, scores: np.ndarray) -> dict:
+    """``{"auc", "accuracy", "f1"}`` of one evaluation (see the module docstring)."""
+    from monai.metrics import get_confusion_matrix  # lazy: importing MONAI costs seconds
+
+    labels, scores = _check(task_type, labels, scores)
+    n_classes = 2 if task_type == "binary" else scores.shape[1]
+    pred = predictions(task_type, scores)
+    # MONAI's confusion matrix is per sample (N, C, 4: tp, fp, tn, fn); sum over samples.
+    matrix = get_confusion_matrix(_one_hot(pred, n_classes), _one_hot(labels, n_classes))
+    matrix = matrix.to(torch.float64).sum(0)
+    tp, fp, fn = matrix[:, 0], matrix[:, 1], matrix[:, 3]
+    denominator = 2 * tp + fp + fn
+    f1 = torch.where(denominator > 0, 2 * tp / denominator.clamp(min=1), torch.zeros_like(tp))
+    # Binary: the positive class. Multi-class: classes absent from both labels and
+    # predictions have no F1, and scikit-learn leaves them out of the macro mean.
+    present = denominator > 0
+    f1_value = float(f1[1]) if task_type == "binary" else float(f1[present].mean())
+    return {
+        "auc": roc_auc(task_type, labels, scores),
+        "accuracy": float(np.mean(pred == labels)),
+        "f1": f1_value,
+    }

@@ -1,0 +1,195 @@
+"""Stage ``pretrain``: self-supervised pre-training of an encoder on the unlabelled pool.
+
+::
+
+    python -m medssl.pretrain --method simclr --data results/data/lidc.h5 \\
+        --settings '<pretrain section as JSON>' --seed 0 \\
+        --out results/init/simclr/encoder.pt --checkpoint-dir results/pretrain/simclr \\
+        [--threads N] [--device auto|cpu|cuda] [--num-workers N]
+
+Every slice of the HDF5 file is used (or a seeded random ``max_samples``
+subset for quick runs); no label is read. The checkpoint directory holds
+``checkpoint.pt`` and ``history.csv``; a rerun resumes from the checkpoint.
+The encoder is exported only after training finished with a finite loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from medssl import data, models, provenance
+from medssl.augment import MultiView, MultiViewDataset
+from medssl.cli import json_arg, resolve_device, set_threads, setup_logging
+from medssl.codedeps import code_digest
+from medssl.methods import METHODS, build_method
+from medssl.seeding import seed_everything
+from medssl.trainer import NonFiniteLossError, train
+
+log = logging.getLogger(__name__)
+
+IN_MEMORY_LIMIT_BYTES = 2 * 1024**3
+"""Pools smaller than this as float32 are read into memory once; larger ones lazily."""
+
+
+class TensorImages(Dataset):
+    """In-memory ``(N, C, H, W)`` images as a dataset of ``(C, H, W)`` tensors.
+
+    Forked DataLoader workers share the tensor copy-on-write instead of
+    reopening the HDF5 file for every slice.
+    """
+
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def __getitem__(self, item: int) -> torch.Tensor:
+        return self.images[item]
+
+
+def pool_indices(path: str | Path, max_samples: int | None, seed: int) -> np.ndarray:
+    """Sorted HDF5 rows to pre-train on: all, or a seeded random subset of ``max_samples``."""
+    with data.open_h5(path) as handle:
+        total = int(handle[data.IMAGES].shape[0])
+    if max_samples is None or int(max_samples) >= total:
+        return np.arange(total)
+    if int(max_samples) < 1:
+        raise ValueError(f"max_samples must be positive or null, got {max_samples}")
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(total, size=int(max_samples), replace=False))
+
+
+def image_pool(path: str | Path, indices: np.ndarray) -> Dataset:
+    """The images as a dataset: in memory when small enough, else read lazily from HDF5."""
+    channels, height, width = data.image_shape(path)
+    size = len(indices) * channels * height * width * 4
+    if size < IN_MEMORY_LIMIT_BYTES:
+        return TensorImages(data.load_images(path, indices))
+    log.info("pool is %.1f GB as float32; reading slices lazily", size / 1024**3)
+    return data.SliceDataset(path, indices)
+
+
+def pretrain(
+    method: str,
+    data_path: str | Path,
+    settings: Mapping[str, Any],
+    seed: int,
+    out: str | Path,
+    checkpoint_dir: str | Path,
+    device: str = "auto",
+    num_workers: int = 0,
+) -> dict[str, Any]:
+    """Pre-train ``method`` and export its encoder to ``out``; returns the sidecar info.
+
+    Raises :class:`medssl.trainer.NonFiniteLossError` (and writes no encoder)
+    when the loss diverges.
+    """
+    if method not in METHODS:
+        raise KeyError(f"unknown method {method!r}; registered: {sorted(METHODS)}")
+    settings = dict(settings)
+    torch_device = resolve_device(device)
+    seed_everything(seed)
+    backbone_name = settings.get("backbone", "resnet_small")
+    indices = pool_indices(data_path, settings.get("max_samples"), seed)
+    channels, height, width = data.image_shape(data_path)
+    backbone = models.build_backbone(backbone_name, channels)
+    model = build_method(method, backbone, settings.get(method))
+    views = MultiView(settings.get("augment"), n_views=model.views_per_sample, seed=seed)
+    dataset = MultiViewDataset(image_pool(data_path, indices), views)
+    log.info(
+        "pre-training %s (%s) on %d slices of %dx%dx%d from %s on %s",
+        method,
+        backbone_name,
+        len(dataset),
+        channels,
+        height,
+        width,
+        data_path,
+        torch_device,
+    )
+    data_stat = Path(data_path).stat()
+    # A checkpoint is resumed only by the same job: same settings and seed, the
+    # same pool file and the same code. A finished run's checkpoint is thus never
+    # "resumed" after an edit that Snakemake reruns the job for.
+    fingerprint = {
+        "method": method,
+        "settings": settings,
+        "seed": seed,
+        "n_samples": len(indices),
+        "image_shape": [channels, height, width],
+        "data": {"size": data_stat.st_size, "mtime_ns": data_stat.st_mtime_ns},
+        "code": code_digest("pretrain"),
+    }
+    result = train(
+        model,
+        dataset,
+        settings,
+        checkpoint_dir=checkpoint_dir,
+        seed=seed,
+        device=torch_device,
+        num_workers=num_workers,
+        fingerprint=fingerprint,
+    )
+    info = {
+        "method": method,
+        "epochs": len(result.history),
+        "final_loss": result.final_loss,
+        "loss_history": [row["loss"] for row in result.history],
+        "n_samples": len(indices),
+        "provenance": provenance.record("pretrain", settings, seed),
+    }
+    models.save_encoder(model.encoder().cpu(), out, backbone_name, info)
+    log.info("wrote %s (final loss %.4f)", out, result.final_loss)
+    return info
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The stage's command line."""
+    parser = argparse.ArgumentParser(prog="python -m medssl.pretrain", description=__doc__)
+    parser.add_argument("--method", required=True, help=f"one of {sorted(METHODS)}")
+    parser.add_argument("--data", required=True, type=Path, help="converted HDF5 pool")
+    parser.add_argument("--settings", required=True, type=json_arg, help="pretrain section (JSON)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, type=Path, help="encoder file to write")
+    parser.add_argument("--checkpoint-dir", required=True, type=Path)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
+    parser.add_argument("--verbose", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; exits with a one-line error when the loss diverges."""
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    if args.threads is not None:
+        set_threads(args.threads)
+    try:
+        pretrain(
+            args.method,
+            args.data,
+            args.settings,
+            args.seed,
+            args.out,
+            args.checkpoint_dir,
+            device=args.device,
+            num_workers=args.num_workers,
+        )
+    except NonFiniteLossError as err:
+        log.error("%s", err)
+        raise SystemExit(f"error: {err}") from None
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,194 @@
+"""Partition and nested subsets: patient-level, stratified, deterministic, nested."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+
+from medssl import split, subsample
+from medssl.data import read_meta
+from medssl.split import (
+    SplitError,
+    make_partition,
+    make_subsets,
+    read_label_table,
+    read_partition,
+    read_subsets,
+    select_training,
+)
+
+BINARY_TASK = {"name": "nodule", "dataset": "d", "column": "nodule", "type": "binary"}
+REGIONS = ("head", "chest", "abdomen")
+
+
+def write_meta_h5(path: Path, patients: list[str], slices: int) -> None:
+    """A minimal medssl HDF5 (tiny images; the split stage only reads metadata)."""
+    n = len(patients) * slices
+    string = h5py.string_dtype()
+    with h5py.File(path, "w") as handle:
+        images = handle.create_dataset("images", data=np.zeros((n, 1, 4, 4), np.uint8))
+        images.attrs.update({"policy": "window", "scale": 1 / 255, "offset": 0.0, "channels": "[]"})
+        meta = handle.create_group("meta")
+        pids = [p for p in patients for _ in range(slices)]
+        sops = [f"1.2.{p}.{s}" for p in patients for s in range(slices)]
+        meta.create_dataset("patient_id", data=np.array(pids, dtype=object), dtype=string)
+        meta.create_dataset("sop_uid", data=np.array(sops, dtype=object), dtype=string)
+
+
+def cohort(tmp_path: Path, n_patients: int = 20, slices: int = 6) -> tuple[Path, Path]:
+    """HDF5 + label table; a third of patients have no nodule, regions vary by patient."""
+    patients = [f"{i:03d}" for i in range(n_patients)]  # leading zeros must survive CSVs
+    h5 = tmp_path / "d.h5"
+    write_meta_h5(h5, patients, slices)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, patient in enumerate(patients):
+        for s in range(slices):
+            nodule = int(i % 3 != 0 and rng.random() < 0.5) if s else int(i % 3 != 0)
+            region = REGIONS[i % 3] if s < slices - 1 else REGIONS[(i + 1) % 3]
+            rows.append(
+                {
+                    "patient_id": patient,
+                    "sop_uid": f"1.2.{patient}.{s}",
+                    "nodule": nodule,
+                    "region": region,
+                }
+            )
+    labels = tmp_path / "labels.csv"
+    pd.DataFrame(rows).to_csv(labels, index=False)
+    return h5, labels
+
+
+def partition_of(h5: Path, labels: Path, task: dict = BINARY_TASK) -> pd.DataFrame:
+    table = read_label_table(labels, task.get("labels_key", "sop_uid"), task["column"])
+    return make_partition(read_meta(h5), table, task, str(h5), str(labels))
+
+
+def test_cli_round_trip_and_patient_level(tmp_path: Path) -> None:
+    h5, labels = cohort(tmp_path)
+    out = tmp_path / "splits" / "nodule.csv"
+    task = '{"name": "nodule", "dataset": "d", "column": "nodule", "type": "binary"}'
+    argv = ["--data", str(h5), "--labels", str(labels), "--task", task, "--out", str(out)]
+    assert split.main(argv) == 0
+    part = read_partition(out)
+    assert list(part.columns) == list(split.PARTITION_COLUMNS)
+    assert part["patient_id"].str.len().eq(3).all()  # "007" is not turned into 7
+    assert part.groupby("patient_id")["split"].nunique().max() == 1
+    assert set(part["split"]) == {"train", "val", "test"}
+    assert part["index"].is_monotonic_increasing and len(part) == 120
+    seeds_out = tmp_path / "splits" / "nodule" / "seed3.csv"
+    argv = ["--partition", str(out), "--seed", "3", "--out", str(seeds_out)]
+    assert subsample.main(argv) == 0
+    pd.testing.assert_frame_equal(read_subsets(seeds_out), make_subsets(part, 3))
+
+
+def test_partition_is_deterministic_and_independent_of_subset_seeds(tmp_path: Path) -> None:
+    h5, labels = cohort(tmp_path)
+    first, second = partition_of(h5, labels), partition_of(h5, labels)
+    pd.testing.assert_frame_equal(first, second)
+    held_out = set(first.loc[first["split"] != "train", "index"])
+    train = set(first.loc[first["split"] == "train", "index"])
+    for seed in range(5):
+        chosen = set(select_training(first, make_subsets(first, seed), 1.0))
+        assert chosen == train and not chosen & held_out
+    moved = partition_of(h5, labels, {**BINARY_TASK, "split": {"val": 0.2, "test": 0.2, "seed": 1}})
+    assert not moved["split"].equals(first["split"])  # the split seed, not subset seeds, moves it
+
+
+def test_strata_are_represented_in_every_split(tmp_path: Path) -> None:
+    part = partition_of(*cohort(tmp_path, n_patients=30))
+    per_patient = part.drop_duplicates("patient_id")
+    assert set(per_patient["stratum"]) == {0, 1}
+    for name in ("train", "val", "test"):
+        assert set(per_patient.loc[per_patient["split"] == name, "stratum"]) == {0, 1}
+    counts = per_patient["split"].value_counts()
+    assert counts["val"] == counts["test"] == 6 and counts["train"] == 18
+
+
+def test_subsets_nested_stratified_and_seeded(tmp_path: Path) -> None:
+    part = partition_of(*cohort(tmp_path, n_patients=40))
+    train_patients = part.loc[part["split"] == "train"].drop_duplicates("patient_id")
+    subsets = make_subsets(part, seed=0)
+    pd.testing.assert_frame_equal(subsets, make_subsets(part, seed=0))
+    assert set(subsets["patient_id"]) == set(train_patients["patient_id"])
+    previous: set[int] = set()
+    for fraction in (0.1, 0.25, 0.5, 1.0):
+        chosen = select_training(part, subsets, fraction)
+        assert set(chosen) >= previous and len(chosen) > len(previous)
+        previous = set(chosen)
+        rows = part.set_index("index").loc[chosen]
+        assert set(rows["stratum"]) == {0, 1}  # every stratum keeps a patient
+        for stratum, n in train_patients["stratum"].value_counts().items():
+            expected = max(1, int(np.floor(fraction * n + 0.5)))
+            assert rows.loc[rows["stratum"] == stratum, "patient_id"].nunique() == expected
+    whole = part.loc[part["split"] == "train", "index"].to_numpy()
+    np.testing.assert_array_equal(select_training(part, subsets, 1.0), whole)
+    other = [set(select_training(part, make_subsets(part, s), 0.25)) for s in (1, 2, 3)]
+    assert any(o != set(select_training(part, subsets, 0.25)) for o in other)
+
+
+def test_stale_subsets_are_refused(tmp_path: Path) -> None:
+    part = partition_of(*cohort(tmp_path))
+    subsets = make_subsets(part, 0).iloc[1:]
+    with pytest.raises(SplitError, match="regenerate"):
+        select_training(part, subsets, 0.5)
+    with pytest.raises(SplitError, match="fraction"):
+        select_training(part, make_subsets(part, 0), 0.0)
+
+
+def test_multiclass_codes_and_strata(tmp_path: Path) -> None:
+    task = {"name": "region", "dataset": "d", "column": "region", "type": "multiclass"}
+    part = partition_of(*cohort(tmp_path), task)
+    codes = dict(zip(part["label_name"], part["label"], strict=False))
+    assert codes == {"abdomen": 0, "chest": 1, "head": 2}  # sorted order of the values
+    # Every patient has 5 slices of its own region and 1 of the next: that is its stratum.
+    first = part.groupby("patient_id")["label_name"].agg(lambda s: s.value_counts().idxmax())
+    strata = part.drop_duplicates("patient_id").set_index("patient_id")["stratum"]
+    assert (strata == first.map(codes)).all()
+
+
+def test_unlabelled_slices_are_skipped(tmp_path: Path, caplog) -> None:
+    h5, labels = cohort(tmp_path)
+    table = pd.read_csv(labels, dtype={"patient_id": str})
+    table.iloc[:-7].to_csv(labels, index=False)
+    with caplog.at_level(logging.INFO):
+        part = partition_of(h5, labels)
+    assert len(part) == 120 - 7
+    assert "7 of 120 slices have no label" in caplog.text
+
+
+def test_errors_name_file_and_column(tmp_path: Path) -> None:
+    h5, labels = cohort(tmp_path)
+    with pytest.raises(SplitError, match=r"labels\.csv.*'malignancy'"):
+        read_label_table(labels, "sop_uid", "malignancy")
+    with pytest.raises(SplitError, match=r"labels\.csv.*'series_uid'"):
+        read_label_table(labels, "series_uid", "nodule")
+    table = pd.read_csv(labels, dtype={"patient_id": str})
+    table.loc[3, "nodule"] = np.nan
+    table.to_csv(labels, index=False)
+    with pytest.raises(SplitError, match=r"labels\.csv: label column 'nodule' has 1 missing"):
+        read_label_table(labels, "sop_uid", "nodule")
+    h5, labels = cohort(tmp_path)
+    region_as_binary = {**BINARY_TASK, "column": "region"}
+    with pytest.raises(SplitError, match=r"labels\.csv: binary task .* 'region'"):
+        partition_of(h5, labels, region_as_binary)
+    out = tmp_path / "p.csv"
+    task = '{"name": "x", "dataset": "d", "column": "nope", "type": "binary"}'
+    argv = ["--data", str(h5), "--labels", str(labels), "--task", task, "--out", str(out)]
+    assert split.main(argv) == 1 and not out.exists()
+
+
+def test_too_few_patients(tmp_path: Path) -> None:
+    with pytest.raises(SplitError, match="at least 3"):
+        partition_of(*cohort(tmp_path, n_patients=2))
+    part = partition_of(*cohort(tmp_path, n_patients=3))
+    assert part.drop_duplicates("patient_id")["split"].value_counts().to_dict() == {
+        "train": 1,
+        "val": 1,
+        "test": 1,
+    }
