@@ -35,8 +35,9 @@ from torch import nn
 
 from medssl.cli import json_arg, resolve_device, set_threads, setup_logging
 from medssl.data import load_images
+from medssl.directions import HIGHER_IS_BETTER
 from medssl.io import write_json
-from medssl.metrics import HIGHER_IS_BETTER, METRICS, classification_metrics
+from medssl.metrics import METRICS, classification_metrics
 from medssl.models import BACKBONES, build_backbone, feature_dim, load_encoder
 from medssl.provenance import record
 from medssl.seeding import seed_everything

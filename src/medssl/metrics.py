@@ -25,7 +25,6 @@ import torch
 
 TASK_TYPES = ("binary", "multiclass")
 METRICS = ("auc", "accuracy", "f1")
-HIGHER_IS_BETTER = {"auc": True, "accuracy": True, "f1": True, "loss": False}
 
 
 def _check(task_type: str, labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -45,6 +45,7 @@ import pandas as pd
 from scipy import stats as sps
 from statsmodels.stats.multitest import multipletests
 
+from medssl.directions import METRIC_DIRECTION
 from medssl.io import write_csv, write_json
 from medssl.provenance import record
 
@@ -82,27 +83,6 @@ TESTS: dict[str, bool] = {"welch": False, "student": True}
 CORRECTIONS: dict[str, str | None] = {"holm": "holm", "fdr_bh": "fdr_bh", "none": None}
 """Correction name -> statsmodels ``multipletests`` method (None: no correction)."""
 
-METRIC_DIRECTION: dict[str, str] = {
-    "auc": "higher",
-    "mean_auc": "higher",
-    "accuracy": "higher",
-    "balanced_accuracy": "higher",
-    "f1": "higher",
-    "macro_f1": "higher",
-    "dice": "higher",
-    "iou": "higher",
-    "jaccard": "higher",
-    "precision": "higher",
-    "recall": "higher",
-    "sensitivity": "higher",
-    "specificity": "higher",
-    "loss": "lower",
-    "nll": "lower",
-    "brier": "lower",
-    "ece": "lower",
-    "hd95": "lower",
-}
-"""Which way is better for each metric; a metric missing here is an error, not a guess."""
 
 MARKS: tuple[str, ...] = ("best", "equivalent", "worse")
 

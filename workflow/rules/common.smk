@@ -14,7 +14,6 @@ sys.path.insert(0, str(SRC))
 from medssl.codedeps import module_sources
 from medssl.config import method_names, validate_config
 
-
 validate_config(config)
 
 # The prefix is formatted like a shell command, hence the doubled braces.

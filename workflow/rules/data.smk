@@ -7,15 +7,15 @@ rule synthesize:
     output:
         dicom=directory("results/dicom/{dataset}"),
         labels="results/dicom/{dataset}.labels.csv",
-    params:
-        settings=synthetic_settings,
     log:
         "logs/synthesize/{dataset}.log",
     benchmark:
         "benchmarks/synthesize/{dataset}.tsv"
-    threads: THREADS["synthesize"]
     conda:
         "../../envs/medssl.yaml"
+    threads: THREADS["synthesize"]
+    params:
+        settings=synthetic_settings,
     shell:
         "python -m medssl.synth --out-dir {output.dicom} --labels {output.labels}"
         " --settings {params.settings:q} > {log} 2>&1"
@@ -28,15 +28,15 @@ rule convert:
     output:
         h5="results/data/{dataset}.h5",
         rejects="results/data/{dataset}.rejects.csv",
-    params:
-        settings=convert_settings,
     log:
         "logs/convert/{dataset}.log",
     benchmark:
         "benchmarks/convert/{dataset}.tsv"
-    threads: THREADS["convert"]
     conda:
         "../../envs/medssl.yaml"
+    threads: THREADS["convert"]
+    params:
+        settings=convert_settings,
     shell:
         "python -m medssl.convert --dicom-dir {input.dicom:q} --out {output.h5}"
         " --rejects {output.rejects} --settings {params.settings:q} --threads {threads}"
@@ -50,14 +50,14 @@ rule split:
         code=code("split"),
     output:
         "results/splits/{task}.csv",
-    params:
-        task=task_settings,
     log:
         "logs/split/{task}.log",
     benchmark:
         "benchmarks/split/{task}.tsv"
     conda:
         "../../envs/medssl.yaml"
+    params:
+        task=task_settings,
     shell:
         "python -m medssl.split --data {input.h5} --labels {input.labels:q}"
         " --task {params.task:q} --out {output} > {log} 2>&1"

@@ -10,21 +10,21 @@ rule finetune:
         code=code("finetune"),
     output:
         "results/finetune/{init}/{task}/frac{fraction}/seed{seed}/metrics.json",
+    log:
+        "logs/finetune/{init}/{task}/frac{fraction}/seed{seed}.log",
+    benchmark:
+        "benchmarks/finetune/{init}/{task}/frac{fraction}/seed{seed}.tsv"
+    conda:
+        "../../envs/medssl.yaml"
+    threads: THREADS["finetune"]
+    resources:
+        gpu=1,
     params:
         task=task_settings,
         settings=finetune_settings,
         encoder=encoder_argument,
         backbone=config["pretrain"]["backbone"],
         device=config["compute"]["device"],
-    log:
-        "logs/finetune/{init}/{task}/frac{fraction}/seed{seed}.log",
-    benchmark:
-        "benchmarks/finetune/{init}/{task}/frac{fraction}/seed{seed}.tsv"
-    threads: THREADS["finetune"]
-    resources:
-        gpu=1,
-    conda:
-        "../../envs/medssl.yaml"
     shell:
         "python -m medssl.finetune --data {input.h5} --partition {input.partition}"
         " --subsets {input.subsets} --fraction {wildcards.fraction} --seed {wildcards.seed}"

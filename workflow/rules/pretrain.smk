@@ -8,20 +8,20 @@ rule pretrain:
     output:
         encoder="results/init/{method}/encoder.pt",
         sidecar="results/init/{method}/encoder.json",
+    log:
+        "logs/pretrain/{method}.log",
+    benchmark:
+        "benchmarks/pretrain/{method}.tsv"
+    conda:
+        "../../envs/medssl.yaml"
+    threads: THREADS["pretrain"]
+    resources:
+        gpu=1,
     params:
         settings=pretrain_settings,
         checkpoints="results/pretrain/{method}",
         seed=config["pretrain"]["seed"],
         device=config["compute"]["device"],
-    log:
-        "logs/pretrain/{method}.log",
-    benchmark:
-        "benchmarks/pretrain/{method}.tsv"
-    threads: THREADS["pretrain"]
-    resources:
-        gpu=1,
-    conda:
-        "../../envs/medssl.yaml"
     shell:
         "python -m medssl.pretrain --method {wildcards.method} --data {input.h5}"
         " --settings {params.settings:q} --seed {params.seed} --out {output.encoder}"

@@ -32,8 +32,6 @@ rule stats:
             caption="../report/summary.rst",
             category="Tables",
         ),
-    params:
-        settings=stats_settings,
     log:
         "logs/stats/stats.log",
     benchmark:
@@ -41,6 +39,8 @@ rule stats:
     localrule: True
     conda:
         "../../envs/report.yaml"
+    params:
+        settings=stats_settings,
     shell:
         "python -m medssl.stats --runs {input.runs} --settings {params.settings:q}"
         " --out {output} > {log} 2>&1"
@@ -56,8 +56,6 @@ rule tables:
             caption="../report/tables.rst",
             category="Tables",
         ),
-    params:
-        settings=stats_settings,
     log:
         "logs/tables/tables.log",
     benchmark:
@@ -65,6 +63,8 @@ rule tables:
     localrule: True
     conda:
         "../../envs/report.yaml"
+    params:
+        settings=stats_settings,
     shell:
         "python -m medssl.tables --summary {input.summary} --settings {params.settings:q}"
         " --out {output} > {log} 2>&1"
@@ -82,9 +82,6 @@ rule plots:
             labels={"task": "{task}", "figure": "label efficiency"},
         ),
         pdf="results/figures/label_efficiency_{task}.pdf",
-    params:
-        metric=task_metric,
-        settings=stats_settings,
     log:
         "logs/plots/{task}.log",
     benchmark:
@@ -92,6 +89,9 @@ rule plots:
     localrule: True
     conda:
         "../../envs/report.yaml"
+    params:
+        metric=task_metric,
+        settings=stats_settings,
     shell:
         "python -m medssl.plots --summary {input.summary} --task {wildcards.task}"
         " --metric {params.metric} --settings {params.settings:q} --out {output.png}"
