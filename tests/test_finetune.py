@@ -241,3 +241,15 @@ def test_augment_batch_is_seeded_and_keeps_shape() -> None:
     first = ft.augment_batch(images, torch.Generator().manual_seed(0))
     second = ft.augment_batch(images, torch.Generator().manual_seed(0))
     assert first.shape == images.shape and torch.equal(first, second)
+
+
+def test_balanced_class_weights_equalise_class_totals() -> None:
+    from medssl.finetune import balanced_class_weights
+
+    binary = torch.tensor([0, 0, 0, 1])
+    assert balanced_class_weights(binary, "binary", 1).tolist() == [3.0]
+    labels = torch.tensor([0, 0, 0, 0, 2, 2])
+    weights = balanced_class_weights(labels, "multiclass", 3)
+    totals = torch.bincount(labels, minlength=3).float() * weights
+    assert weights[1] == 0  # absent from the subset
+    assert torch.allclose(totals[[0, 2]], torch.full((2,), 3.0))

@@ -54,12 +54,14 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "optimizer": "adam",
     "select_metric": "auc",
     "augment": True,
+    "class_weights": "balanced",
     "num_workers": 0,
 }
 CHOICES = {
     "protocol": ("full", "linear"),
     "optimizer": ("adam", "adamw", "sgd"),
     "select_metric": ("auc", "accuracy", "f1", "loss"),
+    "class_weights": ("balanced", "none"),
 }
 DEFAULT_BACKBONE = "resnet_small"
 EVAL_BATCH = 256
@@ -145,8 +147,36 @@ def _batches(order: torch.Tensor, size: int) -> list[torch.Tensor]:
     return chunks
 
 
-def _loss_fn(task_type: str) -> nn.Module:
-    return nn.BCEWithLogitsLoss() if task_type == "binary" else nn.CrossEntropyLoss()
+def _loss_fn(task_type: str, class_weights: torch.Tensor | None = None) -> nn.Module:
+    """BCE for binary, cross-entropy for multi-class; optionally class-weighted.
+
+    For binary tasks ``class_weights`` holds one value, the positive-class
+    weight; for multi-class tasks one weight per class.
+    """
+    if task_type == "binary":
+        return nn.BCEWithLogitsLoss(pos_weight=class_weights)
+    return nn.CrossEntropyLoss(weight=class_weights)
+
+
+def balanced_class_weights(labels: torch.Tensor, task_type: str, n_outputs: int) -> torch.Tensor:
+    """Weights that give every class the same total weight in the training loss.
+
+    Rare positives (a nodule in one slice out of ten) otherwise teach the model
+    to answer "negative" at the 0.5 threshold, which leaves F1 at zero however
+    well the scores rank. Binary: n_negative / n_positive as BCE's
+    ``pos_weight``; multi-class: n / (K * n_k), 0 for a class absent from the
+    subset (it contributes no samples anyway).
+    """
+    if task_type == "binary":
+        positives = int(labels.sum())
+        negatives = len(labels) - positives
+        ratio = negatives / positives if positives else 1.0
+        return torch.tensor([ratio], dtype=torch.float32, device=labels.device)
+    counts = torch.bincount(labels, minlength=n_outputs).float()
+    present = counts > 0
+    weights = torch.zeros(n_outputs, dtype=torch.float32, device=labels.device)
+    weights[present] = len(labels) / (int(present.sum()) * counts[present])
+    return weights
 
 
 def _loss(criterion: nn.Module, logits: torch.Tensor, labels: torch.Tensor, task_type: str):
@@ -193,7 +223,10 @@ def _train_epoch(
     epoch: int,
 ) -> float:
     """One pass over the training subset; returns the sample-weighted mean loss."""
-    criterion = _loss_fn(task_type)
+    weights = None
+    if settings["class_weights"] == "balanced":
+        weights = balanced_class_weights(labels, task_type, model.head.out_features)
+    criterion = _loss_fn(task_type, weights)
     linear = settings["protocol"] == "linear"
     model.train()
     if linear:
