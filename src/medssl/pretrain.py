@@ -103,7 +103,8 @@ def pretrain(
     channels, height, width = data.image_shape(data_path)
     backbone = models.build_backbone(backbone_name, channels)
     model = build_method(method, backbone, settings.get(method))
-    views = MultiView(settings.get("augment"), n_views=model.views_per_sample, seed=seed)
+    augment = {**(settings.get("augment") or {}), **model.augment_overrides()}
+    views = MultiView(augment, n_views=model.views_per_sample, seed=seed)
     dataset = MultiViewDataset(image_pool(data_path, indices), views)
     log.info(
         "pre-training %s (%s) on %d slices of %dx%dx%d from %s on %s",

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from medssl.augment import seed_worker
 from medssl.io import atomic_path, write_csv
+from medssl.lamb import LAMB
 from medssl.methods.base import Method
 
 log = logging.getLogger(__name__)
@@ -165,7 +166,10 @@ def build_optimizer(method: Method, settings: Mapping[str, Any]) -> Optimizer:
         )
     if name == "lars":
         return LARS(groups, lr=lr, momentum=float(settings["momentum"]), weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}; choose adamw, sgd or lars")
+    if name == "lamb":
+        # SparK's optimiser; torch has none, see medssl.lamb.
+        return LAMB(groups, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; choose adamw, sgd, lars or lamb")
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int) -> Any:

@@ -114,6 +114,15 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
         """
         del step, total_steps
 
+    def augment_overrides(self) -> dict[str, Any]:
+        """Augmentation keys the method's paper fixes, applied over the shared ``pretrain.augment``.
+
+        The base method fixes none. Masked image modelling (SparK) trains on
+        crops and flips only, whereas the contrastive methods need the full
+        set of views; one shared ``augment`` section cannot serve both.
+        """
+        return {}
+
     def encoder(self) -> ResNet:
         """The network exported for fine-tuning: the backbone, without any head."""
         return self.backbone
