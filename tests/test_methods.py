@@ -14,7 +14,8 @@ def test_forward_backward_is_finite(name: str) -> None:
     torch.manual_seed(0)
     method = build_method(name, build_backbone("resnet_small", 1), {})
     assert isinstance(method, Method)
-    views = [torch.rand(4, 1, 32, 32) for _ in range(method.views_per_sample)]
+    # 64x64: the smallest input on which SparK's input/32 mask grid can hide and show patches.
+    views = [torch.rand(4, 1, 64, 64) for _ in range(method.views_per_sample)]
     loss = method(views)
     assert loss.ndim == 0 and torch.isfinite(loss)
     loss.backward()
