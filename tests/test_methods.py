@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 
@@ -15,6 +17,15 @@ SMALL_HEADS: dict[str, dict] = {
     "swav": {"hidden_dim": 64, "n_prototypes": 16, "n_local_crops": 2},
 }
 """CPU-sized overrides of the official head widths, so each test takes a second."""
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """One torch thread: on a shared small CPU, more threads only contend."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
