@@ -14,6 +14,7 @@ from medssl.augment import MultiCrop, MultiViewDataset
 from medssl.methods import build_method
 from medssl.methods.byol import target_momentum
 from medssl.methods.heads import ema_update
+from medssl.methods.losses import sinkhorn_knopp
 from medssl.trainer import train
 
 SMALL: dict[str, dict] = {
@@ -190,6 +191,13 @@ def test_swav_queue_fills_then_joins_sinkhorn(slices: torch.Tensor, tmp_path: Pa
     assert int(method.queue_filled) == 16
     assert int(method.steps_done) == 6
     torch.testing.assert_close(method.queue.norm(dim=2), torch.ones(2, 16))
+    # Full queue: its scores join the batch's in Sinkhorn, then the batch enters the queue.
+    scores = torch.randn(8, 8)
+    embeddings = torch.nn.functional.normalize(torch.randn(8, 128), dim=1)
+    queued = method.queue[1].clone()
+    expected = sinkhorn_knopp(torch.cat([scores, queued @ method.prototypes.weight.T]), 0.05, 3)
+    torch.testing.assert_close(method.codes(scores, embeddings, 1), expected[:8])
+    assert torch.equal(method.queue[1], torch.cat([embeddings, queued[:8]]))
     with pytest.raises(ValueError, match="shorter than a batch"):
         short = make("swav", queue_length=4, queue_start_epoch=0)
         short.on_epoch_start(0)
