@@ -2,17 +2,36 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 
 from medssl.methods import METHODS, Method, build_method
 from medssl.models import build_backbone
 
+SMALL_HEADS: dict[str, dict] = {
+    "barlow_twins": {"proj_dims": [64, 64, 64]},
+    "byol": {"hidden_dim": 64, "proj_dim": 32},
+    "moco_v2": {"queue_size": 64},
+    "swav": {"hidden_dim": 64, "n_prototypes": 16, "n_local_crops": 2},
+}
+"""CPU-sized overrides of the official head widths, so each test takes a second."""
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """One torch thread: on a shared small CPU, more threads only contend."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_forward_backward_is_finite(name: str) -> None:
     torch.manual_seed(0)
-    method = build_method(name, build_backbone("resnet_small", 1), {})
+    method = build_method(name, build_backbone("resnet_small", 1), SMALL_HEADS.get(name, {}))
     assert isinstance(method, Method)
     # 64x64: the smallest input on which SparK's input/32 mask grid can hide and show patches.
     views = [torch.rand(4, 1, 64, 64) for _ in range(method.views_per_sample)]
@@ -28,7 +47,7 @@ def test_forward_backward_is_finite(name: str) -> None:
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_optimizer_groups_cover_every_parameter_once(name: str) -> None:
-    method = build_method(name, build_backbone("resnet_small", 1), {})
+    method = build_method(name, build_backbone("resnet_small", 1), SMALL_HEADS.get(name, {}))
     groups = method.optimizer_groups()
     grouped = [id(p) for group in groups for p in group["params"]]
     assert sorted(grouped) == sorted(id(p) for p in method.parameters() if p.requires_grad)

@@ -137,8 +137,12 @@ class CTAugment(Randomizable, Transform):
             self._grids[key] = (xs.view(1, 1, width, 1), ys.view(1, height, 1, 1))
         return self._grids[key]
 
-    def _geometry(self, batch: torch.Tensor) -> torch.Tensor:
+    def _geometry(self, batch: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
         """Crop, flip and rotate each sample with one bilinear ``grid_sample``.
+
+        The output is ``size`` (height, width), the input's own size when None;
+        the map below is in normalised coordinates, so a smaller output samples
+        the same crop on a coarser grid (SwAV's low-resolution local crops).
 
         Output coordinates (u, v) in [-1, 1] map to input pixels as
         ``centre + R(angle) @ (flip * u * w / 2, v * h / 2)``, written in
@@ -166,7 +170,7 @@ class CTAugment(Randomizable, Transform):
             axis=1,
         ).reshape(n, 2, 3)
         theta = torch.from_numpy(theta.astype(np.float32))
-        xs, ys = self._axes(height, width)
+        xs, ys = self._axes(*(size or (height, width)))
         # The map is affine, so the grid is an outer sum of a per-column and a
         # per-row term: one broadcast add instead of a (H*W x 3) matmul per sample.
         along_x = xs * theta[:, None, None, :, 0]
@@ -198,8 +202,11 @@ class CTAugment(Randomizable, Transform):
         flat = F.conv2d(flat, kernel.view(n * channels, 1, -1, 1), groups=n * channels)
         return flat.view(n, channels, height, width)
 
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        """Random views of ``image`` ((C, H, W) or (N, C, H, W)); the input is not modified."""
+    def __call__(self, image: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Random views of ``image`` ((C, H, W) or (N, C, H, W)); the input is not modified.
+
+        ``size`` (height, width) resamples the views to another resolution.
+        """
         if image.ndim not in (3, 4):
             raise ValueError(f"expected (C, H, W) or (N, C, H, W), got shape {tuple(image.shape)}")
         single = image.ndim == 3
@@ -207,7 +214,7 @@ class CTAugment(Randomizable, Transform):
         batch = image.unsqueeze(0) if single else image
         n = batch.shape[0]
         s = self.settings
-        view = self._geometry(batch.float())
+        view = self._geometry(batch.float(), size)
         spread = _channel_std(view)
 
         def per_sample(values: np.ndarray) -> torch.Tensor:
@@ -269,6 +276,66 @@ class MultiView(Randomizable, Transform):
         return [self.augment(image) for _ in range(self.n_views)]
 
 
+class MultiCrop(Randomizable, Transform):
+    """SwAV's multi-crop (Caron et al., 2020): ``n_global`` full-size views, ``n_local`` small ones.
+
+    Local crops cover a small area (``local_crop_scale``, the official
+    0.05-0.14 of the image) and are resampled to ``local_size`` times the
+    input's height and width (96/224 in the paper), so many extra views cost
+    little compute. Global views use ``global_crop_scale`` (official
+    0.14-1.0) instead of ``augment.crop_scale``; every other augmentation
+    setting is shared. The list holds global views first, which is the order
+    :class:`medssl.methods.swav.SwAV` expects.
+    """
+
+    def __init__(
+        self,
+        settings: Mapping[str, Any] | None = None,
+        *,
+        n_global: int = 2,
+        n_local: int = 6,
+        local_size: float = 96 / 224,
+        global_crop_scale: Sequence[float] = (0.14, 1.0),
+        local_crop_scale: Sequence[float] = (0.05, 0.14),
+        seed: int = 0,
+    ) -> None:
+        if n_global < 1 or n_local < 0:
+            raise ValueError(
+                f"multi-crop needs n_global >= 1 and n_local >= 0, got {n_global}, {n_local}"
+            )
+        if not 0.0 < local_size <= 1.0:
+            raise ValueError(
+                f"local_size is a fraction of the input size in (0, 1], got {local_size}"
+            )
+        base = dict(settings or {})
+        self.n_global = n_global
+        self.n_local = n_local
+        self.local_size = local_size
+        self.global_augment = CTAugment({**base, "crop_scale": list(global_crop_scale)}, seed)
+        self.local_augment = CTAugment({**base, "crop_scale": list(local_crop_scale)}, seed)
+        self.set_random_state(seed)
+
+    def set_random_state(
+        self, seed: int | None = None, state: np.random.RandomState | None = None
+    ) -> MultiCrop:
+        """Reseed this transform and both view augmentations it drives."""
+        super().set_random_state(seed, state)
+        if hasattr(self, "local_augment"):
+            self.global_augment.set_random_state(int(self.R.randint(2**31)))
+            self.local_augment.set_random_state(int(self.R.randint(2**31)))
+        return self
+
+    def local_shape(self, height: int, width: int) -> tuple[int, int]:
+        """Height and width of the local crops for an input of ``height x width``."""
+        return max(1, round(height * self.local_size)), max(1, round(width * self.local_size))
+
+    def __call__(self, image: torch.Tensor) -> list[torch.Tensor]:
+        """``n_global`` views at the input's size, then ``n_local`` at :meth:`local_shape`."""
+        size = self.local_shape(*image.shape[-2:])
+        views = [self.global_augment(image) for _ in range(self.n_global)]
+        return views + [self.local_augment(image, size) for _ in range(self.n_local)]
+
+
 class MultiViewDataset(Dataset):
     """Wraps an image dataset (items are ``(C, H, W)`` tensors) to yield lists of views.
 
@@ -278,7 +345,9 @@ class MultiViewDataset(Dataset):
     batch in one vectorised pass, in the worker processes when there are any.
     """
 
-    def __init__(self, images: Dataset | Sequence[torch.Tensor], views: MultiView) -> None:
+    def __init__(
+        self, images: Dataset | Sequence[torch.Tensor], views: MultiView | MultiCrop
+    ) -> None:
         self.images = images
         self.views = views
 

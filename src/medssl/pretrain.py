@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import Dataset
 
 from medssl import data, models, provenance
-from medssl.augment import MultiView, MultiViewDataset
+from medssl.augment import MultiViewDataset
 from medssl.cli import json_arg, resolve_device, set_threads, setup_logging
 from medssl.codedeps import code_digest
 from medssl.methods import METHODS, build_method
@@ -104,7 +104,7 @@ def pretrain(
     backbone = models.build_backbone(backbone_name, channels)
     model = build_method(method, backbone, settings.get(method))
     augment = {**(settings.get("augment") or {}), **model.augment_overrides()}
-    views = MultiView(augment, n_views=model.views_per_sample, seed=seed)
+    views = model.make_views(augment, seed)
     dataset = MultiViewDataset(image_pool(data_path, indices), views)
     log.info(
         "pre-training %s (%s) on %d slices of %dx%dx%d from %s on %s",

@@ -363,6 +363,7 @@ def train(
 
     for epoch in range(start_epoch, epochs):
         method.train()
+        method.on_epoch_start(epoch)
         loader, generator = _epoch_loader(dataset, batch_size, seed, epoch, num_workers, on_cuda)
         started = time.perf_counter()
         loss_sum = torch.zeros((), device=device)

@@ -5,10 +5,8 @@ instantiates one. Adding a method is one new module using ``@register(name)``
 plus one import line in this file (the import is what registers it).
 """
 
-from medssl.methods import (
-    simclr,  # noqa: F401  (registers "simclr")
-    spark,  # noqa: F401  (registers "spark")
-)
+# Each import registers its module's method under the module's name.
+from medssl.methods import barlow_twins, byol, moco_v2, simclr, spark, swav  # noqa: F401
 from medssl.methods.base import METHODS, Method, build_method, register
 
 __all__ = ["METHODS", "Method", "build_method", "register"]

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torchvision.models.resnet import ResNet
 
+from medssl.augment import MultiCrop, MultiView
 from medssl.models import feature_dim
 
 METHODS: dict[str, type[Method]] = {}
@@ -105,6 +106,21 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
         if no_decay:
             groups.append({"params": no_decay, "weight_decay": 0.0, "lars_exclude": True})
         return groups
+
+    def make_views(self, augment: Mapping[str, Any] | None, seed: int) -> MultiView | MultiCrop:
+        """The transform turning an image into this method's list of views.
+
+        ``views_per_sample`` identical-size views by default; a method with
+        views of several resolutions (SwAV's multi-crop) overrides this.
+        """
+        return MultiView(augment, n_views=self.views_per_sample, seed=seed)
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Called before every epoch (0-based ``epoch``); the base method does nothing.
+
+        Exists for state that switches on at an epoch, such as SwAV's queue.
+        """
+        del epoch
 
     def on_step_end(self, step: int, total_steps: int) -> None:
         """Called after every optimiser step (1-based ``step``); the base method does nothing.
