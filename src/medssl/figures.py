@@ -110,15 +110,12 @@ def bars_figure(
                         fontsize="small",
                     )
         ax.set_xticks(np.arange(len(fractions)), [fraction_label(f) for f in fractions])
-        finite = rows[["ci_low", "mean"]].to_numpy(dtype=float)
-        finite = finite[np.isfinite(finite)]
-        if finite.size:
-            # Bars from a floor just below the data: differences of a few
-            # hundredths of AUC stay visible (the axis says where it starts).
-            top = float(np.nanmax(rows[["ci_high", "mean"]].to_numpy(dtype=float)))
-            low = float(finite.min())
-            pad = 0.1 * max(top - low, 1e-6)
-            ax.set_ylim(low - pad, top + 2 * pad)
+        # Bars start at zero (a bar's length is its value); the top leaves room
+        # for the stars above the error bars.
+        tops = rows[["ci_high", "mean"]].to_numpy(dtype=float)
+        tops = tops[np.isfinite(tops)]
+        if tops.size and tops.max() > 0:
+            ax.set_ylim(top=1.12 * float(tops.max()))
         ax.set_xlabel("Labelled training data (fraction of training patients)")
         ax.set_ylabel(f"Test {metric_label(metric)} (mean, {100 * cfg['confidence']:g}% CI)")
         title = f"{task}: {metric_label(metric)} per fraction"
@@ -221,7 +218,7 @@ def forest_figure(efficiency: pd.DataFrame, settings: Mapping[str, Any] | None =
         )
         title = "Label-efficiency slopes"
         if cfg["reference"]:
-            title += f" (stars: slope differs from {cfg['reference']})"
+            title += f"\n(stars: slope differs from {cfg['reference']}'s)"
         ax.set_title(title)
         ax.grid(True, axis="x", alpha=0.3)
         ax.legend(title="Initialisation", fontsize="small", frameon=False)
