@@ -179,18 +179,19 @@ def test_report_contains_figures(workflow_run: Path) -> None:
 
 def test_partial_target_summarises_what_exists(workflow_run: Path) -> None:
     assert "partial" not in planned_jobs(snakemake(workflow_run, "--dry-run"))
-    snakemake(workflow_run, "partial", "--nolock")
+    # Options before the target: --configfile takes every word that follows it.
+    snakemake(workflow_run, "--nolock", "partial")
     partial = pd.read_csv(workflow_run / "results/partial/summary.csv")
     full = pd.read_csv(workflow_run / "results/tables/summary.csv")
     pd.testing.assert_frame_equal(partial, full)
     assert (workflow_run / "results/partial/summary.md").read_text().startswith("# Results")
-    assert planned_jobs(snakemake(workflow_run, "partial", "--dry-run")) == {}
+    assert planned_jobs(snakemake(workflow_run, "--dry-run", "partial")) == {}
     # A run that is rewritten (as a sweep does) makes the partial target stale.
     metrics = sorted((workflow_run / "results/finetune").rglob("metrics.json"))[0]
     stat = metrics.stat()
     os.utime(metrics, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     try:
-        jobs = planned_jobs(snakemake(workflow_run, "partial", "--dry-run"))
+        jobs = planned_jobs(snakemake(workflow_run, "--dry-run", "partial"))
     finally:
         os.utime(metrics, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert jobs == {"partial_runs": 1, "partial_stats": 1, "partial": 1}
