@@ -213,3 +213,77 @@ def test_taher2021_published_table() -> None:
     # Every cell has exactly one best, and every row a mark.
     assert (out.groupby("task")["mark"].apply(lambda m: (m == "best").sum()) == 1).all()
     assert set(out["mark"]) <= {"best", "equivalent", "worse"}
+
+
+@pytest.mark.parametrize(
+    ("test", "scipy_p"),
+    [
+        ("welch", lambda x, y: sps.ttest_ind(x, y, equal_var=False).pvalue),
+        ("student", lambda x, y: sps.ttest_ind(x, y).pvalue),
+        ("paired", lambda x, y: sps.ttest_rel(x, y).pvalue),
+        ("wilcoxon", lambda x, y: sps.wilcoxon(x, y).pvalue),
+    ],
+)
+def test_reference_comparison_matches_scipy(test: str, scipy_p) -> None:
+    # Seeds listed in a shuffled order: the paired tests must match by seed.
+    runs = _runs(VALUES).sample(frac=1.0, random_state=0)
+    summary = summarise(runs, {"test": test, "reference": "bad", "correction": "none"})
+    for init in ("good", "close"):
+        row = _row(summary, init)
+        assert row["reference"] == "bad"
+        assert row["p_vs_ref"] == pytest.approx(scipy_p(VALUES[init], VALUES["bad"]))
+    ref = _row(summary, "bad")
+    assert math.isnan(ref["p_vs_ref"]) and ref["stars"] == ""
+
+
+def test_reference_p_values_are_corrected_and_starred() -> None:
+    summary = summarise(_runs(VALUES), {"reference": "bad", "correction": "holm"})
+    raw = [_row(summary, i)["p_vs_ref"] for i in ("close", "good")]
+    adjusted = [_row(summary, i)["p_vs_ref_adj"] for i in ("close", "good")]
+    np.testing.assert_allclose(adjusted, multipletests(raw, method="holm")[1])
+    assert _row(summary, "good")["stars"] == "***"
+
+
+def test_stars_thresholds() -> None:
+    from medssl.stats import stars
+
+    assert [stars(p) for p in (0.0005, 0.005, 0.03, 0.2, math.nan)] == [
+        "***",
+        "**",
+        "*",
+        "n.s.",
+        "",
+    ]
+
+
+def test_bootstrap_ci_matches_scipy_and_is_reproducible() -> None:
+    settings = {"bootstrap": 500, "bootstrap_seed": 7, "confidence": 0.9}
+    summary = summarise(_runs(VALUES), settings)
+    res = sps.bootstrap(
+        (np.array(VALUES["good"]),),
+        np.mean,
+        n_resamples=500,
+        confidence_level=0.9,
+        method="percentile",
+        rng=np.random.default_rng(7),
+    )
+    row = _row(summary, "good")
+    assert row["ci_low"] == pytest.approx(res.confidence_interval.low)
+    assert row["ci_high"] == pytest.approx(res.confidence_interval.high)
+    pd.testing.assert_frame_equal(summary, summarise(_runs(VALUES), settings))
+
+
+def test_paired_test_refuses_summary_statistics() -> None:
+    table = pd.DataFrame(
+        {"task": "t", "metric": "auc", "init": ["a", "b"], "mean": [0.9, 0.8]}
+        | {"std": [0.01, 0.02], "n": [10, 10]}
+    )
+    with pytest.raises(ValueError, match="paired"):
+        summary_from_published(table, {"test": "paired"})
+
+
+def test_bad_settings_are_named() -> None:
+    with pytest.raises(ValueError, match="stats.bootstrap"):
+        summarise(_runs(VALUES), {"bootstrap": -1})
+    with pytest.raises(ValueError, match="stats.test"):
+        summarise(_runs(VALUES), {"test": "anova"})

@@ -88,3 +88,55 @@ def test_cli(tmp_path: Path) -> None:
     text = out.read_text()
     assert text == markdown_table(pd.read_csv(summary), {}, metric_order=["auc", "accuracy"])
     assert "**0.800 ± 0.020**" in text
+
+
+def _with_stars() -> pd.DataFrame:
+    frame = _summary()
+    frame["stars"] = ""
+    frame.loc[(frame["init"] == "simclr") & (frame["fraction"] == 0.1), "stars"] = "**"
+    frame.loc[(frame["init"] == "byol"), "stars"] = "n.s."
+    return frame
+
+
+def test_csv_table_matches_markdown_numbers_and_marks() -> None:
+    from medssl.tables import task_csv
+
+    table = task_csv(_with_stars(), "nodule", init_order=["scratch", "simclr", "byol"])
+    assert list(table.columns) == ["metric", "init", "10%", "50%"]
+    auc = table[table["metric"] == "auc"].set_index("init")
+    assert list(auc.index) == ["scratch", "simclr", "byol"]
+    assert auc.loc["simclr", "10%"] == "0.800 ± 0.020 (best) **"
+    assert auc.loc["byol", "10%"] == "0.791 ± 0.031 † (n=4)"
+    assert auc.loc["scratch", "10%"] == "0.612 ± 0.046"
+    assert auc.loc["byol", "50%"] == "–"
+
+
+def test_latex_table_is_booktabs_with_bold_dagger_and_caption() -> None:
+    from medssl.tables import task_latex
+
+    text = task_latex(
+        _with_stars().replace({"init": {"byol": "byol_v2"}}),
+        "nodule",
+        {"reference": "scratch", "test": "paired"},
+    )
+    assert text.count(r"\begin{table}") == 2
+    for rule in (r"\toprule", r"\midrule", r"\bottomrule"):
+        assert text.count(rule) == 2
+    assert r"\textbf{0.800 $\pm$ 0.020}$^{**}$" in text
+    assert r"0.791 $\pm$ 0.031\textsuperscript{\dag} (n=4)" in text
+    assert r"byol\_v2 &" in text
+    caption = _line(text, r"\caption{")
+    assert "paired t-test" in caption and "Holm" in caption and r"\dag" in caption
+    assert "different from scratch" in caption
+    assert r"10\%" in text
+
+
+def test_cli_writes_csv_and_latex(tmp_path: Path) -> None:
+    summary = tmp_path / "summary.csv"
+    _with_stars().to_csv(summary, index=False)
+    args = ["--summary", str(summary), "--task", "region"]
+    out_csv, out_tex = tmp_path / "region.csv", tmp_path / "region.tex"
+    assert main([*args, "--csv", str(out_csv), "--latex", str(out_tex)]) == 0
+    table = pd.read_csv(out_csv)
+    assert table.loc[table["init"] == "scratch", "25%"].item() == "1.50 ± 0.25 (best)"
+    assert r"\begin{tabular}{lr}" in out_tex.read_text()

@@ -106,8 +106,16 @@ def test_workflow_produces_tables_and_figures(workflow_run: Path) -> None:
     for task in grid["tasks"]:
         assert task in markdown
         for suffix in ("png", "pdf"):
-            figure = workflow_run / f"results/figures/label_efficiency_{task}.{suffix}"
-            assert figure.stat().st_size > 1000
+            for name in (f"label_efficiency_{task}", f"bars_{task}"):
+                assert (workflow_run / f"results/figures/{name}.{suffix}").stat().st_size > 1000
+        assert "booktabs" in (workflow_run / f"results/tables/summary_{task}.tex").read_text()
+        assert len(pd.read_csv(workflow_run / f"results/tables/summary_{task}.csv")) > 0
+    for name in ("forest", *(f"heatmap_frac{f:g}" for f in grid["fractions"])):
+        assert (workflow_run / f"results/figures/{name}.pdf").stat().st_size > 1000
+    efficiency = pd.read_csv(workflow_run / "results/tables/label_efficiency.csv")
+    assert set(efficiency["init"]) == set(grid["inits"])
+    assert efficiency["slope"].notna().all()
+    assert (efficiency["cov_type"] == "cluster").all()
     rejects = pd.read_csv(workflow_run / "results/data/synthct.rejects.csv")
     assert len(rejects) == 10  # one scout image per patient, rejected with its reason
     assert rejects["reason"].str.contains("LOCALIZER", case=False).all()
@@ -131,7 +139,16 @@ def test_finetune_setting_reruns_finetunes_and_what_follows(workflow_run: Path) 
     n_runs = len(grid["inits"]) * len(grid["tasks"]) * len(grid["fractions"]) * len(grid["seeds"])
     assert jobs.pop("finetune") == n_runs
     assert jobs.pop("plots") == len(grid["tasks"])
-    assert jobs == {"aggregate": 1, "stats": 1, "tables": 1, "all": 1}
+    assert jobs.pop("bars") == jobs.pop("task_tables") == len(grid["tasks"])
+    assert jobs.pop("heatmap") == len(grid["fractions"])
+    assert jobs == {
+        "aggregate": 1,
+        "stats": 1,
+        "tables": 1,
+        "efficiency": 1,
+        "forest": 1,
+        "all": 1,
+    }
 
 
 def test_editing_finetune_code_reruns_finetunes_only(workflow_run: Path) -> None:
@@ -155,4 +172,26 @@ def test_report_contains_figures(workflow_run: Path) -> None:
     snakemake(workflow_run, "--report", "results/report.html")
     report = workflow_run / "results/report.html"
     assert report.stat().st_size > 10_000
-    assert "label_efficiency" in report.read_text(errors="replace")
+    text = report.read_text(errors="replace")
+    for name in ("label_efficiency", "bars_", "heatmap_frac", "forest", "summary_"):
+        assert name in text
+
+
+def test_partial_target_summarises_what_exists(workflow_run: Path) -> None:
+    assert "partial" not in planned_jobs(snakemake(workflow_run, "--dry-run"))
+    # Options before the target: --configfile takes every word that follows it.
+    snakemake(workflow_run, "--nolock", "partial")
+    partial = pd.read_csv(workflow_run / "results/partial/summary.csv")
+    full = pd.read_csv(workflow_run / "results/tables/summary.csv")
+    pd.testing.assert_frame_equal(partial, full)
+    assert (workflow_run / "results/partial/summary.md").read_text().startswith("# Results")
+    assert planned_jobs(snakemake(workflow_run, "--dry-run", "partial")) == {}
+    # A run that is rewritten (as a sweep does) makes the partial target stale.
+    metrics = sorted((workflow_run / "results/finetune").rglob("metrics.json"))[0]
+    stat = metrics.stat()
+    os.utime(metrics, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    try:
+        jobs = planned_jobs(snakemake(workflow_run, "--dry-run", "partial"))
+    finally:
+        os.utime(metrics, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert jobs == {"partial_runs": 1, "partial_stats": 1, "partial": 1}

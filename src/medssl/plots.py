@@ -3,7 +3,9 @@
 Study A's claim is about how fast performance falls as labels get scarce, so
 the x axis is the training fraction on a log scale (10 % -> 25 % -> 50 % are
 near-equal steps) with ticks labelled as percentages. Each init is a line with
-95 % CI error bars from ``summary.csv`` (the std where the CI is undefined).
+a translucent 95 % CI band and CI error bars from ``summary.csv`` (the std
+where the CI is undefined): the band shows the trend's uncertainty, the bars
+keep each point readable where bands overlap or in greyscale print.
 
 An init keeps one colour, marker and line style in every figure: the style is
 indexed by the init's position in the sorted list of all inits of the summary,
@@ -55,6 +57,9 @@ PALETTE: tuple[str, ...] = (
 """Okabe-Ito colours (colour-blind safe), then grey and brown for more inits."""
 MARKERS: tuple[str, ...] = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*", "h")
 LINESTYLES: tuple[str | tuple, ...] = ("-", "--", "-.", ":", (0, (5, 1, 1, 1, 1, 1)))
+HATCHES: tuple[str, ...] = ("", "//", "..", "xx", "\\\\", "++", "oo", "--", "||")
+"""Bar fills, so bars stay distinguishable in greyscale (cycle coprime with the palette's)."""
+BAND_ALPHA = 0.15
 
 DODGE_DECADES = 0.012
 """Horizontal offset between neighbouring inits, in decades of the log x axis."""
@@ -77,6 +82,7 @@ class Style:
     color: str
     marker: str
     linestyle: str | tuple
+    hatch: str
 
 
 def init_styles(inits: Sequence[str]) -> dict[str, Style]:
@@ -91,6 +97,7 @@ def init_styles(inits: Sequence[str]) -> dict[str, Style]:
             PALETTE[i % len(PALETTE)],
             MARKERS[i % len(MARKERS)],
             LINESTYLES[i % len(LINESTYLES)],
+            HATCHES[i % len(HATCHES)],
         )
         for i, name in enumerate(names)
     }
@@ -146,13 +153,23 @@ def label_efficiency_figure(
             dodge = 10 ** (DODGE_DECADES * (k - (len(drawn) - 1) / 2))
             x = frame["fraction"].to_numpy(dtype=float) * dodge
             y = frame["mean"].to_numpy(dtype=float)
+            low, high = _error_bars(frame)
+            ax.fill_between(
+                x,
+                y - low,
+                y + high,
+                color=style.color,
+                alpha=BAND_ALPHA,
+                linewidth=0,
+                label="_nolegend_",
+            )
             # Error bars drawn apart from the line (solid, unlabelled), so that
             # the figure holds exactly one labelled Line2D per init and the
             # legend shows the line's colour, marker and dash pattern.
             ax.errorbar(
                 x,
                 y,
-                yerr=_error_bars(frame),
+                yerr=np.vstack([low, high]),
                 fmt="none",
                 ecolor=style.color,
                 elinewidth=1,

@@ -1,6 +1,8 @@
 # Helpers shared by the rules: config checking, paths, settings and code inputs.
-# Nothing here walks folders or reads data: every SLURM job re-parses this file.
+# Nothing here walks folders or reads data at parse time: every SLURM job
+# re-parses this file (partial_fingerprint walks only when `partial` is asked for).
 
+import hashlib
 import json
 import shlex
 import sys
@@ -167,11 +169,34 @@ def task_metric(wildcards):
     return task_config(wildcards.task)["metric"]
 
 
+def task_metrics(wildcards):
+    """``task=metric,...``: the metric each task is shown in on the heat maps."""
+    return ",".join(f"{task}={task_config(task)['metric']}" for task in TASKS)
+
+
+def partial_fingerprint(wildcards):
+    """Hash of the metrics files that exist now (path, size, mtime).
+
+    The one place that walks a folder, and only when `partial` is requested:
+    a changed fingerprint reruns the partial aggregation (params trigger).
+    """
+    digest = hashlib.sha256()
+    for path in sorted(Path("results/finetune").rglob("metrics.json")):
+        stat = path.stat()
+        digest.update(f"{path}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
 def final_outputs():
     return [
         "results/tables/runs.csv",
         "results/tables/summary.csv",
         "results/tables/summary.md",
+        "results/tables/label_efficiency.csv",
+        *expand("results/tables/summary_{task}.{ext}", task=TASKS, ext=("csv", "tex")),
         *expand("results/figures/label_efficiency_{task}.png", task=TASKS),
+        *expand("results/figures/bars_{task}.png", task=TASKS),
+        *expand("results/figures/heatmap_frac{fraction}.png", fraction=FRACTIONS),
+        "results/figures/forest.png",
         *expand("results/data/{dataset}.rejects.csv", dataset=DATASETS),
     ]
