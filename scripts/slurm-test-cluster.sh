@@ -10,7 +10,11 @@
 #
 # Everything lives in one state directory (MEDSSL_SLURM_STATE, default
 # /tmp/medssl-slurm): configs, spool, logs, pid files and its own munge socket,
-# so nothing under /etc is changed and a system munged or slurm is left alone.
+# so a system munged is left alone. One thing lives outside it: the symlink
+# /etc/slurm/slurm.conf -> $STATE/etc/slurm.conf, because the executor plugin
+# unsets every SLURM_* variable (SLURM_CONF too) before the srun inside each
+# job, which then only finds the compiled-in default path. The script refuses
+# to replace a slurm.conf that is not its own link, and `stop` removes the link.
 # No systemd is assumed: the daemons are started directly, as root.
 #
 # Settings (environment):
@@ -30,6 +34,7 @@ GPUS=${MEDSSL_SLURM_GPUS:-1}
 MIN_JOB_AGE=${MEDSSL_SLURM_MIN_JOB_AGE:-600}
 HOST=$(hostname -s)
 CONF=$STATE/etc/slurm.conf
+SYSTEM_CONF=/etc/slurm/slurm.conf
 MUNGE_SOCKET=$STATE/munge/munge.socket.2
 
 die() {
@@ -108,10 +113,13 @@ GresTypes=gpu
 NodeName=$HOST CPUs=$cpus RealMemory=$mem Gres=gpu:fake:$GPUS State=UNKNOWN
 PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
 EOF
-    # A fake GPU: every device file is /dev/null; jobs see CUDA_VISIBLE_DEVICES.
+    # Fake GPUs: each is bound to a harmless character device (jobs then see
+    # CUDA_VISIBLE_DEVICES); slurmd counts devices, so each needs its own file.
+    local devices=(/dev/null /dev/zero /dev/full /dev/urandom)
+    ((GPUS >= 1 && GPUS <= ${#devices[@]})) || die "MEDSSL_SLURM_GPUS must be 1..${#devices[@]}"
     : > "$STATE/etc/gres.conf"
-    for _ in $(seq 1 "$GPUS"); do
-        echo "NodeName=$HOST Name=gpu Type=fake File=/dev/null" >> "$STATE/etc/gres.conf"
+    for device in "${devices[@]:0:GPUS}"; do
+        echo "NodeName=$HOST Name=gpu Type=fake File=$device" >> "$STATE/etc/gres.conf"
     done
 }
 
@@ -121,6 +129,21 @@ running() {
     [[ -s $1 ]] || return 1
     pid=$(cat "$1")
     [[ -d /proc/$pid ]] && [[ $(cat "/proc/$pid/comm" 2> /dev/null) == "$2" ]]
+}
+
+link_system_conf() {
+    if [[ -e $SYSTEM_CONF || -L $SYSTEM_CONF ]]; then
+        [[ -L $SYSTEM_CONF && $(readlink "$SYSTEM_CONF") == "$CONF" ]] && return 0
+        die "$SYSTEM_CONF exists and is not a link to $CONF: a real SLURM is configured here; not touching it"
+    fi
+    mkdir -p "$(dirname "$SYSTEM_CONF")"
+    ln -s "$CONF" "$SYSTEM_CONF"
+}
+
+unlink_system_conf() {
+    if [[ -L $SYSTEM_CONF && $(readlink "$SYSTEM_CONF") == "$CONF" ]]; then
+        rm -f "$SYSTEM_CONF"
+    fi
 }
 
 start_munge() {
@@ -195,6 +218,7 @@ start)
     mkdir -p "$STATE/log"
     install_packages
     write_configs
+    link_system_conf
     start_munge
     start_slurm
     say "running: export SLURM_CONF=$CONF"
@@ -204,6 +228,7 @@ stop)
     stop_daemon "$STATE/run/slurmd.pid" slurmd
     stop_daemon "$STATE/run/slurmctld.pid" slurmctld
     stop_daemon "$STATE/run/munged.pid" munged
+    unlink_system_conf
     ;;
 status)
     for daemon in munged slurmctld slurmd; do
