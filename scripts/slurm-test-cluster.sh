@@ -151,8 +151,11 @@ start_munge() {
         return 0
     fi
     mkdir -p "$STATE/munge"
+    chmod 0755 "$STATE"
     chown munge: "$STATE/munge"
     chmod 0755 "$STATE/munge"
+    runuser -u munge -- test -w "$STATE/munge" ||
+        die "the munge user cannot reach $STATE/munge (a parent directory is private?); set MEDSSL_SLURM_STATE"
     local key=/etc/munge/munge.key
     if [[ ! -s $key ]]; then
         # Debian's postinst creates the key; create one if it is missing.
