@@ -33,6 +33,7 @@ GROUP_SIZE = 4
 LOCAL_RULES = {"aggregate", "stats", "tables", "plots", "all"}
 GPU_RULES = {"pretrain", "finetune"}
 LIMIT_S = 1200
+PRETRAIN_CPUS = min(2, os.cpu_count() or 1)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.workflow]
 
@@ -55,13 +56,19 @@ def cluster():
         pytest.skip(f"SLURM test cluster: {reason}")
     # Not under pytest's private temp folder: munged runs as the munge user.
     state = Path(tempfile.mkdtemp(prefix="medssl-slurm-"))
-    env = {**os.environ, "MEDSSL_SLURM_STATE": str(state), "MEDSSL_SLURM_GPUS": "2"}
+    # Finished jobs stay in scontrol for MinJobAge: longer than the whole run.
+    env = {
+        **os.environ,
+        "MEDSSL_SLURM_STATE": str(state),
+        "MEDSSL_SLURM_GPUS": "2",
+        "MEDSSL_SLURM_MIN_JOB_AGE": str(3 * LIMIT_S),
+    }
     started = subprocess.run(
         [str(SCRIPT), "start"], env=env, capture_output=True, text=True, timeout=900
     )
     try:
         assert started.returncode == 0, f"cluster did not start:\n{started.stderr}"
-        yield {"SLURM_CONF": str(state / "etc" / "slurm.conf")}
+        yield {"SLURM_CONF": str(state / "etc" / "slurm.conf"), "state": state}
     finally:
         subprocess.run([str(SCRIPT), "stop"], env=env, timeout=120, check=False)
         for daemon in ("munged", "slurmctld", "slurmd"):
@@ -83,7 +90,7 @@ def copy_workflow(workdir: Path) -> None:
     (workdir / "overlay.yaml").write_text(yaml.safe_dump(OVERLAY))
 
 
-def shrink_profile(path: Path, cpus: int) -> dict:
+def shrink_profile(path: Path) -> dict:
     """The shipped profile, resized to this node, with fast status polling.
 
     Everything else (executor, per-rule resources, groups, resource scopes)
@@ -91,9 +98,12 @@ def shrink_profile(path: Path, cpus: int) -> dict:
     """
     profile = yaml.safe_load(path.read_text())
     profile["default-resources"].update(slurm_partition="debug", mem_mb=500, runtime=10)
+    # One CPU per job, so the two fine-tune groups run side by side on the
+    # two fake GPUs of a 2-core machine; pre-training (alone at its time) gets
+    # PRETRAIN_CPUS, to check that per-rule CPUs reach sbatch.
     for resources in profile["set-resources"].values():
-        resources.update(cpus_per_task=min(cpus, resources["cpus_per_task"]), mem_mb=1000)
-        resources["runtime"] = 10
+        resources.update(cpus_per_task=1, mem_mb=1000, runtime=10)
+    profile["set-resources"]["pretrain"]["cpus_per_task"] = PRETRAIN_CPUS
     # The local comparison run uses the tiny config's one thread per stage.
     profile["set-threads"] = dict.fromkeys(profile["set-threads"], 1)
     profile["group-components"] = [f"finetunes={GROUP_SIZE}"]
@@ -131,12 +141,13 @@ def snakemake(workdir: Path, *args: str, env: dict | None = None) -> str:
 def slurm_run(cluster: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
     workdir = tmp_path_factory.mktemp("slurm-run")
     copy_workflow(workdir)
-    shrink_profile(workdir / PROFILE, os.cpu_count() or 1)
+    shrink_profile(workdir / PROFILE)
     started = time.perf_counter()
-    log = snakemake(workdir, "--cores", "all", "--profile", "slurm", env=cluster)
+    env = {"SLURM_CONF": cluster["SLURM_CONF"]}
+    log = snakemake(workdir, "--cores", "all", "--profile", "slurm", env=env)
     seconds = time.perf_counter() - started
     print(f"tiny config through the SLURM profile: {seconds:.1f} s")
-    return {"workdir": workdir, "log": log, "seconds": seconds, "env": cluster}
+    return {"workdir": workdir, "log": log, "env": env, "state": cluster["state"]}
 
 
 @pytest.fixture(scope="module")
@@ -173,18 +184,23 @@ def test_every_cluster_job_went_through_sbatch_and_completed(slurm_run: dict) ->
     local_submitted = {rule for rule in LOCAL_RULES if f"rule_{rule}" in log}
     assert not local_submitted, f"local rules were submitted: {local_submitted}"
     assert {"synthesize", "convert", "split", "subsample", "pretrain", "finetune"} <= rules_run
+    # jobcomp/filetxt: the cluster's permanent record of every finished job.
+    record = (slurm_run["state"] / "log" / "jobcomp.log").read_text()
+    states = dict(re.findall(r"JobId=(\d+) .*?JobState=(\w+)", record))
     for slurm_id in jobs.values():
-        info = job_info(slurm_id, slurm_run["env"])
-        assert info["JobState"] == "COMPLETED", info
+        assert states.get(slurm_id) == "COMPLETED", f"job {slurm_id}: {states.get(slurm_id)}"
+        assert job_info(slurm_id, slurm_run["env"])["JobState"] == "COMPLETED"
 
 
 def test_gpu_jobs_asked_for_one_gpu_and_their_cpus(slurm_run: dict) -> None:
     log = slurm_run["log"]
     gpu_jobs = re.findall(r"SLURM jobid (\d+) \(log: \S*/(rule_pretrain|group_finetunes)", log)
     assert {kind for _, kind in gpu_jobs} == {"rule_pretrain", "group_finetunes"}, log
-    for slurm_id, _ in gpu_jobs:
+    for slurm_id, kind in gpu_jobs:
         info = job_info(slurm_id, slurm_run["env"])
         assert info.get("TresPerJob") == "gres:gpu:1", info
+        cpus = PRETRAIN_CPUS if kind == "rule_pretrain" else 1
+        assert int(info["NumCPUs"]) == cpus, info
     cpu_jobs = set(submitted(log).values()) - {slurm_id for slurm_id, _ in gpu_jobs}
     for slurm_id in cpu_jobs:
         info = job_info(slurm_id, slurm_run["env"])
@@ -203,7 +219,7 @@ def test_outputs_equal_a_local_run(slurm_run: dict, local_run: Path) -> None:
     key = ["init", "task", "fraction", "seed", "metric"]
     on_slurm = pd.read_csv(slurm_run["workdir"] / "results/tables/runs.csv").sort_values(key)
     local = pd.read_csv(local_run / "results/tables/runs.csv").sort_values(key)
-    assert len(on_slurm) == 8 * 3
+    assert on_slurm.groupby(["init", "task", "fraction", "seed"]).ngroups == 8
     pd.testing.assert_frame_equal(
         on_slurm.reset_index(drop=True), local.reset_index(drop=True), rtol=1e-6
     )
