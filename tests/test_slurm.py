@@ -1,0 +1,225 @@
+"""The workflow through the SLURM profile on a real (one-node) SLURM cluster.
+
+``scripts/slurm-test-cluster.sh`` installs and starts munged, slurmctld and
+slurmd with two fake GPUs. The workflow then runs as a user runs it on a
+cluster, ``snakemake --cores all --profile slurm``, on a copy of the repository
+whose profile is the shipped one with its sizes shrunk to this node and its
+status polling shortened. The same config also runs locally, and the two
+``runs.csv`` must agree. Select with ``-m slurm``, leave out with ``-m 'not slurm'``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "slurm-test-cluster.sh"
+COPIED = ("Snakefile", "config.yaml", "workflow", "src", "envs", "slurm")
+PROFILE = Path("slurm") / "config.v8+.yaml"
+# The tiny config, one seed: 8 fine-tunes, in two groups of four.
+OVERLAY = {"seeds": [0]}
+GROUP_SIZE = 4
+LOCAL_RULES = {"aggregate", "stats", "tables", "plots", "all"}
+GPU_RULES = {"pretrain", "finetune"}
+LIMIT_S = 1200
+PRETRAIN_CPUS = min(2, os.cpu_count() or 1)
+
+pytestmark = [pytest.mark.slurm, pytest.mark.workflow]
+
+
+def cluster_unavailable() -> str | None:
+    """Why the test cluster cannot be started here, or None."""
+    if shutil.which("slurmctld") and shutil.which("munged") and os.geteuid() == 0:
+        return None
+    if os.geteuid() != 0:
+        return "needs root to start munged, slurmctld and slurmd"
+    if shutil.which("apt-get") is None:
+        return "slurm-wlm and munge are not installed and apt-get is unavailable"
+    return None
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    reason = cluster_unavailable()
+    if reason:
+        pytest.skip(f"SLURM test cluster: {reason}")
+    # Not under pytest's private temp folder: munged runs as the munge user.
+    state = Path(tempfile.mkdtemp(prefix="medssl-slurm-"))
+    # Finished jobs stay in scontrol for MinJobAge: longer than the whole run.
+    env = {
+        **os.environ,
+        "MEDSSL_SLURM_STATE": str(state),
+        "MEDSSL_SLURM_GPUS": "2",
+        "MEDSSL_SLURM_MIN_JOB_AGE": str(3 * LIMIT_S),
+    }
+    started = subprocess.run(
+        [str(SCRIPT), "start"], env=env, capture_output=True, text=True, timeout=900
+    )
+    try:
+        assert started.returncode == 0, f"cluster did not start:\n{started.stderr}"
+        yield {"SLURM_CONF": str(state / "etc" / "slurm.conf"), "state": state}
+    finally:
+        subprocess.run([str(SCRIPT), "stop"], env=env, timeout=120, check=False)
+        for daemon in ("munged", "slurmctld", "slurmd"):
+            pidfile = state / "run" / f"{daemon}.pid"
+            if pidfile.exists():
+                pid = pidfile.read_text().strip()
+                assert not Path(f"/proc/{pid}").exists(), f"{daemon} ({pid}) still running"
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def copy_workflow(workdir: Path) -> None:
+    for name in COPIED:
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(source, workdir / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, workdir / name)
+    shutil.copy2(REPO / "tests" / "configs" / "tiny.yaml", workdir / "tiny.yaml")
+    (workdir / "overlay.yaml").write_text(yaml.safe_dump(OVERLAY))
+
+
+def shrink_profile(path: Path) -> dict:
+    """The shipped profile, resized to this node, with fast status polling.
+
+    Everything else (executor, per-rule resources, groups, resource scopes)
+    stays as shipped, so the test runs the profile users run.
+    """
+    profile = yaml.safe_load(path.read_text())
+    profile["default-resources"].update(slurm_partition="debug", mem_mb=500, runtime=10)
+    # One CPU per job, so the two fine-tune groups run side by side on the
+    # two fake GPUs of a 2-core machine; pre-training (alone at its time) gets
+    # PRETRAIN_CPUS, to check that per-rule CPUs reach sbatch.
+    for resources in profile["set-resources"].values():
+        resources.update(cpus_per_task=1, mem_mb=1000, runtime=10)
+    profile["set-resources"]["pretrain"]["cpus_per_task"] = PRETRAIN_CPUS
+    # The local comparison run uses the tiny config's one thread per stage.
+    profile["set-threads"] = dict.fromkeys(profile["set-threads"], 1)
+    profile["group-components"] = [f"finetunes={GROUP_SIZE}"]
+    profile.update(
+        {
+            "jobs": 8,
+            "retries": 0,
+            "latency-wait": 5,
+            # No slurmdbd on the test cluster: see docs/slurm.md.
+            "slurm-status-command": "squeue",
+            "seconds-between-status-checks": 2,
+            "slurm-init-seconds-before-status-checks": 2,
+            "slurm-keep-successful-logs": True,
+        }
+    )
+    path.write_text(yaml.safe_dump(profile))
+    return profile
+
+
+def snakemake(workdir: Path, *args: str, env: dict | None = None) -> str:
+    environment = {**os.environ, **(env or {})}
+    environment["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environment['PATH']}"
+    environment["PYTHONPATH"] = str(workdir / "src")
+    command = [
+        "timeout", "-s", "INT", "-k", "30", str(LIMIT_S),
+        sys.executable, "-m", "snakemake", "--configfile", "tiny.yaml", "overlay.yaml", *args,
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=workdir, env=environment, capture_output=True, text=True)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"snakemake {' '.join(args)} failed:\n{output}"
+    return output
+
+
+@pytest.fixture(scope="module")
+def slurm_run(cluster: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    workdir = tmp_path_factory.mktemp("slurm-run")
+    copy_workflow(workdir)
+    shrink_profile(workdir / PROFILE)
+    started = time.perf_counter()
+    env = {"SLURM_CONF": cluster["SLURM_CONF"]}
+    log = snakemake(workdir, "--cores", "all", "--profile", "slurm", env=env)
+    seconds = time.perf_counter() - started
+    print(f"tiny config through the SLURM profile: {seconds:.1f} s")
+    return {"workdir": workdir, "log": log, "env": env, "state": cluster["state"]}
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    workdir = tmp_path_factory.mktemp("local-run")
+    copy_workflow(workdir)
+    snakemake(workdir, "--cores", "2")
+    return workdir
+
+
+def submitted(log: str) -> dict[str, str]:
+    """Snakemake job id (or group id) -> SLURM job id, from the run's log."""
+    return dict(re.findall(r"Job (\S+) has been submitted with SLURM jobid (\d+)", log))
+
+
+def job_info(slurm_id: str, env: dict) -> dict[str, str]:
+    """``scontrol show job`` as a dict (finished jobs stay for MinJobAge s)."""
+    result = subprocess.run(
+        ["timeout", "30", "scontrol", "-o", "show", "job", slurm_id],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return dict(re.findall(r"(\w+(?:/\w+)?)=(\S*)", result.stdout))
+
+
+def test_every_cluster_job_went_through_sbatch_and_completed(slurm_run: dict) -> None:
+    log = slurm_run["log"]
+    jobs = submitted(log)
+    # synthesize, convert, 2 splits, 1 subsample per task, pretrain, 2 fine-tune groups
+    assert len(jobs) == 1 + 1 + 2 + 2 + 1 + 2, log
+    rules_run = set(re.findall(r"^\s*(?:local)?rule (\w+):", log, flags=re.MULTILINE))
+    local_submitted = {rule for rule in LOCAL_RULES if f"rule_{rule}" in log}
+    assert not local_submitted, f"local rules were submitted: {local_submitted}"
+    assert {"synthesize", "convert", "split", "subsample", "pretrain", "finetune"} <= rules_run
+    # jobcomp/filetxt: the cluster's permanent record of every finished job.
+    record = (slurm_run["state"] / "log" / "jobcomp.log").read_text()
+    states = dict(re.findall(r"JobId=(\d+) .*?JobState=(\w+)", record))
+    for slurm_id in jobs.values():
+        assert states.get(slurm_id) == "COMPLETED", f"job {slurm_id}: {states.get(slurm_id)}"
+        assert job_info(slurm_id, slurm_run["env"])["JobState"] == "COMPLETED"
+
+
+def test_gpu_jobs_asked_for_one_gpu_and_their_cpus(slurm_run: dict) -> None:
+    log = slurm_run["log"]
+    gpu_jobs = re.findall(r"SLURM jobid (\d+) \(log: \S*/(rule_pretrain|group_finetunes)", log)
+    assert {kind for _, kind in gpu_jobs} == {"rule_pretrain", "group_finetunes"}, log
+    for slurm_id, kind in gpu_jobs:
+        info = job_info(slurm_id, slurm_run["env"])
+        assert info.get("TresPerJob") == "gres:gpu:1", info
+        cpus = PRETRAIN_CPUS if kind == "rule_pretrain" else 1
+        assert int(info["NumCPUs"]) == cpus, info
+    cpu_jobs = set(submitted(log).values()) - {slurm_id for slurm_id, _ in gpu_jobs}
+    for slurm_id in cpu_jobs:
+        info = job_info(slurm_id, slurm_run["env"])
+        assert "gpu" not in info.get("TresPerJob", ""), info
+
+
+def test_grouped_finetunes_ran_in_one_job_per_group(slurm_run: dict) -> None:
+    logs = sorted((slurm_run["workdir"] / ".snakemake/slurm_logs").rglob("*.log"))
+    group_logs = [path for path in logs if "group_finetunes" in str(path)]
+    assert len(group_logs) == 8 // GROUP_SIZE
+    for path in group_logs:
+        assert path.read_text().count("Finished jobid") >= GROUP_SIZE
+
+
+def test_outputs_equal_a_local_run(slurm_run: dict, local_run: Path) -> None:
+    key = ["init", "task", "fraction", "seed", "metric"]
+    on_slurm = pd.read_csv(slurm_run["workdir"] / "results/tables/runs.csv").sort_values(key)
+    local = pd.read_csv(local_run / "results/tables/runs.csv").sort_values(key)
+    assert on_slurm.groupby(["init", "task", "fraction", "seed"]).ngroups == 8
+    pd.testing.assert_frame_equal(
+        on_slurm.reset_index(drop=True), local.reset_index(drop=True), rtol=1e-6
+    )
