@@ -293,6 +293,8 @@ def read_hu(path: str, rows: int, columns: int) -> np.ndarray:
     if stored.shape != (rows, columns):
         raise ValueError(f"decoded shape {stored.shape} differs from header {rows}x{columns}")
 
+    if _inverted(ds):
+        stored = invert_monochrome1(stored, ds)
     slope = float(ds.get("RescaleSlope", 1) or 1)
     intercept = float(ds.get("RescaleIntercept", 0) or 0)
     hu = stored.astype(np.float64) * slope + intercept
@@ -307,3 +309,21 @@ def read_hu(path: str, rows: int, columns: int) -> np.ndarray:
             mask = (stored >= low) & (stored <= high)
         hu[mask] = -1000.0
     return hu
+
+
+def _inverted(ds: pydicom.Dataset) -> bool:
+    """MONOCHROME1 (white = low) outside CT, where values are not HU and display
+    polarity is all that says which end is dense. CT stored values are HU after
+    the rescale whatever the photometric interpretation, so CT is left alone."""
+    photometric = _text(ds.get("PhotometricInterpretation")).upper()
+    return photometric == "MONOCHROME1" and _text(ds.get("Modality")).upper() != "CT"
+
+
+def invert_monochrome1(stored: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
+    """Mirror stored values within the range BitsStored allows, so high = dense."""
+    bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)) or 16)
+    if int(ds.get("PixelRepresentation", 0) or 0) == 1:
+        low, high = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    else:
+        low, high = 0, (1 << bits) - 1
+    return (low + high) - stored.astype(np.int64)
