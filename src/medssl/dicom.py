@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pydicom
@@ -76,6 +77,28 @@ class Rejection:
     file: str
     series_uid: str
     reason: str
+
+
+#: How a dataset without the 128-byte preamble and "DICM" begins: a little-endian
+#: tag of the file meta (0002,xxxx) or of the identifying group (0008,xxxx).
+_BARE_DATASET_STARTS = (b"\x02\x00", b"\x08\x00")
+
+
+def read_dataset(handle: BinaryIO, stop_before_pixels: bool = False) -> pydicom.Dataset:
+    """``dcmread`` that also accepts files without the preamble (old exports, ACR-NEMA).
+
+    pydicom's ``force=True`` would read anything at all as a dataset, so it is
+    used only when the file starts like a DICOM data set; everything else stays
+    :class:`InvalidDicomError` ("not DICOM").
+    """
+    try:
+        return pydicom.dcmread(handle, stop_before_pixels=stop_before_pixels)
+    except InvalidDicomError:
+        handle.seek(0)
+        if handle.read(2) not in _BARE_DATASET_STARTS:
+            raise
+        handle.seek(0)
+        return pydicom.dcmread(handle, stop_before_pixels=stop_before_pixels, force=True)
 
 
 def iter_files(root: Path) -> Iterator[Path]:
@@ -161,7 +184,7 @@ def read_header(path: Path, root: Path, modalities: Sequence[str]) -> SliceHeade
     rel = path.relative_to(root).as_posix()
     try:
         with open(path, "rb") as handle:
-            ds = pydicom.dcmread(handle, stop_before_pixels=True)
+            ds = read_dataset(handle, stop_before_pixels=True)
             # pydicom stops *at* the pixel data tag; a file that ends before it
             # was cut short (pydicom itself silently keeps the partial header).
             stopped_at = handle.tell()
@@ -273,7 +296,8 @@ def read_hu(path: str, rows: int, columns: int) -> np.ndarray:
     Pixel padding (the scanner's "outside the field of view" marker) becomes air,
     -1000 HU, so that it neither looks like tissue nor stretches a min-max scaling.
     """
-    ds = pydicom.dcmread(path)
+    with open(path, "rb") as handle:
+        ds = read_dataset(handle)
     if "PixelData" not in ds:
         raise ValueError("missing PixelData")
     syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None

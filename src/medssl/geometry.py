@@ -81,14 +81,14 @@ def tilt_degrees(normal: np.ndarray, positions: Sequence[Sequence[float]]) -> fl
 
 
 #: How a series with gaps is handled. Each returns the index runs to convert,
-#: or ``None`` to reject the whole series.
+#: or ``None`` to reject the whole series (only ever when there are gaps).
 GapPolicy = Callable[[int, Sequence[Gap]], "list[range] | None"]
 GAP_POLICIES: dict[str, GapPolicy] = {
     # Each regular run becomes its own series, so neighbouring slices in the
     # output are always neighbours in the body (what 2.5D inputs assume).
     "split": split_runs,
     # The whole series is rejected: for cohorts where a gap means a broken export.
-    "reject": lambda n, gaps: None,
+    "reject": lambda n, gaps: None if gaps else [range(n)],
     # Converted as one series; the gaps are only reported.
     "keep": lambda n, gaps: [range(n)],
 }
