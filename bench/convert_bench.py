@@ -12,7 +12,7 @@ One run, one machine, one synthetic cohort (``medssl.synth`` at 512 x 512):
 The DICOM files were just written, so they are in the page cache for every
 contender alike; figures are warm-cache throughput, not cold-disk.
 
-    python bench/convert_bench.py --work /tmp/convbench [--patients 25 --slices 100]
+    python bench/convert_bench.py --work /tmp/convbench [--patients 5 --slices 100 --copies 5]
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pydicom
+from pydicom.uid import generate_uid
 
 from medssl import convert, synth
 
@@ -137,6 +138,25 @@ def bench_compression(h5: Path, count: int, reads: int, seed: int = 0) -> None:
             )
 
 
+def replicate(source: Path, target: Path, copies: int) -> None:
+    """``copies`` copies of a cohort with fresh UIDs and patient ids: distinct series.
+
+    Synthesising 512 x 512 phantoms costs far more than converting them, so a
+    large cohort is built from a smaller one; every copy is a separate
+    patient/study/series to every converter.
+    """
+    for k in range(copies):
+        for path in sorted(source.rglob("*.dcm")):
+            ds = pydicom.dcmread(path)
+            for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+                setattr(ds, keyword, generate_uid(entropy_srcs=[str(k), ds.get(keyword)]))
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            ds.PatientID = f"{ds.PatientID}-c{k}"
+            out = target / f"copy{k}" / path.relative_to(source)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            ds.save_as(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", type=Path, required=True, help="scratch folder (GBs)")
@@ -145,6 +165,9 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=100)
     parser.add_argument("--matrix", type=int, default=512)
     parser.add_argument("--reads", type=int, default=500)
+    parser.add_argument(
+        "--copies", type=int, default=1, help="replicate the synthetic cohort (fresh UIDs)"
+    )
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     dicom = args.work / "dicom"
@@ -156,6 +179,11 @@ def main() -> None:
             "matrix": args.matrix,
         }
         _timed("synthesize", synth.synthesize, dicom, args.work / "labels.csv", settings)
+    if args.copies > 1:
+        many = args.work / f"dicom_x{args.copies}"
+        if not many.exists():
+            _timed("replicate", replicate, dicom, many, args.copies)
+        dicom = many
     bench_convert(dicom, args.work)
     bench_reads(args.work / "convert_t1.h5", dicom, args.reads)
     bench_compression(args.work / "convert_t1.h5", 500, args.reads)

@@ -15,7 +15,14 @@ import pandas as pd
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
-from pydicom.uid import ExplicitVRBigEndian, JPEG2000Lossless, RLELossless
+from pydicom.uid import (
+    EnhancedCTImageStorage,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    RLELossless,
+    generate_uid,
+)
 
 from medssl import convert, data, synth
 
@@ -243,3 +250,62 @@ def test_standalone_cli_defaults(cohort: dict, tmp_path: Path) -> None:
     ).stdout
     for word in ("/meta/source_file", "--gap-policy", "--max-reject-fraction", "rejects.csv"):
         assert word in help_text
+
+
+def _enhanced_ct(paths: list[Path], target: Path) -> None:
+    """One Enhanced CT file from single-frame slices, frames stored in shuffled order."""
+    slices = [pydicom.dcmread(p) for p in paths]
+    order = np.random.default_rng(0).permutation(len(slices))
+    first = slices[0]
+    ds = pydicom.Dataset()
+    for keyword in ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "Modality", "Rows"):
+        setattr(ds, keyword, first.get(keyword))
+    for keyword in ("Columns", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation"):
+        setattr(ds, keyword, first.get(keyword))
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.SOPClassUID, ds.SOPInstanceUID = EnhancedCTImageStorage, generate_uid()
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL", "NONE"]
+    ds.NumberOfFrames = len(slices)
+    shared = pydicom.Dataset()
+    measures, plane, rescale = pydicom.Dataset(), pydicom.Dataset(), pydicom.Dataset()
+    measures.PixelSpacing, measures.SliceThickness = first.PixelSpacing, first.SliceThickness
+    plane.ImageOrientationPatient = first.ImageOrientationPatient
+    rescale.RescaleSlope, rescale.RescaleIntercept = first.RescaleSlope, first.RescaleIntercept
+    rescale.RescaleType = "HU"
+    shared.PixelMeasuresSequence = [measures]
+    shared.PlaneOrientationSequence = [plane]
+    shared.PixelValueTransformationSequence = [rescale]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    frames = []
+    for index in order:
+        item, position = pydicom.Dataset(), pydicom.Dataset()
+        position.ImagePositionPatient = slices[index].ImagePositionPatient
+        item.PlanePositionSequence = [position]
+        frames.append(item)
+    ds.PerFrameFunctionalGroupsSequence = frames
+    ds.PixelData = np.stack([slices[i].pixel_array for i in order]).tobytes()
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    target.parent.mkdir(parents=True)
+    ds.save_as(target, enforce_file_format=True)
+
+
+def test_enhanced_ct_multiframe(cohort: dict, tmp_path: Path) -> None:
+    uid = sorted(cohort["series"])[0]
+    paths = cohort["series"][uid]
+    folder = tmp_path / "enhanced"
+    _enhanced_ct(paths, folder / "ct" / "volume.dcm")
+    out, rejects = tmp_path / "enhanced.h5", tmp_path / "enhanced.rejects.csv"
+    summary = convert.convert(folder, out, rejects, HU_NATIVE)
+    assert summary["files_seen"] == 1
+    assert summary["images_seen"] == summary["converted"] == len(paths)
+    meta = data.read_meta(out)
+    assert list(meta["slice_index"]) == list(range(len(paths)))
+    assert (np.diff(meta["z"]) > 0).all()
+    with h5py.File(out) as handle:
+        images = handle["images"][:, 0]
+    for row, path in enumerate(paths):  # paths are sorted by position, like the output
+        np.testing.assert_array_equal(images[row], _hu(path))
+    assert meta["source_file"][0].startswith("ct/volume.dcm#")

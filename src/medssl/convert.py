@@ -327,14 +327,14 @@ def plan_series(
 
     plans: list[SeriesPlan] = []
     for series_uid, members in by_series.items():
-        members = sorted(members, key=lambda h: h.file)
+        members = sorted(members, key=lambda h: h.label)
         majority = _majority(orientation_key(h.orientation) for h in members)
         kept = []
         for h in members:
             if orientation_key(h.orientation) != majority:
                 rejected.append(
                     Rejection(
-                        h.file,
+                        h.label,
                         series_uid,
                         f"orientation {list(orientation_key(h.orientation))} differs from "
                         f"series majority {list(majority)}",
@@ -348,7 +348,7 @@ def plan_series(
             if (h.rows, h.columns) != shape:
                 rejected.append(
                     Rejection(
-                        h.file,
+                        h.label,
                         series_uid,
                         f"shape {h.rows}x{h.columns} differs from series majority "
                         f"{shape[0]}x{shape[1]}",
@@ -356,15 +356,15 @@ def plan_series(
                 )
             else:
                 kept.append(h)
-        ordered = sorted(kept, key=lambda h: (h.z, h.file))
+        ordered = sorted(kept, key=lambda h: (h.z, h.label))
         slices: list[SliceHeader] = []
         for h in ordered:
             if slices and abs(h.z - slices[-1].z) < DUPLICATE_TOLERANCE_MM:
                 rejected.append(
                     Rejection(
-                        h.file,
+                        h.label,
                         series_uid,
-                        f"duplicate position z={h.z:.3f} mm in series (same as {slices[-1].file})",
+                        f"duplicate position z={h.z:.3f} mm in series (same as {slices[-1].label})",
                     )
                 )
             else:
@@ -385,7 +385,7 @@ def plan_series(
             detail = "; ".join(g.describe() for g in gaps)
             if runs is None:
                 rejected.extend(
-                    Rejection(h.file, series_uid, f"series has gaps (gap_policy reject: {detail})")
+                    Rejection(h.label, series_uid, f"series has gaps (gap_policy reject: {detail})")
                     for h in slices
                 )
                 continue
@@ -419,7 +419,7 @@ def plan_series(
                 continue
             rejected.extend(
                 Rejection(
-                    h.file,
+                    h.label,
                     p.series_uid,
                     f"shape {native[0]}x{native[1]} differs from dataset shape "
                     f"{shape[0]}x{shape[1]} (image_size is null, so sizes must match)",
@@ -462,13 +462,13 @@ def process_series(plan: SeriesPlan, intensity: Intensity, image_size: int | Non
     rejected: list[Rejection] = []
     for header, z in zip(plan.slices, plan.z, strict=True):
         try:
-            hu = read_hu(header.path, header.rows, header.columns)
+            hu = read_hu(header.path, header.rows, header.columns, header.frame, header.rescale)
         except ValueError as err:
-            rejected.append(Rejection(header.file, plan.series_uid, str(err)))
+            rejected.append(Rejection(header.label, plan.series_uid, str(err)))
             continue
         except Exception as err:  # I/O or decoder failures of every kind
             reason = f"unreadable or truncated file ({type(err).__name__}: {err})"
-            rejected.append(Rejection(header.file, plan.series_uid, reason))
+            rejected.append(Rejection(header.label, plan.series_uid, reason))
             continue
         hus.append(hu)
         kept.append((header, z))
@@ -486,7 +486,7 @@ def process_series(plan: SeriesPlan, intensity: Intensity, image_size: int | Non
         meta["study_uid"].append(plan.study_uid)
         meta["series_uid"].append(plan.series_uid)
         meta["sop_uid"].append(header.sop_uid)
-        meta["source_file"].append(header.file)
+        meta["source_file"].append(header.label)
         meta["slice_index"].append(index)
         meta["z"].append(z)
         meta["spacing"].append(
@@ -501,21 +501,30 @@ def process_series(plan: SeriesPlan, intensity: Intensity, image_size: int | Non
 
 def _scan(
     root: Path, modalities: Sequence[str], pool: ProcessPoolExecutor | None, workers: int
-) -> list[SliceHeader | Rejection]:
-    """Header pass over every file, in parallel when a pool is given."""
+) -> tuple[int, list[SliceHeader | Rejection]]:
+    """Header pass over every file, in parallel when a pool is given.
+
+    Returns the number of files and one entry per image: a single-frame file or
+    a rejected file is one image, a multi-frame file one image per frame.
+    """
     paths = list(iter_files(root))
     if pool is None:
-        return [read_header(p, root, modalities) for p in paths]
-    chunk = max(1, min(256, len(paths) // (4 * workers)))
-    return list(
-        pool.map(
-            read_header,
-            paths,
-            [root] * len(paths),
-            [tuple(modalities)] * len(paths),
-            chunksize=chunk,
+        results = [read_header(p, root, modalities) for p in paths]
+    else:
+        chunk = max(1, min(256, len(paths) // (4 * workers)))
+        results = list(
+            pool.map(
+                read_header,
+                paths,
+                [root] * len(paths),
+                [tuple(modalities)] * len(paths),
+                chunksize=chunk,
+            )
         )
-    )
+    items: list[SliceHeader | Rejection] = []
+    for result in results:
+        items.extend(result if isinstance(result, list) else [result])
+    return len(paths), items
 
 
 def _ordered_results(
@@ -574,7 +583,7 @@ def convert(
         else None
     )
     try:
-        scanned = _scan(root, cfg["modalities"], pool, workers)
+        n_files, scanned = _scan(root, cfg["modalities"], pool, workers)
         headers = [h for h in scanned if isinstance(h, SliceHeader)]
         rejected = [r for r in scanned if isinstance(r, Rejection)]
         key_env = cfg["pseudonym_key_env"]
@@ -592,7 +601,7 @@ def convert(
             with atomic_path(out_h5) as tmp:
                 counts = _write_h5(tmp, plans, intensity, image_size, pool, workers, rejected)
                 n_converted, n_series = counts
-                _finish_attrs(tmp, cfg, n_seen, n_converted, rejected, n_series, findings)
+                _finish_attrs(tmp, cfg, n_files, n_seen, n_converted, rejected, n_series, findings)
                 if n_converted == 0:
                     raise NoUsableImagesError(
                         f"{root}: no usable images ({n_seen} files seen, all rejected; "
@@ -611,7 +620,8 @@ def convert(
     summary = {
         "dicom_dir": str(root),
         "out": str(out_h5),
-        "files_seen": n_seen,
+        "files_seen": n_files,
+        "images_seen": n_seen,
         "converted": n_converted,
         "rejected": n_rejected,
         "series": n_series,
@@ -620,8 +630,9 @@ def convert(
         "seconds": round(time.perf_counter() - started, 2),
     }
     log.info(
-        "%s: %d files seen = %d converted + %d rejected; %d series -> %s in %.1f s",
+        "%s: %d files, %d images seen = %d converted + %d rejected; %d series -> %s in %.1f s",
         root,
+        n_files,
         n_seen,
         n_converted,
         n_rejected,
@@ -715,6 +726,7 @@ def _write_h5(
 def _finish_attrs(
     path: Path,
     settings: dict[str, Any],
+    n_files: int,
     n_seen: int,
     n_converted: int,
     rejected: Sequence[Rejection],
@@ -724,7 +736,8 @@ def _finish_attrs(
     """Root attributes: provenance, the file accounting and the geometry findings."""
     with h5py.File(path, "a") as handle:
         handle.attrs["provenance"] = json.dumps(record("convert", settings), default=str)
-        handle.attrs["n_files_seen"] = n_seen
+        handle.attrs["n_files_seen"] = n_files
+        handle.attrs["n_images_seen"] = n_seen
         handle.attrs["n_converted"] = n_converted
         handle.attrs["n_rejected"] = len(rejected)
         handle.attrs["n_series"] = n_series

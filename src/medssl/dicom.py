@@ -18,7 +18,10 @@ from typing import BinaryIO
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
+from pydicom.pixels import pixel_array
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+
+from medssl.multiframe import frame_geometry, is_functional_group_multiframe
 
 #: Tags every image must carry: identity (for splitting by patient and joining
 #: labels) and geometry (for sorting and spacing).
@@ -68,6 +71,13 @@ class SliceHeader:
     spacing_between_slices: float | None
     instance_number: int | None
     z: float  # position along the slice normal in mm: the sort key of a series
+    frame: int | None = None  # 1-based frame of a multi-frame file; None for single frames
+    rescale: tuple[float, float] | None = None  # (slope, intercept) from functional groups
+
+    @property
+    def label(self) -> str:
+        """How outputs name this image: the file, plus ``#frame`` inside multi-frame files."""
+        return self.file if self.frame is None else f"{self.file}#{self.frame}"
 
 
 @dataclass(frozen=True)
@@ -173,13 +183,16 @@ def _optional_float(ds: pydicom.Dataset, keyword: str) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def read_header(path: Path, root: Path, modalities: Sequence[str]) -> SliceHeader | Rejection:
+def read_header(
+    path: Path, root: Path, modalities: Sequence[str]
+) -> SliceHeader | list[SliceHeader] | Rejection:
     """Read one file's header and screen it; return the header or a rejection.
 
     The checks that need only the header happen here (readability, SOP class,
     required tags, modality, localizers, multi-frame, colour); checks that need
     the whole series (orientation, shape, duplicates) and the pixel decode come
-    later.
+    later. A multi-frame file with per-frame functional groups (Enhanced CT)
+    gives one header per frame.
     """
     rel = path.relative_to(root).as_posix()
     try:
@@ -221,7 +234,7 @@ def read_header(path: Path, root: Path, modalities: Sequence[str]) -> SliceHeade
 
 def _screen(
     ds: pydicom.Dataset, rel: str, abspath: str, series_uid: str, modalities: Sequence[str]
-) -> SliceHeader | Rejection:
+) -> SliceHeader | list[SliceHeader] | Rejection:
     """The header checks of :func:`read_header`, in the order a person would ask."""
     sop_class = _text(ds.get("SOPClassUID")) or _text(
         getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", None)
@@ -233,7 +246,17 @@ def _screen(
             rel, series_uid, f"non-image SOP class {UID(sop_class).name} ({sop_class})"
         )
 
-    for keyword in REQUIRED_TAGS:
+    frames = ds.get("NumberOfFrames")
+    multiframe = frames not in (None, "") and int(frames) > 1
+    if multiframe and not is_functional_group_multiframe(ds):
+        return Rejection(
+            rel,
+            series_uid,
+            f"multi-frame image ({int(frames)} frames) without per-frame functional groups",
+        )
+    # Enhanced objects keep geometry and rescale in functional groups, not at the top level.
+    required = REQUIRED_TAGS[:6] if multiframe else REQUIRED_TAGS
+    for keyword in required:
         value = ds.get(keyword)
         if value is None or (isinstance(value, str) and not value.strip()) or value == []:
             return Rejection(rel, series_uid, f"missing required tag {keyword}")
@@ -241,7 +264,7 @@ def _screen(
     modality = _text(ds.Modality).upper()
     if modality not in {m.upper() for m in modalities}:
         return Rejection(rel, series_uid, f"modality {modality} not in {list(modalities)}")
-    if modality in REQUIRED_RESCALE_MODALITIES:
+    if modality in REQUIRED_RESCALE_MODALITIES and not multiframe:
         for keyword in ("RescaleSlope", "RescaleIntercept"):
             if ds.get(keyword) in (None, ""):
                 return Rejection(rel, series_uid, f"missing required tag {keyword}")
@@ -249,13 +272,12 @@ def _screen(
     image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
     if "LOCALIZER" in image_type:
         return Rejection(rel, series_uid, "localizer (ImageType contains LOCALIZER)")
-    frames = ds.get("NumberOfFrames")
-    if frames not in (None, "") and int(frames) > 1:
-        return Rejection(rel, series_uid, f"multi-frame image ({int(frames)} frames) not supported")
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     if samples != 1:
         return Rejection(rel, series_uid, f"not greyscale (SamplesPerPixel={samples})")
 
+    if multiframe:
+        return _frame_headers(ds, rel, abspath, series_uid, modality)
     try:
         orientation = _floats(ds.ImageOrientationPatient, 6, "ImageOrientationPatient")
         position = _floats(ds.ImagePositionPatient, 3, "ImagePositionPatient")
@@ -290,7 +312,49 @@ def _screen(
     )
 
 
-def read_hu(path: str, rows: int, columns: int) -> np.ndarray:
+def _frame_headers(
+    ds: pydicom.Dataset, rel: str, abspath: str, series_uid: str, modality: str
+) -> list[SliceHeader] | Rejection:
+    """One header per frame of an Enhanced (functional group) multi-frame image."""
+    try:
+        frames = frame_geometry(ds)
+    except ValueError as err:
+        return Rejection(rel, series_uid, str(err))
+    if modality in REQUIRED_RESCALE_MODALITIES and any(f.rescale is None for f in frames):
+        return Rejection(rel, series_uid, "missing required tag RescaleSlope/RescaleIntercept")
+    rows, columns = int(ds.Rows), int(ds.Columns)
+    return [
+        SliceHeader(
+            file=rel,
+            path=abspath,
+            patient_id=_text(ds.PatientID),
+            study_uid=_text(ds.StudyInstanceUID),
+            series_uid=series_uid,
+            sop_uid=_text(ds.SOPInstanceUID),
+            modality=modality,
+            rows=rows,
+            columns=columns,
+            pixel_spacing=(f.pixel_spacing[0], f.pixel_spacing[1]),
+            orientation=f.orientation,
+            position=(f.position[0], f.position[1], f.position[2]),
+            slice_thickness=f.slice_thickness,
+            spacing_between_slices=None,
+            instance_number=None,
+            z=slice_position(f.orientation, f.position),
+            frame=f.frame,
+            rescale=f.rescale,
+        )
+        for f in frames
+    ]
+
+
+def read_hu(
+    path: str,
+    rows: int,
+    columns: int,
+    frame: int | None = None,
+    rescale: tuple[float, float] | None = None,
+) -> np.ndarray:
     """Decode one slice to HU (float64, rows x columns); ValueError says why not.
 
     Pixel padding (the scanner's "outside the field of view" marker) becomes air,
@@ -304,12 +368,13 @@ def read_hu(path: str, rows: int, columns: int) -> np.ndarray:
     syntax_name = UID(str(syntax)).name if syntax else "unknown transfer syntax"
     if syntax is not None and not UID(str(syntax)).is_compressed:
         bits = int(ds.get("BitsAllocated", 16) or 16)
-        expected = rows * columns * bits // 8
+        expected = rows * columns * bits // 8 * int(ds.get("NumberOfFrames", 1) or 1)
         got = len(ds.PixelData)
         if got < expected:
             raise ValueError(f"truncated pixel data ({got} of {expected} bytes)")
     try:
-        stored = ds.pixel_array
+        # Only the wanted frame is decoded, not the whole multi-frame object.
+        stored = ds.pixel_array if frame is None else pixel_array(ds, index=frame - 1)
     except Exception as err:
         raise ValueError(
             f"undecodable pixel data ({syntax_name}: {type(err).__name__}: {err})"
@@ -319,8 +384,11 @@ def read_hu(path: str, rows: int, columns: int) -> np.ndarray:
 
     if _inverted(ds):
         stored = invert_monochrome1(stored, ds)
-    slope = float(ds.get("RescaleSlope", 1) or 1)
-    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    if rescale is not None:
+        slope, intercept = rescale
+    else:
+        slope = float(ds.get("RescaleSlope", 1) or 1)
+        intercept = float(ds.get("RescaleIntercept", 0) or 0)
     hu = stored.astype(np.float64) * slope + intercept
 
     padding = ds.get("PixelPaddingValue")
