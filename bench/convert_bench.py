@@ -100,6 +100,50 @@ def bench_reads(h5: Path, dicom: Path, count: int, seed: int = 0) -> None:
     )
 
 
+class _DicomSlices:
+    """The per-file alternative to :class:`medssl.data.SliceDataset`: one dcmread per item."""
+
+    def __init__(self, files: list[Path]) -> None:
+        self.files = files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, item: int):  # noqa: ANN204 - torch tensor
+        import torch
+
+        ds = pydicom.dcmread(self.files[item])
+        hu = ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+        return torch.from_numpy(hu / 1000.0)[None]
+
+
+def bench_loader(h5: Path, dicom: Path, count: int, workers: int, seed: int = 0) -> None:
+    """Training-style reads: shuffled DataLoader with workers, HDF5 versus DICOM files."""
+    from torch.utils.data import DataLoader, Subset
+
+    from medssl.data import SliceDataset
+
+    with h5py.File(h5) as handle:
+        files = [dicom / f for f in handle["meta/source_file"].asstr()[...]]
+    rows = np.random.default_rng(seed).choice(
+        len(files), size=min(count, len(files)), replace=False
+    )
+    rates = {}
+    for name, dataset in (("HDF5", SliceDataset(h5)), ("pydicom", _DicomSlices(files))):
+        loader = DataLoader(
+            Subset(dataset, rows.tolist()), batch_size=32, num_workers=workers, shuffle=False
+        )
+        start = time.perf_counter()
+        n = sum(len(batch) for batch in loader)
+        rates[name] = n / (time.perf_counter() - start)
+    print(
+        f"DataLoader, {workers} workers, batch 32, random slices: HDF5 {rates['HDF5']:.0f} "
+        f"slices/s, pydicom {rates['pydicom']:.0f} slices/s, "
+        f"ratio {rates['HDF5'] / rates['pydicom']:.1f}x",
+        flush=True,
+    )
+
+
 def _filters() -> dict[str, dict]:
     filters: dict[str, dict] = {"lzf": {"compression": "lzf"}, "none": {}}
     try:
@@ -165,6 +209,10 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=100)
     parser.add_argument("--matrix", type=int, default=512)
     parser.add_argument("--reads", type=int, default=500)
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers")
+    parser.add_argument(
+        "--reads-only", action="store_true", help="reuse the converted HDF5; only read benchmarks"
+    )
     parser.add_argument(
         "--copies", type=int, default=1, help="replicate the synthetic cohort (fresh UIDs)"
     )
@@ -184,8 +232,10 @@ def main() -> None:
         if not many.exists():
             _timed("replicate", replicate, dicom, many, args.copies)
         dicom = many
-    bench_convert(dicom, args.work)
+    if not args.reads_only:
+        bench_convert(dicom, args.work)
     bench_reads(args.work / "convert_t1.h5", dicom, args.reads)
+    bench_loader(args.work / "convert_t1.h5", dicom, 4 * args.reads, args.workers)
     bench_compression(args.work / "convert_t1.h5", 500, args.reads)
 
 

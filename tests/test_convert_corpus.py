@@ -309,3 +309,18 @@ def test_enhanced_ct_multiframe(cohort: dict, tmp_path: Path) -> None:
     for row, path in enumerate(paths):  # paths are sorted by position, like the output
         np.testing.assert_array_equal(images[row], _hu(path))
     assert meta["source_file"][0].startswith("ct/volume.dcm#")
+
+
+def test_gantry_tilt_reported(cohort: dict) -> None:
+    folder, series = _copy(cohort, "tilt")
+    uid = sorted(series)[0]
+    for path in series[uid]:  # stacked 15 degrees off the (axial) normal
+        ds = pydicom.dcmread(path)
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = [x, y + z * np.tan(np.radians(15)), z]
+        ds.save_as(path)
+    summary, rejects, out = _run(folder)
+    assert summary["converted"] == 16 and len(rejects) == 2
+    assert summary["findings"][uid][0].startswith("gantry tilt 15.0 deg")
+    with h5py.File(out) as handle:
+        assert "gantry tilt" in json.loads(handle.attrs["series_findings"])[uid][0]
