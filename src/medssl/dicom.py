@@ -389,7 +389,8 @@ def read_hu(
     else:
         slope = float(ds.get("RescaleSlope", 1) or 1)
         intercept = float(ds.get("RescaleIntercept", 0) or 0)
-    hu = stored.astype(np.float64) * slope + intercept
+    hu = np.multiply(stored, slope, dtype=np.float64)  # one pass, no temporary
+    hu += intercept
 
     padding = ds.get("PixelPaddingValue")
     if padding is not None:
