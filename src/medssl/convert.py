@@ -74,7 +74,7 @@ DEFAULTS: dict[str, Any] = {
 }
 #: HDF5 filters for /images, one chunk per slice. Measured in bench/README.md on
 #: 512 x 512 CT: Blosc (LZ4, byte shuffle) is 0.54 of raw size and writes and
-#: reads over 10x faster than LZF (0.80 of raw); gzip is too slow on the read path.
+#: reads 8-12x faster than LZF (0.80 of raw); gzip is too slow on the read path.
 #: Reading Blosc needs ``import hdf5plugin`` (medssl.data does it).
 COMPRESSION: dict[str, dict[str, Any]] = {
     "blosc": dict(hdf5plugin.Blosc(cname="lz4", clevel=5, shuffle=hdf5plugin.Blosc.SHUFFLE)),
