@@ -21,6 +21,7 @@ Command line (``--help`` lists every option and the HDF5 layout)::
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import hmac
 import json
@@ -811,9 +812,7 @@ converted or listed in the rejects CSV (file, series_uid, reason).
 
 def _cli_settings(args: argparse.Namespace) -> dict[str, Any]:
     """Settings from --settings (or the standalone defaults), then the single options."""
-    settings = json.loads(json.dumps(args.settings if args.settings is not None else {}))
-    if args.settings is None:
-        settings = json.loads(json.dumps(STANDALONE_DEFAULTS))
+    settings = copy.deepcopy(STANDALONE_DEFAULTS if args.settings is None else args.settings)
     intensity = settings.setdefault("intensity", {})
     if args.policy is not None:
         intensity.clear()
