@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import h5py
+import hdf5plugin  # noqa: F401  registers the Blosc filter that medssl.convert writes with
 import numpy as np
 import pandas as pd
 import torch

@@ -13,11 +13,15 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
+from pydicom.pixels import pixel_array
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+
+from medssl.multiframe import frame_geometry, is_functional_group_multiframe
 
 #: Tags every image must carry: identity (for splitting by patient and joining
 #: labels) and geometry (for sorting and spacing).
@@ -67,6 +71,13 @@ class SliceHeader:
     spacing_between_slices: float | None
     instance_number: int | None
     z: float  # position along the slice normal in mm: the sort key of a series
+    frame: int | None = None  # 1-based frame of a multi-frame file; None for single frames
+    rescale: tuple[float, float] | None = None  # (slope, intercept) from functional groups
+
+    @property
+    def label(self) -> str:
+        """How outputs name this image: the file, plus ``#frame`` inside multi-frame files."""
+        return self.file if self.frame is None else f"{self.file}#{self.frame}"
 
 
 @dataclass(frozen=True)
@@ -76,6 +87,28 @@ class Rejection:
     file: str
     series_uid: str
     reason: str
+
+
+#: How a dataset without the 128-byte preamble and "DICM" begins: a little-endian
+#: tag of the file meta (0002,xxxx) or of the identifying group (0008,xxxx).
+_BARE_DATASET_STARTS = (b"\x02\x00", b"\x08\x00")
+
+
+def read_dataset(handle: BinaryIO, stop_before_pixels: bool = False) -> pydicom.Dataset:
+    """``dcmread`` that also accepts files without the preamble (old exports, ACR-NEMA).
+
+    pydicom's ``force=True`` would read anything at all as a dataset, so it is
+    used only when the file starts like a DICOM data set; everything else stays
+    :class:`InvalidDicomError` ("not DICOM").
+    """
+    try:
+        return pydicom.dcmread(handle, stop_before_pixels=stop_before_pixels)
+    except InvalidDicomError:
+        handle.seek(0)
+        if handle.read(2) not in _BARE_DATASET_STARTS:
+            raise
+        handle.seek(0)
+        return pydicom.dcmread(handle, stop_before_pixels=stop_before_pixels, force=True)
 
 
 def iter_files(root: Path) -> Iterator[Path]:
@@ -150,18 +183,21 @@ def _optional_float(ds: pydicom.Dataset, keyword: str) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def read_header(path: Path, root: Path, modalities: Sequence[str]) -> SliceHeader | Rejection:
+def read_header(
+    path: Path, root: Path, modalities: Sequence[str]
+) -> SliceHeader | list[SliceHeader] | Rejection:
     """Read one file's header and screen it; return the header or a rejection.
 
     The checks that need only the header happen here (readability, SOP class,
     required tags, modality, localizers, multi-frame, colour); checks that need
     the whole series (orientation, shape, duplicates) and the pixel decode come
-    later.
+    later. A multi-frame file with per-frame functional groups (Enhanced CT)
+    gives one header per frame.
     """
     rel = path.relative_to(root).as_posix()
     try:
         with open(path, "rb") as handle:
-            ds = pydicom.dcmread(handle, stop_before_pixels=True)
+            ds = read_dataset(handle, stop_before_pixels=True)
             # pydicom stops *at* the pixel data tag; a file that ends before it
             # was cut short (pydicom itself silently keeps the partial header).
             stopped_at = handle.tell()
@@ -198,7 +234,7 @@ def read_header(path: Path, root: Path, modalities: Sequence[str]) -> SliceHeade
 
 def _screen(
     ds: pydicom.Dataset, rel: str, abspath: str, series_uid: str, modalities: Sequence[str]
-) -> SliceHeader | Rejection:
+) -> SliceHeader | list[SliceHeader] | Rejection:
     """The header checks of :func:`read_header`, in the order a person would ask."""
     sop_class = _text(ds.get("SOPClassUID")) or _text(
         getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", None)
@@ -210,7 +246,17 @@ def _screen(
             rel, series_uid, f"non-image SOP class {UID(sop_class).name} ({sop_class})"
         )
 
-    for keyword in REQUIRED_TAGS:
+    frames = ds.get("NumberOfFrames")
+    multiframe = frames not in (None, "") and int(frames) > 1
+    if multiframe and not is_functional_group_multiframe(ds):
+        return Rejection(
+            rel,
+            series_uid,
+            f"multi-frame image ({int(frames)} frames) without per-frame functional groups",
+        )
+    # Enhanced objects keep geometry and rescale in functional groups, not at the top level.
+    required = REQUIRED_TAGS[:6] if multiframe else REQUIRED_TAGS
+    for keyword in required:
         value = ds.get(keyword)
         if value is None or (isinstance(value, str) and not value.strip()) or value == []:
             return Rejection(rel, series_uid, f"missing required tag {keyword}")
@@ -218,7 +264,7 @@ def _screen(
     modality = _text(ds.Modality).upper()
     if modality not in {m.upper() for m in modalities}:
         return Rejection(rel, series_uid, f"modality {modality} not in {list(modalities)}")
-    if modality in REQUIRED_RESCALE_MODALITIES:
+    if modality in REQUIRED_RESCALE_MODALITIES and not multiframe:
         for keyword in ("RescaleSlope", "RescaleIntercept"):
             if ds.get(keyword) in (None, ""):
                 return Rejection(rel, series_uid, f"missing required tag {keyword}")
@@ -226,13 +272,12 @@ def _screen(
     image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
     if "LOCALIZER" in image_type:
         return Rejection(rel, series_uid, "localizer (ImageType contains LOCALIZER)")
-    frames = ds.get("NumberOfFrames")
-    if frames not in (None, "") and int(frames) > 1:
-        return Rejection(rel, series_uid, f"multi-frame image ({int(frames)} frames) not supported")
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     if samples != 1:
         return Rejection(rel, series_uid, f"not greyscale (SamplesPerPixel={samples})")
 
+    if multiframe:
+        return _frame_headers(ds, rel, abspath, series_uid, modality)
     try:
         orientation = _floats(ds.ImageOrientationPatient, 6, "ImageOrientationPatient")
         position = _floats(ds.ImagePositionPatient, 3, "ImagePositionPatient")
@@ -267,25 +312,69 @@ def _screen(
     )
 
 
-def read_hu(path: str, rows: int, columns: int) -> np.ndarray:
+def _frame_headers(
+    ds: pydicom.Dataset, rel: str, abspath: str, series_uid: str, modality: str
+) -> list[SliceHeader] | Rejection:
+    """One header per frame of an Enhanced (functional group) multi-frame image."""
+    try:
+        frames = frame_geometry(ds)
+    except ValueError as err:
+        return Rejection(rel, series_uid, str(err))
+    if modality in REQUIRED_RESCALE_MODALITIES and any(f.rescale is None for f in frames):
+        return Rejection(rel, series_uid, "missing required tag RescaleSlope/RescaleIntercept")
+    rows, columns = int(ds.Rows), int(ds.Columns)
+    return [
+        SliceHeader(
+            file=rel,
+            path=abspath,
+            patient_id=_text(ds.PatientID),
+            study_uid=_text(ds.StudyInstanceUID),
+            series_uid=series_uid,
+            sop_uid=_text(ds.SOPInstanceUID),
+            modality=modality,
+            rows=rows,
+            columns=columns,
+            pixel_spacing=(f.pixel_spacing[0], f.pixel_spacing[1]),
+            orientation=f.orientation,
+            position=(f.position[0], f.position[1], f.position[2]),
+            slice_thickness=f.slice_thickness,
+            spacing_between_slices=None,
+            instance_number=None,
+            z=slice_position(f.orientation, f.position),
+            frame=f.frame,
+            rescale=f.rescale,
+        )
+        for f in frames
+    ]
+
+
+def read_hu(
+    path: str,
+    rows: int,
+    columns: int,
+    frame: int | None = None,
+    rescale: tuple[float, float] | None = None,
+) -> np.ndarray:
     """Decode one slice to HU (float64, rows x columns); ValueError says why not.
 
     Pixel padding (the scanner's "outside the field of view" marker) becomes air,
     -1000 HU, so that it neither looks like tissue nor stretches a min-max scaling.
     """
-    ds = pydicom.dcmread(path)
+    with open(path, "rb") as handle:
+        ds = read_dataset(handle)
     if "PixelData" not in ds:
         raise ValueError("missing PixelData")
     syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     syntax_name = UID(str(syntax)).name if syntax else "unknown transfer syntax"
     if syntax is not None and not UID(str(syntax)).is_compressed:
         bits = int(ds.get("BitsAllocated", 16) or 16)
-        expected = rows * columns * bits // 8
+        expected = rows * columns * bits // 8 * int(ds.get("NumberOfFrames", 1) or 1)
         got = len(ds.PixelData)
         if got < expected:
             raise ValueError(f"truncated pixel data ({got} of {expected} bytes)")
     try:
-        stored = ds.pixel_array
+        # Only the wanted frame is decoded, not the whole multi-frame object.
+        stored = ds.pixel_array if frame is None else pixel_array(ds, index=frame - 1)
     except Exception as err:
         raise ValueError(
             f"undecodable pixel data ({syntax_name}: {type(err).__name__}: {err})"
@@ -293,9 +382,15 @@ def read_hu(path: str, rows: int, columns: int) -> np.ndarray:
     if stored.shape != (rows, columns):
         raise ValueError(f"decoded shape {stored.shape} differs from header {rows}x{columns}")
 
-    slope = float(ds.get("RescaleSlope", 1) or 1)
-    intercept = float(ds.get("RescaleIntercept", 0) or 0)
-    hu = stored.astype(np.float64) * slope + intercept
+    if _inverted(ds):
+        stored = invert_monochrome1(stored, ds)
+    if rescale is not None:
+        slope, intercept = rescale
+    else:
+        slope = float(ds.get("RescaleSlope", 1) or 1)
+        intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    hu = np.multiply(stored, slope, dtype=np.float64)  # one pass, no temporary
+    hu += intercept
 
     padding = ds.get("PixelPaddingValue")
     if padding is not None:
@@ -307,3 +402,21 @@ def read_hu(path: str, rows: int, columns: int) -> np.ndarray:
             mask = (stored >= low) & (stored <= high)
         hu[mask] = -1000.0
     return hu
+
+
+def _inverted(ds: pydicom.Dataset) -> bool:
+    """MONOCHROME1 (white = low) outside CT, where values are not HU and display
+    polarity is all that says which end is dense. CT stored values are HU after
+    the rescale whatever the photometric interpretation, so CT is left alone."""
+    photometric = _text(ds.get("PhotometricInterpretation")).upper()
+    return photometric == "MONOCHROME1" and _text(ds.get("Modality")).upper() != "CT"
+
+
+def invert_monochrome1(stored: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
+    """Mirror stored values within the range BitsStored allows, so high = dense."""
+    bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)) or 16)
+    if int(ds.get("PixelRepresentation", 0) or 0) == 1:
+        low, high = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    else:
+        low, high = 0, (1 << bits) - 1
+    return (low + high) - stored.astype(np.int64)

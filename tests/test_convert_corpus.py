@@ -1,0 +1,326 @@
+"""Bad-input corpus: every damaged, foreign or re-encoded file ends as data or a
+reject with the right reason, and files seen = converted + rejected."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.uid import (
+    EnhancedCTImageStorage,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    RLELossless,
+    generate_uid,
+)
+
+from medssl import convert, data, synth
+
+COHORT = {"patients": 2, "series_per_patient": 1, "slices": 8, "matrix": 32, "seed": 3}
+HU_NATIVE = {"intensity": {"policy": "hu"}, "image_size": None}
+
+
+def _series(root: Path) -> dict[str, list[Path]]:
+    """Non-localizer files per series, sorted by position (z ascending)."""
+    series: dict[str, list[tuple[float, Path]]] = {}
+    for path in sorted(root.rglob("*.dcm")):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        if "LOCALIZER" not in list(ds.ImageType):
+            series.setdefault(ds.SeriesInstanceUID, []).append(
+                (float(ds.ImagePositionPatient[2]), path)
+            )
+    return {uid: [p for _, p in sorted(items)] for uid, items in series.items()}
+
+
+def _hu(path: Path) -> np.ndarray:
+    ds = pydicom.dcmread(path)
+    return ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+
+
+def _run(folder: Path, settings: dict | None = None) -> tuple[dict, pd.DataFrame, Path]:
+    out = folder.parent / f"{folder.name}.h5"
+    rejects = folder.parent / f"{folder.name}.rejects.csv"
+    summary = convert.convert(folder, out, rejects, {**HU_NATIVE, **(settings or {})})
+    assert summary["files_seen"] == summary["converted"] + summary["rejected"]
+    assert summary["files_seen"] == sum(1 for p in folder.rglob("*") if p.is_file())
+    return summary, pd.read_csv(rejects).set_index("file"), out
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("corpus")
+    synth.synthesize(root / "clean", root / "labels.csv", COHORT)
+    return {"root": root, "clean": root / "clean", "series": _series(root / "clean")}
+
+
+def _copy(cohort: dict, name: str) -> tuple[Path, dict[str, list[Path]]]:
+    folder = cohort["root"] / name
+    shutil.copytree(cohort["clean"], folder)
+    series = {
+        uid: [folder / p.relative_to(cohort["clean"]) for p in paths]
+        for uid, paths in cohort["series"].items()
+    }
+    return folder, series
+
+
+def test_damaged_files_rejected_or_recovered(cohort: dict) -> None:
+    folder, series = _copy(cohort, "damaged")
+    first, second = (series[u] for u in sorted(series))
+    expected: dict[str, str] = {}
+
+    no_pixels = first[-1]  # an end slice: removing an inner one would make a gap
+    ds = pydicom.dcmread(no_pixels)
+    del ds.PixelData
+    ds.save_as(no_pixels)
+    expected[no_pixels.relative_to(folder).as_posix()] = "truncated or no pixel data"
+
+    cut = first[2]
+    cut.write_bytes(cut.read_bytes()[:-100])
+    expected[cut.relative_to(folder).as_posix()] = "truncated pixel data"
+
+    bare = first[3]  # no preamble and no "DICM": still DICOM, must convert
+    reference = _hu(bare)
+    bare.write_bytes(bare.read_bytes()[132:])
+    (folder / "image.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(200))
+    expected["image.jpg"] = "not DICOM"
+    (folder / "empty.dcm").write_bytes(b"")
+    expected["empty.dcm"] = "not DICOM"
+
+    # Two series in one folder: the second series' files moved next to the first's.
+    for path in second:
+        path.rename(first[0].parent / ("other_" + path.name))
+
+    summary, rejects, out = _run(folder)
+    for rel, reason in expected.items():
+        assert reason in rejects.loc[rel, "reason"], (rel, rejects.loc[rel, "reason"])
+    assert (rejects["reason"].str.contains("LOCALIZER")).sum() == 2
+    assert len(rejects) == len(expected) + 2
+    assert summary["converted"] == 16 - 2
+    assert summary["series"] == 2
+    meta = data.read_meta(out)
+    row = int(np.flatnonzero(meta["source_file"] == bare.relative_to(folder).as_posix())[0])
+    with h5py.File(out) as handle:
+        np.testing.assert_array_equal(handle["images"][row, 0], reference)
+        assert json.loads(handle.attrs["reject_reasons"])["not DICOM"] == 2
+
+
+@pytest.mark.parametrize(
+    ("policy", "converted", "n_series", "rejected_gap"), [("split", 15, 3, 0), ("reject", 8, 1, 7)]
+)
+def test_gap_policy(
+    cohort: dict, policy: str, converted: int, n_series: int, rejected_gap: int
+) -> None:
+    folder, series = _copy(cohort, f"gap_{policy}")
+    uid = sorted(series)[0]
+    series[uid][4].unlink()  # a missing slice: one step of twice the median
+    summary, rejects, out = _run(folder, {"gap_policy": policy})
+    assert summary["converted"] == converted
+    assert summary["series"] == n_series
+    assert rejects["reason"].str.contains("series has gaps").sum() == rejected_gap
+    if policy == "split":
+        meta = data.read_meta(out)
+        parts = meta[meta["series_uid"].str.startswith(uid)]
+        assert sorted(set(parts["series_uid"])) == [f"{uid}#1", f"{uid}#2"]
+        assert parts.groupby("series_uid").size().tolist() == [4, 3]
+        assert "1 gap(s)" in summary["findings"][uid][0]
+
+
+def test_transfer_syntaxes_give_identical_hu(cohort: dict) -> None:
+    folder, series = _copy(cohort, "syntaxes")
+    uid = sorted(series)[0]
+    paths = series[uid]
+    reference = {p.relative_to(folder).as_posix(): _hu(p) for p in paths}
+    for path, syntax in zip(paths, [RLELossless, JPEG2000Lossless] * 4, strict=True):
+        ds = pydicom.dcmread(path)
+        ds.compress(syntax, generate_instance_uid=False)
+        ds.save_as(path)
+    # Big endian (retired, but in old archives): swap the pixel bytes by hand, since
+    # pydicom writes element values as given.
+    big = series[sorted(series)[1]][0]
+    ds = pydicom.dcmread(big)
+    reference[big.relative_to(folder).as_posix()] = _hu(big)
+    ds.PixelData = ds.pixel_array.astype(">u2").tobytes()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRBigEndian
+    pydicom.dcmwrite(big, ds, implicit_vr=False, little_endian=False)
+    assert pydicom.dcmread(big).file_meta.TransferSyntaxUID == ExplicitVRBigEndian
+
+    summary, rejects, out = _run(folder)
+    assert summary["converted"] == 16 and len(rejects) == 2
+    meta = data.read_meta(out)
+    with h5py.File(out) as handle:
+        images = handle["images"][:, 0]
+    for rel, hu in reference.items():
+        row = int(np.flatnonzero(meta["source_file"] == rel)[0])
+        np.testing.assert_array_equal(images[row], hu, err_msg=rel)
+
+
+def test_pydicom_test_files(tmp_path: Path) -> None:
+    folder = tmp_path / "pydicom"
+    expected = {
+        "CT_small.dcm": None,
+        "693_J2KI.dcm": None,
+        "MR_small.dcm": "modality MR",
+        "rtstruct.dcm": "non-image SOP class",
+    }
+    for name in expected:
+        source = get_testdata_file(name)
+        if source is None:  # pragma: no cover - test data not shipped
+            pytest.skip(f"pydicom test file {name} unavailable")
+        target = folder / name.replace(".dcm", "") / name
+        target.parent.mkdir(parents=True)
+        shutil.copy(source, target)
+    summary, rejects, out = _run(folder, {"image_size": 64})  # 128 and 512 pixels
+    for name, reason in expected.items():
+        rel = f"{name.replace('.dcm', '')}/{name}"
+        if reason is None:
+            assert rel not in rejects.index, rejects.loc[rel, "reason"]
+        else:
+            assert reason in rejects.loc[rel, "reason"]
+    meta = data.read_meta(out)
+    assert set(meta["source_file"]) == {"CT_small/CT_small.dcm", "693_J2KI/693_J2KI.dcm"}
+
+
+def test_max_reject_fraction_fails_without_output(cohort: dict) -> None:
+    folder = cohort["root"] / "fraction"
+    shutil.copytree(cohort["clean"], folder)  # 2 localizers of 18 files: 11 %
+    with pytest.raises(convert.TooManyRejectsError, match="max_reject_fraction"):
+        _run(folder, {"max_reject_fraction": 0.1})
+    assert not (cohort["root"] / "fraction.h5").exists()
+    assert (cohort["root"] / "fraction.rejects.csv").exists()
+    summary, _, _ = _run(folder, {"max_reject_fraction": 0.2})
+    assert summary["rejected"] == 2
+
+
+def test_pseudonymised_patient_ids(cohort: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MEDSSL_TEST_KEY", "secret")
+    folder = cohort["root"] / "pseudo"
+    shutil.copytree(cohort["clean"], folder)
+    _, _, out = _run(folder, {"pseudonym_key_env": "MEDSSL_TEST_KEY"})
+    meta = data.read_meta(out)
+    originals = {
+        pydicom.dcmread(folder / f, stop_before_pixels=True).PatientID for f in meta["source_file"]
+    }
+    ids = set(meta["patient_id"])
+    assert len(ids) == len(originals) == 2 and not ids & originals
+    assert ids == {convert.pseudonymize(p, b"secret") for p in originals}
+    with h5py.File(out) as handle:
+        assert "secret" not in handle.attrs["provenance"]
+    monkeypatch.delenv("MEDSSL_TEST_KEY")
+    with pytest.raises(ValueError, match="MEDSSL_TEST_KEY"):
+        convert.resolve_settings({"pseudonym_key_env": "MEDSSL_TEST_KEY"})
+
+
+def test_monochrome1_inverted_outside_ct() -> None:
+    from medssl.dicom import invert_monochrome1
+
+    ds = pydicom.Dataset()
+    ds.BitsStored, ds.PixelRepresentation = 12, 0
+    np.testing.assert_array_equal(invert_monochrome1(np.array([0, 4095, 100]), ds), [4095, 0, 3995])
+    ds.PixelRepresentation = 1
+    np.testing.assert_array_equal(invert_monochrome1(np.array([-2048, 2047]), ds), [2047, -2048])
+
+
+def test_standalone_cli_defaults(cohort: dict, tmp_path: Path) -> None:
+    out = tmp_path / "cli.h5"
+    result = subprocess.run(
+        [sys.executable, "-m", "medssl.convert", str(cohort["clean"]), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    rejects = pd.read_csv(tmp_path / "cli.rejects.csv")
+    assert len(rejects) == 2
+    with h5py.File(out) as handle:
+        assert handle["images"].dtype == np.int16
+        assert handle["images"].shape == (16, 1, 32, 32)
+        assert handle["images"].attrs["policy"] == "hu"
+    help_text = subprocess.run(
+        [sys.executable, "-m", "medssl.convert", "--help"], capture_output=True, text=True
+    ).stdout
+    for word in ("/meta/source_file", "--gap-policy", "--max-reject-fraction", "rejects.csv"):
+        assert word in help_text
+
+
+def _enhanced_ct(paths: list[Path], target: Path) -> None:
+    """One Enhanced CT file from single-frame slices, frames stored in shuffled order."""
+    slices = [pydicom.dcmread(p) for p in paths]
+    order = np.random.default_rng(0).permutation(len(slices))
+    first = slices[0]
+    ds = pydicom.Dataset()
+    for keyword in ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "Modality", "Rows"):
+        setattr(ds, keyword, first.get(keyword))
+    for keyword in ("Columns", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation"):
+        setattr(ds, keyword, first.get(keyword))
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.SOPClassUID, ds.SOPInstanceUID = EnhancedCTImageStorage, generate_uid()
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL", "NONE"]
+    ds.NumberOfFrames = len(slices)
+    shared = pydicom.Dataset()
+    measures, plane, rescale = pydicom.Dataset(), pydicom.Dataset(), pydicom.Dataset()
+    measures.PixelSpacing, measures.SliceThickness = first.PixelSpacing, first.SliceThickness
+    plane.ImageOrientationPatient = first.ImageOrientationPatient
+    rescale.RescaleSlope, rescale.RescaleIntercept = first.RescaleSlope, first.RescaleIntercept
+    rescale.RescaleType = "HU"
+    shared.PixelMeasuresSequence = [measures]
+    shared.PlaneOrientationSequence = [plane]
+    shared.PixelValueTransformationSequence = [rescale]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    frames = []
+    for index in order:
+        item, position = pydicom.Dataset(), pydicom.Dataset()
+        position.ImagePositionPatient = slices[index].ImagePositionPatient
+        item.PlanePositionSequence = [position]
+        frames.append(item)
+    ds.PerFrameFunctionalGroupsSequence = frames
+    ds.PixelData = np.stack([slices[i].pixel_array for i in order]).tobytes()
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    target.parent.mkdir(parents=True)
+    ds.save_as(target, enforce_file_format=True)
+
+
+def test_enhanced_ct_multiframe(cohort: dict, tmp_path: Path) -> None:
+    uid = sorted(cohort["series"])[0]
+    paths = cohort["series"][uid]
+    folder = tmp_path / "enhanced"
+    _enhanced_ct(paths, folder / "ct" / "volume.dcm")
+    out, rejects = tmp_path / "enhanced.h5", tmp_path / "enhanced.rejects.csv"
+    summary = convert.convert(folder, out, rejects, HU_NATIVE)
+    assert summary["files_seen"] == 1
+    assert summary["images_seen"] == summary["converted"] == len(paths)
+    meta = data.read_meta(out)
+    assert list(meta["slice_index"]) == list(range(len(paths)))
+    assert (np.diff(meta["z"]) > 0).all()
+    with h5py.File(out) as handle:
+        images = handle["images"][:, 0]
+    for row, path in enumerate(paths):  # paths are sorted by position, like the output
+        np.testing.assert_array_equal(images[row], _hu(path))
+    assert meta["source_file"][0].startswith("ct/volume.dcm#")
+
+
+def test_gantry_tilt_reported(cohort: dict) -> None:
+    folder, series = _copy(cohort, "tilt")
+    uid = sorted(series)[0]
+    for path in series[uid]:  # stacked 15 degrees off the (axial) normal
+        ds = pydicom.dcmread(path)
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = [x, y + z * np.tan(np.radians(15)), z]
+        ds.save_as(path)
+    summary, rejects, out = _run(folder)
+    assert summary["converted"] == 16 and len(rejects) == 2
+    assert summary["findings"][uid][0].startswith("gantry tilt 15.0 deg")
+    with h5py.File(out) as handle:
+        assert "gantry tilt" in json.loads(handle.attrs["series_findings"])[uid][0]
