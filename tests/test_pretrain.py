@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
@@ -57,16 +56,6 @@ def make_h5(path: Path, n: int = 32, channels: int = 1, size: int = 32, seed: in
         meta.create_dataset("slice_index", data=np.arange(n, dtype=np.int32) % 4)
         meta.create_dataset("z", data=np.arange(n, dtype=np.float64))
     return path
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """One torch thread: runs compared bit for bit must share a thread count, and tiny
-    batches run faster without OpenMP synchronisation. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture
