@@ -1,4 +1,4 @@
-"""Rules list the source files their stage runs, so code edits rerun the right jobs."""
+"""Rules carry a digest of the source files their stage runs, so code edits rerun the right jobs."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ SRC = Path(workflow.basedir) / "src"
 # Snakemake tracks as input is exactly the code that runs.
 sys.path.insert(0, str(SRC))
 
-from medssl.codedeps import module_sources
+from medssl.codedeps import code_digest
 from medssl.config import method_names, validate_config
 
 validate_config(config)
@@ -37,6 +37,20 @@ METHODS = sorted(config["pretrain"]["methods"])
 METHOD_NAMES = method_names()
 FRACTIONS = [fraction_label(f) for f in config["fractions"]]
 SEEDS = [str(s) for s in config["seeds"]]
+
+
+def seed_block_label(seeds):
+    """Path label of the seeds one fine-tune job runs: ``seed3`` or ``seeds0_1_2``."""
+    return f"seed{seeds[0]}" if len(seeds) == 1 else "seeds" + "_".join(seeds)
+
+
+# Fine-tune jobs by run label: consecutive blocks of `compute.seeds_per_job`
+# seeds, so appending seeds adds jobs and leaves the existing ones alone.
+_PER_JOB = config["compute"]["seeds_per_job"]
+SEED_BLOCKS = {
+    seed_block_label(block): block
+    for block in (SEEDS[i : i + _PER_JOB] for i in range(0, len(SEEDS), _PER_JOB))
+}
 THREADS = config["compute"]["threads"]
 
 
@@ -51,6 +65,7 @@ wildcard_constraints:
     method=alternatives(METHODS),
     fraction=r"[0-9.e-]+",
     seed=r"[0-9]+",
+    run=alternatives(SEED_BLOCKS),
 
 
 def as_json(value):
@@ -58,9 +73,15 @@ def as_json(value):
     return json.dumps(value, sort_keys=True)
 
 
-def code(stage):
-    """The source files ``python -m medssl.<stage>`` runs (rerun on edit)."""
-    return list(module_sources(stage))
+def code_version(stage):
+    """Digest of the source files ``python -m medssl.<stage>`` runs.
+
+    A rule param, so Snakemake's params trigger reruns a stage whose code
+    changed in content (not merely in mtime, as after a ``git checkout``).
+    One string per stage instead of ~15 input files per job keeps the DAG of
+    a large grid quick to build (docs/decisions.md).
+    """
+    return code_digest(stage)
 
 
 # --- data ---------------------------------------------------------------------
@@ -144,17 +165,25 @@ def encoder_argument(wildcards, input):
     return f"--encoder {shlex.quote(encoders[0])}" if encoders else ""
 
 
-def finetune_settings(wildcards):
-    return as_json(config["finetune"])
+def run_subsets(wildcards):
+    """The subset-rank files of the seeds a fine-tune job runs, in seed order."""
+    return [
+        f"results/splits/{wildcards.task}/seed{s}.csv"
+        for s in SEED_BLOCKS[wildcards.run]
+    ]
+
+
+def run_seeds(wildcards):
+    return " ".join(SEED_BLOCKS[wildcards.run])
 
 
 def finetune_metrics():
     return expand(
-        "results/finetune/{init}/{task}/frac{fraction}/seed{seed}/metrics.json",
+        "results/finetune/{init}/{task}/frac{fraction}/{run}/metrics.json",
         init=INITS,
         task=TASKS,
         fraction=FRACTIONS,
-        seed=SEEDS,
+        run=list(SEED_BLOCKS),
     )
 
 

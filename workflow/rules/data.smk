@@ -2,8 +2,6 @@
 
 
 rule synthesize:
-    input:
-        code=code("synth"),
     output:
         dicom=directory("results/dicom/{dataset}"),
         labels="results/dicom/{dataset}.labels.csv",
@@ -15,6 +13,7 @@ rule synthesize:
         "../../envs/medssl.yaml"
     threads: THREADS["synthesize"]
     params:
+        code=code_version("synth"),
         settings=synthetic_settings,
     shell:
         "python -m medssl.synth --out-dir {output.dicom} --labels {output.labels}"
@@ -24,7 +23,6 @@ rule synthesize:
 rule convert:
     input:
         dicom=dicom_folder,
-        code=code("convert"),
     output:
         h5="results/data/{dataset}.h5",
         rejects="results/data/{dataset}.rejects.csv",
@@ -36,6 +34,7 @@ rule convert:
         "../../envs/medssl.yaml"
     threads: THREADS["convert"]
     params:
+        code=code_version("convert"),
         settings=convert_settings,
     shell:
         "python -m medssl.convert --dicom-dir {input.dicom:q} --out {output.h5}"
@@ -47,7 +46,6 @@ rule split:
     input:
         h5=task_dataset_h5,
         labels=task_labels,
-        code=code("split"),
     output:
         "results/splits/{task}.csv",
     log:
@@ -57,6 +55,7 @@ rule split:
     conda:
         "../../envs/medssl.yaml"
     params:
+        code=code_version("split"),
         task=task_settings,
     shell:
         "python -m medssl.split --data {input.h5} --labels {input.labels:q}"
@@ -66,7 +65,6 @@ rule split:
 rule subsample:
     input:
         partition="results/splits/{task}.csv",
-        code=code("subsample"),
     output:
         "results/splits/{task}/seed{seed}.csv",
     log:
@@ -75,6 +73,8 @@ rule subsample:
         "benchmarks/subsample/{task}/seed{seed}.tsv"
     conda:
         "../../envs/medssl.yaml"
+    params:
+        code=code_version("subsample"),
     shell:
         "python -m medssl.subsample --partition {input.partition} --seed {wildcards.seed}"
         " --out {output} > {log} 2>&1"

@@ -4,7 +4,6 @@
 rule pretrain:
     input:
         h5=pretrain_h5,
-        code=code("pretrain"),
     output:
         encoder="results/init/{method}/encoder.pt",
         sidecar="results/init/{method}/encoder.json",
@@ -18,6 +17,7 @@ rule pretrain:
     resources:
         gpu=1,
     params:
+        code=code_version("pretrain"),
         settings=pretrain_settings,
         checkpoints="results/pretrain/{method}",
         seed=config["pretrain"]["seed"],

@@ -4,7 +4,6 @@
 rule aggregate:
     input:
         metrics=finetune_metrics(),
-        code=code("aggregate"),
     output:
         report(
             "results/tables/runs.csv",
@@ -20,6 +19,8 @@ rule aggregate:
     localrule: True
     conda:
         "../../envs/report.yaml"
+    params:
+        code=code_version("aggregate"),
     shell:
         "python -m medssl.aggregate --out {output} {input.metrics} > {log} 2>&1"
 
@@ -27,7 +28,6 @@ rule aggregate:
 rule stats:
     input:
         runs="results/tables/runs.csv",
-        code=code("stats"),
     output:
         report(
             "results/tables/summary.csv",
@@ -44,6 +44,7 @@ rule stats:
     conda:
         "../../envs/report.yaml"
     params:
+        code=code_version("stats"),
         settings=stats_settings,
     shell:
         "python -m medssl.stats --runs {input.runs} --settings {params.settings:q}"
@@ -53,7 +54,6 @@ rule stats:
 rule tables:
     input:
         summary="results/tables/summary.csv",
-        code=code("tables"),
     output:
         report(
             "results/tables/summary.md",
@@ -70,6 +70,7 @@ rule tables:
     conda:
         "../../envs/report.yaml"
     params:
+        code=code_version("tables"),
         settings=stats_settings,
     shell:
         "python -m medssl.tables --summary {input.summary} --settings {params.settings:q}"
@@ -79,7 +80,6 @@ rule tables:
 rule plots:
     input:
         summary="results/tables/summary.csv",
-        code=code("plots"),
     output:
         png=report(
             "results/figures/label_efficiency_{task}.png",
@@ -97,6 +97,7 @@ rule plots:
     conda:
         "../../envs/report.yaml"
     params:
+        code=code_version("plots"),
         metric=task_metric,
         settings=stats_settings,
     shell:
@@ -108,7 +109,6 @@ rule plots:
 rule efficiency:
     input:
         runs="results/tables/runs.csv",
-        code=code("efficiency"),
     output:
         report(
             "results/tables/label_efficiency.csv",
@@ -125,6 +125,7 @@ rule efficiency:
     conda:
         "../../envs/report.yaml"
     params:
+        code=code_version("efficiency"),
         settings=stats_settings,
     shell:
         "python -m medssl.efficiency --runs {input.runs} --settings {params.settings:q}"
@@ -134,7 +135,6 @@ rule efficiency:
 rule task_tables:
     input:
         summary="results/tables/summary.csv",
-        code=code("tables"),
     output:
         csv=report(
             "results/tables/summary_{task}.csv",
@@ -158,6 +158,7 @@ rule task_tables:
     conda:
         "../../envs/report.yaml"
     params:
+        code=code_version("tables"),
         settings=stats_settings,
     shell:
         "python -m medssl.tables --summary {input.summary} --settings {params.settings:q}"
@@ -167,7 +168,6 @@ rule task_tables:
 rule bars:
     input:
         summary="results/tables/summary.csv",
-        code=code("figures"),
     output:
         png=report(
             "results/figures/bars_{task}.png",
@@ -185,6 +185,7 @@ rule bars:
     conda:
         "../../envs/report.yaml"
     params:
+        code=code_version("figures"),
         metric=task_metric,
         settings=stats_settings,
     shell:
@@ -196,7 +197,6 @@ rule bars:
 rule heatmap:
     input:
         summary="results/tables/summary.csv",
-        code=code("figures"),
     output:
         png=report(
             "results/figures/heatmap_frac{fraction}.png",
@@ -214,6 +214,7 @@ rule heatmap:
     conda:
         "../../envs/report.yaml"
     params:
+        code=code_version("figures"),
         metrics=task_metrics,
         settings=stats_settings,
     shell:
@@ -225,7 +226,6 @@ rule heatmap:
 rule forest:
     input:
         efficiency="results/tables/label_efficiency.csv",
-        code=code("figures"),
     output:
         png=report(
             "results/figures/forest.png",
@@ -243,6 +243,7 @@ rule forest:
     conda:
         "../../envs/report.yaml"
     params:
+        code=code_version("figures"),
         settings=stats_settings,
     shell:
         "python -m medssl.figures forest --table {input.efficiency}"
@@ -256,8 +257,6 @@ rule forest:
 
 
 rule partial_runs:
-    input:
-        code=code("aggregate"),
     output:
         "results/partial/runs.csv",
     log:
@@ -266,6 +265,7 @@ rule partial_runs:
     conda:
         "../../envs/report.yaml"
     params:
+        code=code_version("aggregate"),
         fingerprint=partial_fingerprint,
     shell:
         "python -m medssl.aggregate --partial --root results/finetune --out {output}"
@@ -275,7 +275,6 @@ rule partial_runs:
 rule partial_stats:
     input:
         runs="results/partial/runs.csv",
-        code=code("stats"),
     output:
         "results/partial/summary.csv",
     log:
@@ -284,6 +283,7 @@ rule partial_stats:
     conda:
         "../../envs/report.yaml"
     params:
+        code=code_version("stats"),
         settings=stats_settings,
     shell:
         "python -m medssl.stats --runs {input.runs} --settings {params.settings:q}"
@@ -293,7 +293,6 @@ rule partial_stats:
 rule partial:
     input:
         summary="results/partial/summary.csv",
-        code=code("tables"),
     output:
         "results/partial/summary.md",
     log:
@@ -302,6 +301,7 @@ rule partial:
     conda:
         "../../envs/report.yaml"
     params:
+        code=code_version("tables"),
         settings=stats_settings,
     shell:
         "python -m medssl.tables --summary {input.summary} --settings {params.settings:q}"
