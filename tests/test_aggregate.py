@@ -166,3 +166,33 @@ def test_duplicate_run_is_an_error(tmp_path: Path) -> None:
     second = _write(tmp_path / "b", _payload("scratch", "nodule", 0.1, 0))
     with pytest.raises(MetricsError, match="duplicate run"):
         build_runs([first, second])
+
+
+def test_a_file_of_several_seeds_gives_the_same_rows_as_one_file_per_seed(
+    sweep: list[Path], tmp_path: Path
+) -> None:
+    """A job that ran several seeds (compute.seeds_per_job) writes a list of runs."""
+    payloads = [json.loads(p.read_text()) for p in sweep]
+    blocks = tmp_path / "blocks"
+    blocks.mkdir()
+    paths = []
+    for index in range(0, len(payloads), 2):
+        path = blocks / f"block{index}.json"
+        path.write_text(json.dumps(payloads[index : index + 2]))
+        paths.append(path)
+    pd.testing.assert_frame_equal(build_runs(paths), build_runs(sweep))
+
+
+def test_a_list_of_runs_is_checked_run_by_run(tmp_path: Path) -> None:
+    good = _payload("scratch", "nodule", 0.1, 0)
+    bad = {k: v for k, v in _payload("scratch", "nodule", 0.1, 1).items() if k != "seed"}
+    path = tmp_path / "metrics.json"
+    path.write_text(json.dumps([good, bad]))
+    with pytest.raises(MetricsError, match=r"metrics\.json\[1\].*'seed'"):
+        build_runs([path])
+    path.write_text("[]")
+    with pytest.raises(MetricsError, match="empty list"):
+        build_runs([path])
+    path.write_text(json.dumps([good, good]))
+    with pytest.raises(MetricsError, match="duplicate run"):
+        build_runs([path])

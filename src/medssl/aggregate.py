@@ -129,11 +129,23 @@ def rows_from_metrics(payload: Any, path: str | os.PathLike[str] = "<metrics>") 
 
 
 def read_metrics(path: str | os.PathLike[str]) -> list[dict]:
-    """Read one metrics.json file into tidy rows; errors name the file."""
+    """Read one metrics.json file into tidy rows; errors name the file.
+
+    The file holds one run (a JSON object) or, from a job that ran several
+    seeds (``compute.seeds_per_job``), a non-empty list of runs.
+    """
     path = Path(path)
     if not path.is_file():
         raise MetricsError(f"{path}: file not found")
-    return rows_from_metrics(read_json(path), path)
+    payload = read_json(path)
+    if not isinstance(payload, list):
+        return rows_from_metrics(payload, path)
+    if not payload:
+        raise MetricsError(f"{path}: an empty list of runs")
+    rows = []
+    for index, run in enumerate(payload):
+        rows.extend(rows_from_metrics(run, f"{path}[{index}]"))
+    return rows
 
 
 def build_runs(paths: Iterable[str | os.PathLike[str]]) -> pd.DataFrame:
@@ -146,13 +158,16 @@ def build_runs(paths: Iterable[str | os.PathLike[str]]) -> pd.DataFrame:
     origin: dict[tuple, Path] = {}
     for path in sorted({Path(p) for p in paths}):
         file_rows = read_metrics(path)
-        key = tuple(file_rows[0][k] for k in ("init", "task", "fraction", "seed"))
-        if key in origin:
-            raise MetricsError(
-                f"{path}: duplicate run init={key[0]!r} task={key[1]!r} "
-                f"fraction={key[2]!r} seed={key[3]!r}, also in {origin[key]}"
-            )
-        origin[key] = path
+        # A run has one row per metric, so a repeated (run, metric) pair is a
+        # repeated run, whether within one file of several seeds or across files.
+        for row in file_rows:
+            key = tuple(row[k] for k in ("init", "task", "fraction", "seed"))
+            if (key, row["metric"]) in origin:
+                raise MetricsError(
+                    f"{path}: duplicate run init={key[0]!r} task={key[1]!r} "
+                    f"fraction={key[2]!r} seed={key[3]!r}, also in {origin[key, row['metric']]}"
+                )
+            origin[key, row["metric"]] = path
         rows.extend(file_rows)
     return tidy_frame(rows)
 
