@@ -12,7 +12,9 @@ The classifier (``fc.*``) is never imported: an encoder file has none, and
 publishers' heads differ in shape (MoCo's 128-d MLP, iNat's 10,000 classes).
 
 Facts each row relies on are written beside it; they come from the
-publishers' own loading code (linear-evaluation scripts, converters).
+publishers' own loading code (linear-evaluation scripts, converters). The
+module imports torch only when mapping, so the config check can read the
+table while the Snakefile is parsed.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 CLASSIFIER = re.compile(r"^fc\.")
 """The torchvision classifier; dropped from every import."""
@@ -208,6 +212,8 @@ def map_state_dict(raw: object, name: str) -> Mapped:
     Raises :class:`CheckpointFormatError` when the file's keys cannot be of
     that format (no tensor at all, or no key with the format's prefix).
     """
+    import torch
+
     if name not in FORMATS:
         raise KeyError(f"unknown checkpoint format {name!r}; registered: {format_names()}")
     fmt = FORMATS[name]
