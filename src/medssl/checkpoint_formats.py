@@ -58,11 +58,12 @@ FORMATS: dict[str, CheckpointFormat] = {
     ),
     # timm's ResNet uses torchvision's module names (conv1, bn1, layer1-4, fc);
     # hub weights are plain state dicts, timm's own training checkpoints keep
-    # them under 'state_dict' (and 'state_dict_ema'), with 'module.' after DDP.
+    # them under 'state_dict' (the EMA copy under 'state_dict_ema' is not
+    # read: re-save it bare to import it), with 'module.' after DDP.
     "timm": CheckpointFormat(
         "timm ResNet state dict or timm training checkpoint",
         architectures=("resnet18", "resnet50"),
-        containers=("state_dict_ema", "state_dict"),
+        containers=("state_dict",),
         optional_prefix="module.",
     ),
     # facebookresearch/moco main_moco.py saves {'epoch', 'arch', 'state_dict',
