@@ -66,14 +66,19 @@ def read_checkpoint(path: str | Path) -> Any:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        lines = str(err).strip().splitlines()
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
         # torch's message spans many lines; the one naming the refused global is the useful one.
-        detail = next((ln for ln in lines if "global" in ln.lower()), lines[0] if lines else "")
+        refused = next((ln for ln in lines if "global" in ln.lower()), None)
+        if refused is None:
+            detail = next((ln for ln in lines if "unpickler error" in ln.lower()), lines[-1:])
+            raise CheckpointImportError(
+                f"{path}: not a readable torch checkpoint ({detail})"
+            ) from None
         raise CheckpointImportError(
             f"{path}: refused: the file holds pickled objects other than tensors and plain "
             "containers, which could run code when loaded; only weights are imported "
             "(torch.load weights_only=True). If you trust the file, re-save its state dict "
-            f"with torch.save(state_dict, ...). Detail: {detail.strip()}"
+            f"with torch.save(state_dict, ...). Detail: {refused}"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise CheckpointImportError(f"{path}: not a readable torch checkpoint ({err})") from None
