@@ -125,7 +125,9 @@ def test_renames_apply_after_stripping(monkeypatch) -> None:
         "renamed",
         CheckpointFormat("test", optional_prefix="net.", renames=((r"^stem\.", "conv1."),)),
     )
-    mapped = map_state_dict({"net.stem.weight": torch.ones(1), "net.fc.bias": torch.ones(1)}, "renamed")
+    mapped = map_state_dict(
+        {"net.stem.weight": torch.ones(1), "net.fc.bias": torch.ones(1)}, "renamed"
+    )
     assert list(mapped.state) == ["conv1.weight"]
     assert mapped.dropped == ["fc.bias"]
 
@@ -165,7 +167,9 @@ def test_wrong_format_fails_loudly(tmp_path: Path) -> None:
     torch.save(_moco(resnet18().state_dict()), path)
     with pytest.raises(CheckpointImportError, match="unexpected"):
         import_encoder(path, "swav", backbone="resnet50")
-    with pytest.raises(CheckpointImportError, match=r"no backbone tensor found under 'module\.encoder\.'"):
+    with pytest.raises(
+        CheckpointImportError, match=r"no backbone tensor found under 'module\.encoder\.'"
+    ):
         import_encoder(path, "infomin", backbone="resnet50")
 
 
@@ -195,7 +199,18 @@ def test_checkpoint_with_pickled_code_is_refused_unexecuted(tmp_path: Path) -> N
         read_checkpoint(path)
     out = tmp_path / "encoder.pt"
     with pytest.raises(SystemExit, match="refused"):
-        main(["--checkpoint", str(path), "--format", "timm", "--backbone", "resnet18", "--out", str(out)])
+        main(
+            [
+                "--checkpoint",
+                str(path),
+                "--format",
+                "timm",
+                "--backbone",
+                "resnet18",
+                "--out",
+                str(out),
+            ]
+        )
     assert not marker.exists() and not out.exists()
 
 

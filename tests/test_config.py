@@ -87,13 +87,22 @@ def checkpoint(tmp_path: Path) -> Path:
 INIT_MUTATIONS = [
     ({"source": "import", "format": "moco_v2"}, "inits.new"),  # no checkpoint
     ({"source": "import", "checkpoint": "CKPT", "format": "moco"}, "inits.new.format"),
-    ({"source": "import", "checkpoint": "/nowhere/x.pth", "format": "swav"}, "inits.new.checkpoint"),
+    (
+        {"source": "import", "checkpoint": "/nowhere/x.pth", "format": "swav"},
+        "inits.new.checkpoint",
+    ),
     (
         {"source": "import", "checkpoint": "CKPT", "format": "moco_v2", "backbone": "resnet18"},
         "inits.new.backbone",
     ),
-    ({"source": "import", "checkpoint": "CKPT", "format": "dino", "stem": "mean"}, "inits.new.stem"),
-    ({"source": "import", "checkpoint": "CKPT", "format": "dino", "method": "spark"}, "inits.new.method"),
+    (
+        {"source": "import", "checkpoint": "CKPT", "format": "dino", "stem": "mean"},
+        "inits.new.stem",
+    ),
+    (
+        {"source": "import", "checkpoint": "CKPT", "format": "dino", "method": "spark"},
+        "inits.new.method",
+    ),
     ({"source": "pretrain", "method": "spark", "from": "imagenet2"}, "inits.new.from"),
     ({"source": "pretrain", "method": "spark", "from": "scratch"}, "inits.new.from"),
     ({"source": "pretrain", "method": "spark", "from": "new"}, "inits.new.from"),
@@ -107,7 +116,11 @@ INIT_MUTATIONS = [
 def test_wrong_init_is_refused_naming_the_key(
     config: dict, checkpoint: Path, init: dict, named: str
 ) -> None:
-    config["inits"]["imagenet"] = {"source": "import", "checkpoint": str(checkpoint), "format": "torchvision"}
+    config["inits"]["imagenet"] = {
+        "source": "import",
+        "checkpoint": str(checkpoint),
+        "format": "torchvision",
+    }
     config["inits"]["new"] = {k: str(checkpoint) if v == "CKPT" else v for k, v in init.items()}
     with pytest.raises(ConfigError) as caught:
         validate_config(config)
@@ -117,10 +130,16 @@ def test_wrong_init_is_refused_naming_the_key(
 def test_continual_cycle_and_name_clash_are_refused(config: dict, checkpoint: Path) -> None:
     config["inits"]["a"] = {"source": "pretrain", "method": "simclr", "from": "b"}
     config["inits"]["b"] = {"source": "pretrain", "method": "simclr", "from": "a"}
-    with pytest.raises(ConfigError, match=r"inits\.a\.from: continual pre-training loops: a -> b -> a"):
+    with pytest.raises(
+        ConfigError, match=r"inits\.a\.from: continual pre-training loops: a -> b -> a"
+    ):
         validate_config(copy.deepcopy(config))
     del config["inits"]["a"], config["inits"]["b"]
-    config["inits"]["simclr"] = {"source": "import", "checkpoint": str(checkpoint), "format": "dino"}
+    config["inits"]["simclr"] = {
+        "source": "import",
+        "checkpoint": str(checkpoint),
+        "format": "dino",
+    }
     with pytest.raises(ConfigError, match=r"inits\.simclr: an import writes results/init/simclr/"):
         validate_config(config)
 
@@ -128,8 +147,16 @@ def test_continual_cycle_and_name_clash_are_refused(config: dict, checkpoint: Pa
 def test_import_and_continual_inits_resolve(config: dict, checkpoint: Path) -> None:
     from medssl.config import encoder_name, import_jobs, pretrain_jobs
 
-    config["inits"]["imagenet"] = {"source": "import", "checkpoint": str(checkpoint), "format": "torchvision"}
-    config["inits"]["imagenet_spark"] = {"source": "pretrain", "method": "spark", "from": "imagenet"}
+    config["inits"]["imagenet"] = {
+        "source": "import",
+        "checkpoint": str(checkpoint),
+        "format": "torchvision",
+    }
+    config["inits"]["imagenet_spark"] = {
+        "source": "pretrain",
+        "method": "spark",
+        "from": "imagenet",
+    }
     resolved = validate_config(config)
     assert resolved["inits"]["imagenet"]["stem"] == "repeat"
     assert resolved["inits"]["imagenet"]["backbone"] == "resnet50"

@@ -98,7 +98,9 @@ def import_encoder(
     classifier is missing, or a key is unexpected or has the wrong shape.
     """
     if fmt not in FORMATS:
-        raise CheckpointImportError(f"{checkpoint}: unknown format {fmt!r}; choose one of {format_names()}")
+        raise CheckpointImportError(
+            f"{checkpoint}: unknown format {fmt!r}; choose one of {format_names()}"
+        )
     spec = FORMATS[fmt]
     if backbone not in spec.architectures:
         raise CheckpointImportError(
@@ -110,7 +112,9 @@ def import_encoder(
         mapped = map_state_dict(raw, fmt)
     except CheckpointFormatError as err:
         raise CheckpointImportError(f"{checkpoint}: {err}") from None
-    rgb_channels = int(mapped.state["conv1.weight"].shape[1]) if "conv1.weight" in mapped.state else 3
+    rgb_channels = (
+        int(mapped.state["conv1.weight"].shape[1]) if "conv1.weight" in mapped.state else 3
+    )
     model = models.build_backbone(backbone, rgb_channels)
     model.fc = torch.nn.Linear(model.feature_dim, 1)  # a classifier slot, so fc.* reads as missing
     expected = model.state_dict()
