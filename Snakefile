@@ -16,6 +16,7 @@ report: "workflow/report/workflow.rst"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/pretrain.smk"
+include: "workflow/rules/imports.smk"
 include: "workflow/rules/finetune.smk"
 include: "workflow/rules/report.smk"
 

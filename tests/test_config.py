@@ -77,6 +77,104 @@ def test_wrong_value_is_refused_naming_the_key(config: dict, key: str, value, na
     assert named in str(caught.value)
 
 
+@pytest.fixture()
+def checkpoint(tmp_path: Path) -> Path:
+    path = tmp_path / "resnet50.pth"
+    path.write_bytes(b"")  # the config check looks for the file, it does not read it
+    return path
+
+
+INIT_MUTATIONS = [
+    ({"source": "import", "format": "moco_v2"}, "inits.new"),  # no checkpoint
+    ({"source": "import", "checkpoint": "CKPT", "format": "moco"}, "inits.new.format"),
+    (
+        {"source": "import", "checkpoint": "/nowhere/x.pth", "format": "swav"},
+        "inits.new.checkpoint",
+    ),
+    (
+        {"source": "import", "checkpoint": "CKPT", "format": "moco_v2", "backbone": "resnet18"},
+        "inits.new.backbone",
+    ),
+    (
+        {"source": "import", "checkpoint": "CKPT", "format": "dino", "stem": "mean"},
+        "inits.new.stem",
+    ),
+    (
+        {"source": "import", "checkpoint": "CKPT", "format": "dino", "method": "spark"},
+        "inits.new.method",
+    ),
+    ({"source": "pretrain", "method": "spark", "from": "imagenet2"}, "inits.new.from"),
+    ({"source": "pretrain", "method": "spark", "from": "scratch"}, "inits.new.from"),
+    ({"source": "pretrain", "method": "spark", "from": "new"}, "inits.new.from"),
+    ({"source": "pretrain", "method": "spork", "from": "imagenet"}, "inits.new.method"),
+    ({"source": "pretrain", "checkpoint": "CKPT"}, "inits.new.checkpoint"),
+    ({"source": "scratch", "from": "imagenet"}, "inits.new.from"),
+]
+
+
+@pytest.mark.parametrize(("init", "named"), INIT_MUTATIONS, ids=[m[1] for m in INIT_MUTATIONS])
+def test_wrong_init_is_refused_naming_the_key(
+    config: dict, checkpoint: Path, init: dict, named: str
+) -> None:
+    config["inits"]["imagenet"] = {
+        "source": "import",
+        "checkpoint": str(checkpoint),
+        "format": "torchvision",
+    }
+    config["inits"]["new"] = {k: str(checkpoint) if v == "CKPT" else v for k, v in init.items()}
+    with pytest.raises(ConfigError) as caught:
+        validate_config(config)
+    assert named in str(caught.value)
+
+
+def test_continual_cycle_and_name_clash_are_refused(config: dict, checkpoint: Path) -> None:
+    config["inits"]["a"] = {"source": "pretrain", "method": "simclr", "from": "b"}
+    config["inits"]["b"] = {"source": "pretrain", "method": "simclr", "from": "a"}
+    with pytest.raises(
+        ConfigError, match=r"inits\.a\.from: continual pre-training loops: a -> b -> a"
+    ):
+        validate_config(copy.deepcopy(config))
+    del config["inits"]["a"], config["inits"]["b"]
+    config["inits"]["simclr"] = {
+        "source": "import",
+        "checkpoint": str(checkpoint),
+        "format": "dino",
+    }
+    with pytest.raises(ConfigError, match=r"inits\.simclr: an import writes results/init/simclr/"):
+        validate_config(config)
+
+
+def test_import_and_continual_inits_resolve(config: dict, checkpoint: Path) -> None:
+    from medssl.config import encoder_name, import_jobs, pretrain_jobs
+
+    config["inits"]["imagenet"] = {
+        "source": "import",
+        "checkpoint": str(checkpoint),
+        "format": "torchvision",
+    }
+    config["inits"]["imagenet_spark"] = {
+        "source": "pretrain",
+        "method": "spark",
+        "from": "imagenet",
+    }
+    resolved = validate_config(config)
+    assert resolved["inits"]["imagenet"]["stem"] == "repeat"
+    assert resolved["inits"]["imagenet"]["backbone"] == "resnet50"
+    assert "stem" not in resolved["inits"]["imagenet_spark"]
+    names = {init: encoder_name(resolved, init) for init in resolved["inits"]}
+    assert names == {
+        "scratch": None,
+        "simclr": "simclr",
+        "imagenet": "imagenet",
+        "imagenet_spark": "imagenet_spark",
+    }
+    assert import_jobs(resolved) == ["imagenet"]
+    assert pretrain_jobs(resolved) == {
+        "simclr": {"method": "simclr", "from": None},
+        "imagenet_spark": {"method": "spark", "from": "imagenet"},
+    }
+
+
 def test_dicom_dataset_needs_existing_folder(config: dict, tmp_path: Path) -> None:
     config["data"]["datasets"]["mine"] = {
         "source": "dicom",

@@ -242,3 +242,38 @@ def test_unknown_optimizer_is_rejected() -> None:
     method = build_method("simclr", models.build_backbone("resnet_small", 1), {})
     with pytest.raises(ValueError, match="unknown optimizer"):
         trainer.build_optimizer(method, trainer.train_settings({"optimizer": "adam"}))
+
+
+def test_continual_pretraining_starts_from_the_encoder_file(tmp_path: Path, one_thread) -> None:
+    """``--init-encoder``: an RGB ResNet-18 with a repeated stem continues with SparK on CT.
+
+    The sidecar of the start decides the backbone (settings say resnet_small),
+    and after a few small steps the weights are still next to the start while
+    a random start is far from it.
+    """
+    h5 = make_h5(tmp_path / "pool.h5", n=8, size=64)
+    torch.manual_seed(1)
+    start = models.adapt_stem(models.build_backbone("resnet18", 3), 1, "repeat")
+    start_path = tmp_path / "start" / "encoder.pt"
+    models.save_encoder(start, start_path, "resnet18", {"method": "import:torchvision"})
+    settings = {
+        **SETTINGS,
+        "epochs": 1,
+        "lr": 1e-5,
+        "warmup_epochs": 0,
+        "spark": {"mask_ratio": 0.6, "decoder_width": 64},
+    }
+    out = tmp_path / "init" / "encoder.pt"
+    argv = ["--method", "spark", "--data", str(h5), "--settings", json.dumps(settings)]
+    argv += ["--out", str(out), "--checkpoint-dir", str(tmp_path / "ckpt")]
+    assert main([*argv, "--init-encoder", str(start_path)]) == 0
+    info = models.read_sidecar(out)
+    assert info["backbone"] == "resnet18" and info["stem"] == "repeat"
+    assert info["in_channels"] == 1 and info["init_encoder"]["path"] == str(start_path)
+    before = torch.load(start_path, weights_only=True)
+    after = torch.load(out, weights_only=True)
+    fresh = models.build_backbone("resnet18", 3).state_dict()
+    for key in ("conv1.weight", "layer2.0.conv1.weight", "layer4.1.conv2.weight"):
+        moved = (after[key] - before[key]).norm()
+        assert 0 < moved < 0.01 * before[key].norm(), key
+        assert (fresh[key] - before[key]).norm() > 0.5 * before[key].norm(), key

@@ -22,10 +22,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from workflow_tree import REPO, copy_workflow
 
-REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "slurm-test-cluster.sh"
-COPIED = ("Snakefile", "config.yaml", "workflow", "src", "envs", "slurm")
 PROFILE = Path("slurm") / "config.v8+.yaml"
 # The tiny config, one seed: 8 fine-tunes, in two groups of four.
 OVERLAY = {"seeds": [0]}
@@ -79,14 +78,8 @@ def cluster():
         shutil.rmtree(state, ignore_errors=True)
 
 
-def copy_workflow(workdir: Path) -> None:
-    for name in COPIED:
-        source = REPO / name
-        if source.is_dir():
-            shutil.copytree(source, workdir / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(source, workdir / name)
-    shutil.copy2(REPO / "tests" / "configs" / "tiny.yaml", workdir / "tiny.yaml")
+def copy_workflow_with_overlay(workdir: Path) -> None:
+    copy_workflow(workdir)
     (workdir / "overlay.yaml").write_text(yaml.safe_dump(OVERLAY))
 
 
@@ -140,7 +133,7 @@ def snakemake(workdir: Path, *args: str, env: dict | None = None) -> str:
 @pytest.fixture(scope="module")
 def slurm_run(cluster: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
     workdir = tmp_path_factory.mktemp("slurm-run")
-    copy_workflow(workdir)
+    copy_workflow_with_overlay(workdir)
     shrink_profile(workdir / PROFILE)
     started = time.perf_counter()
     env = {"SLURM_CONF": cluster["SLURM_CONF"]}
@@ -153,7 +146,7 @@ def slurm_run(cluster: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     workdir = tmp_path_factory.mktemp("local-run")
-    copy_workflow(workdir)
+    copy_workflow_with_overlay(workdir)
     snakemake(workdir, "--cores", "2")
     return workdir
 

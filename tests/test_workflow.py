@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -18,10 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "tests" / "configs" / "tiny.yaml"
-COPIED = ("Snakefile", "config.yaml", "workflow", "src", "envs")
+from workflow_tree import REPO, TINY, copy_workflow
 
 pytestmark = pytest.mark.workflow
 
@@ -68,13 +64,7 @@ def planned_jobs(result: subprocess.CompletedProcess) -> dict[str, int]:
 @pytest.fixture(scope="module")
 def workflow_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     workdir = tmp_path_factory.mktemp("workflow")
-    for name in COPIED:
-        source = REPO / name
-        if source.is_dir():
-            shutil.copytree(source, workdir / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(source, workdir / name)
-    shutil.copy2(TINY, workdir / "tiny.yaml")
+    copy_workflow(workdir)
     started = time.perf_counter()
     snakemake(workdir)
     print(f"whole workflow on the tiny config: {time.perf_counter() - started:.1f} s")

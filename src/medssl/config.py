@@ -135,16 +135,119 @@ def check_references(config: dict) -> Iterator[str]:
             f"pretrain.dataset: {pretrain['dataset']!r} is not a dataset; "
             f"choose one of {sorted(datasets)}"
         )
-    for name, init in config["inits"].items():
-        if init["source"] == "pretrain":
+    yield from _check_inits(config)
+
+
+INIT_KEYS = {
+    "scratch": set(),
+    "pretrain": {"method", "from"},
+    "import": {"checkpoint", "format", "backbone", "stem"},
+}
+"""Keys each init source takes besides ``source``."""
+
+
+def encoder_name(config: dict, init: str) -> str | None:
+    """The folder ``results/init/<name>/`` holding the encoder ``init`` starts from.
+
+    None for scratch. A plain pre-trained init shares its method's encoder
+    (``results/init/<method>``); an imported or continually pre-trained init
+    has its own (``results/init/<init>``).
+    """
+    spec = config["inits"][init]
+    if spec["source"] == "scratch":
+        return None
+    if spec["source"] == "pretrain" and "from" not in spec:
+        return spec.get("method", init)
+    return init
+
+
+def pretrain_jobs(config: dict) -> dict[str, dict[str, str | None]]:
+    """Every pre-training job by its encoder name: ``{method, from}``.
+
+    One per ``pretrain.methods`` entry (from random weights), plus one per
+    init with ``from`` (continual pre-training from that init's encoder).
+    """
+    jobs: dict[str, dict[str, str | None]] = {
+        method: {"method": method, "from": None} for method in config["pretrain"]["methods"]
+    }
+    for name, spec in config["inits"].items():
+        if spec["source"] == "pretrain" and "from" in spec:
+            jobs[name] = {"method": spec.get("method", name), "from": spec["from"]}
+    return jobs
+
+
+def import_jobs(config: dict) -> list[str]:
+    """Inits read from a published checkpoint (one import job each)."""
+    return [name for name, spec in config["inits"].items() if spec["source"] == "import"]
+
+
+def data_channels(config: dict) -> int:
+    """Channels of the converted images: one per HU window, else one."""
+    intensity = config["data"]["convert"]["intensity"]
+    return len(intensity["windows"]) if intensity["policy"] == "window" else 1
+
+
+def _check_inits(config: dict) -> Iterator[str]:
+    from medssl.checkpoint_formats import FORMATS  # torch-free at import
+
+    inits = config["inits"]
+    methods = config["pretrain"]["methods"]
+    for name, init in inits.items():
+        source = init["source"]
+        for key in sorted(set(init) - {"source"} - INIT_KEYS[source]):
+            yield f"inits.{name}.{key}: an init with source {source!r} takes no {key!r}"
+        if source == "pretrain":
             method = init.get("method", name)
-            if method not in pretrain["methods"]:
+            if "from" in init:
+                yield from _check_from(inits, name)
+                if name in methods:
+                    yield (
+                        f"inits.{name}: continual pre-training writes results/init/{name}/, "
+                        f"which pretrain.methods' {name!r} writes too; rename the init"
+                    )
+            elif method not in methods:
                 yield (
                     f"inits.{name}.method: {method!r} is not pre-trained; "
-                    f"pretrain.methods is {pretrain['methods']}"
+                    f"pretrain.methods is {methods}"
                 )
-        elif "method" in init:
-            yield f"inits.{name}.method: only an init with source 'pretrain' takes a method"
+        elif source == "import":
+            checkpoint = Path(init["checkpoint"])
+            if not checkpoint.is_file():
+                yield f"inits.{name}.checkpoint: file {str(checkpoint)!r} does not exist"
+            released = FORMATS[init["format"]].architectures
+            if init["backbone"] not in released:
+                yield (
+                    f"inits.{name}.backbone: format {init['format']!r} is released for "
+                    f"{list(released)}, not {init['backbone']!r}"
+                )
+            if name in methods:
+                yield (
+                    f"inits.{name}: an import writes results/init/{name}/, which "
+                    f"pretrain.methods' {name!r} writes too; rename the init"
+                )
+
+
+def _check_from(inits: dict, name: str) -> Iterator[str]:
+    """``from`` names an init with an encoder, and following ``from`` never loops."""
+    start = inits[name]["from"]
+    if start not in inits:
+        yield f"inits.{name}.from: {start!r} is not an init; choose one of {sorted(inits)}"
+        return
+    if inits[start]["source"] == "scratch":
+        yield (
+            f"inits.{name}.from: {start!r} is scratch, which has no encoder; "
+            "drop 'from' to pre-train from random weights"
+        )
+        return
+    seen = [name]
+    current = start
+    while current in inits and "from" in inits[current]:
+        if current in seen:
+            chain = " -> ".join([*seen, current])
+            yield f"inits.{name}.from: continual pre-training loops: {chain}"
+            return
+        seen.append(current)
+        current = inits[current]["from"]
 
 
 def load_config(path: str | Path, overrides: list[str | Path] = ()) -> dict:

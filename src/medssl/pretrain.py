@@ -5,12 +5,15 @@
     python -m medssl.pretrain --method simclr --data results/data/lidc.h5 \\
         --settings '<pretrain section as JSON>' --seed 0 \\
         --out results/init/simclr/encoder.pt --checkpoint-dir results/pretrain/simclr \\
-        [--threads N] [--device auto|cpu|cuda] [--num-workers N]
+        [--threads N] [--device auto|cpu|cuda] [--num-workers N] [--init-encoder PATH]
 
 Every slice of the HDF5 file is used (or a seeded random ``max_samples``
 subset for quick runs); no label is read. The checkpoint directory holds
 ``checkpoint.pt`` and ``history.csv``; a rerun resumes from the checkpoint.
 The encoder is exported only after training finished with a finite loss.
+With ``--init-encoder`` (continual, domain-adaptive pre-training) the backbone
+starts from that encoder file, whose sidecar decides the backbone and stem,
+instead of from random weights.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import Dataset
 
 from medssl import data, models, provenance
@@ -87,8 +91,12 @@ def pretrain(
     checkpoint_dir: str | Path,
     device: str = "auto",
     num_workers: int = 0,
+    init_encoder: str | Path | None = None,
 ) -> dict[str, Any]:
     """Pre-train ``method`` and export its encoder to ``out``; returns the sidecar info.
+
+    ``init_encoder``: an encoder file to start the backbone from (its sidecar's
+    backbone replaces ``settings['backbone']``).
 
     Raises :class:`medssl.trainer.NonFiniteLossError` (and writes no encoder)
     when the loss diverges.
@@ -101,7 +109,13 @@ def pretrain(
     backbone_name = settings.get("backbone", "resnet_small")
     indices = pool_indices(data_path, settings.get("max_samples"), seed)
     channels, height, width = data.image_shape(data_path)
-    backbone = models.build_backbone(backbone_name, channels)
+    start: dict[str, Any] | None = None
+    if init_encoder is None:
+        backbone = models.build_backbone(backbone_name, channels)
+    else:
+        backbone, start = start_from_encoder(init_encoder, channels)
+        backbone_name = start["backbone"]
+        settings["backbone"] = backbone_name
     model = build_method(method, backbone, settings.get(method))
     augment = {**(settings.get("augment") or {}), **model.augment_overrides()}
     views = model.make_views(augment, seed)
@@ -129,6 +143,7 @@ def pretrain(
         "image_shape": [channels, height, width],
         "data": {"size": data_stat.st_size, "mtime_ns": data_stat.st_mtime_ns},
         "code": code_digest("pretrain"),
+        "init_encoder": None if init_encoder is None else _file_stamp(init_encoder),
     }
     result = train(
         model,
@@ -146,11 +161,28 @@ def pretrain(
         "final_loss": result.final_loss,
         "loss_history": [row["loss"] for row in result.history],
         "n_samples": len(indices),
+        "init_encoder": None if start is None else {"path": str(init_encoder), "sidecar": start},
         "provenance": provenance.record("pretrain", settings, seed),
     }
     models.save_encoder(model.encoder().cpu(), out, backbone_name, info)
     log.info("wrote %s (final loss %.4f)", out, result.final_loss)
     return info
+
+
+def start_from_encoder(path: str | Path, channels: int) -> tuple[nn.Module, dict[str, Any]]:
+    """The backbone of encoder file ``path`` and its sidecar; it must take ``channels`` inputs."""
+    backbone, info = models.load_encoder(path)
+    if int(info["in_channels"]) != channels:
+        raise ValueError(
+            f"{path}: encoder takes {info['in_channels']} input channels, the pool has {channels}"
+        )
+    log.info("starting from encoder %s (%s)", path, info.get("method", info["backbone"]))
+    return backbone, info
+
+
+def _file_stamp(path: str | Path) -> dict[str, Any]:
+    stat = Path(path).stat()
+    return {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
+    parser.add_argument(
+        "--init-encoder", type=Path, default=None, help="encoder.pt to start the backbone from"
+    )
     parser.add_argument("--verbose", action="store_true")
     return parser
 
@@ -185,6 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.checkpoint_dir,
             device=args.device,
             num_workers=args.num_workers,
+            init_encoder=args.init_encoder,
         )
     except NonFiniteLossError as err:
         log.error("%s", err)

@@ -14,7 +14,14 @@ SRC = Path(workflow.basedir) / "src"
 sys.path.insert(0, str(SRC))
 
 from medssl.codedeps import code_digest
-from medssl.config import method_names, validate_config
+from medssl.config import (
+    data_channels,
+    encoder_name,
+    import_jobs,
+    method_names,
+    pretrain_jobs,
+    validate_config,
+)
 
 validate_config(config)
 
@@ -33,7 +40,11 @@ def fraction_label(fraction):
 DATASETS = sorted(config["data"]["datasets"])
 TASKS = sorted(config["tasks"])
 INITS = sorted(config["inits"])
-METHODS = sorted(config["pretrain"]["methods"])
+# Pre-training jobs by encoder name: every pretrain.methods entry, plus every
+# init continuing a method from another init's encoder (`from`).
+PRETRAIN_JOBS = pretrain_jobs(config)
+METHODS = sorted(PRETRAIN_JOBS)
+IMPORTS = sorted(import_jobs(config))
 METHOD_NAMES = method_names()
 FRACTIONS = [fraction_label(f) for f in config["fractions"]]
 SEEDS = [str(s) for s in config["seeds"]]
@@ -63,6 +74,7 @@ wildcard_constraints:
     task=alternatives(TASKS),
     init=alternatives(INITS),
     method=alternatives(METHODS),
+    imported=alternatives(IMPORTS),
     fraction=r"[0-9.e-]+",
     seed=r"[0-9]+",
     run=alternatives(SEED_BLOCKS),
@@ -135,11 +147,16 @@ def pretrain_h5(wildcards):
     return f"results/data/{config['pretrain']['dataset']}.h5"
 
 
+def pretrain_method(wildcards):
+    """The method a pre-training job runs (its encoder name for a continual init)."""
+    return PRETRAIN_JOBS[wildcards.method]["method"]
+
+
 def pretrain_settings(wildcards):
     """The shared pre-training keys plus this method's own sub-section only,
     so adding a second method does not rerun the first."""
     section = config["pretrain"]
-    others = set(METHOD_NAMES) - {wildcards.method}
+    others = set(METHOD_NAMES) - {pretrain_method(wildcards)}
     return as_json(
         {
             key: value
@@ -149,15 +166,52 @@ def pretrain_settings(wildcards):
     )
 
 
+def encoder_path(init):
+    """``results/init/<name>/encoder.pt`` of an init; None for scratch."""
+    name = encoder_name(config, init)
+    return None if name is None else f"results/init/{name}/encoder.pt"
+
+
+def pretrain_start(wildcards):
+    """The encoder a continual pre-training job starts from; none from random weights."""
+    start = PRETRAIN_JOBS[wildcards.method]["from"]
+    return [] if start is None else [encoder_path(start)]
+
+
+def init_encoder_argument(wildcards, input):
+    starts = list(input.start)
+    return f"--init-encoder {shlex.quote(starts[0])}" if starts else ""
+
+
+# --- import -------------------------------------------------------------------
+
+
+def import_config(wildcards):
+    return config["inits"][wildcards.imported]
+
+
+def import_checkpoint(wildcards):
+    return import_config(wildcards)["checkpoint"]
+
+
+def import_settings(wildcards):
+    """What the import reads from the config (a changed value reruns it)."""
+    spec = import_config(wildcards)
+    return {
+        "format": spec["format"],
+        "backbone": spec["backbone"],
+        "stem": spec["stem"],
+        "in_channels": data_channels(config),
+    }
+
+
 # --- fine-tuning --------------------------------------------------------------
 
 
 def init_encoder(wildcards):
     """Encoder file an init starts from; none for scratch."""
-    init = config["inits"][wildcards.init]
-    if init["source"] == "scratch":
-        return []
-    return [f"results/init/{init.get('method', wildcards.init)}/encoder.pt"]
+    path = encoder_path(wildcards.init)
+    return [] if path is None else [path]
 
 
 def encoder_argument(wildcards, input):

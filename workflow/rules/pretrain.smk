@@ -1,9 +1,12 @@
-# Self-supervised pre-training on the unlabelled pool; one encoder per method.
+# Self-supervised pre-training on the unlabelled pool; one encoder per method,
+# and one per continual (domain-adaptive) init, which starts from the encoder of
+# the init named in its `from` ({method} is then the init's name).
 
 
 rule pretrain:
     input:
         h5=pretrain_h5,
+        start=pretrain_start,
     output:
         encoder="results/init/{method}/encoder.pt",
         sidecar="results/init/{method}/encoder.json",
@@ -18,12 +21,14 @@ rule pretrain:
         gpu=1,
     params:
         code=code_version("pretrain"),
+        method=pretrain_method,
         settings=pretrain_settings,
+        start=init_encoder_argument,
         checkpoints="results/pretrain/{method}",
         seed=config["pretrain"]["seed"],
         device=config["compute"]["device"],
     shell:
-        "python -m medssl.pretrain --method {wildcards.method} --data {input.h5}"
+        "python -m medssl.pretrain --method {params.method} --data {input.h5} {params.start}"
         " --settings {params.settings:q} --seed {params.seed} --out {output.encoder}"
         " --checkpoint-dir {params.checkpoints} --threads {threads} --device {params.device}"
         " > {log} 2>&1"

@@ -1,0 +1,132 @@
+"""The two study configs: valid, and their job graphs have the expected size.
+
+Their data cannot ship, so every ``/path/to/`` placeholder is replaced by an
+empty file or folder in a temporary directory (a dry run reads none of them).
+Task types and fine-tuning keys this checkout's schema does not know yet are
+left out, and the expected counts follow what is left.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from medssl.config import encoder_name, import_jobs, load_schema, pretrain_jobs, validate_config
+
+REPO = Path(__file__).resolve().parents[1]
+STUDIES = REPO / "workflow" / "studies"
+PLACEHOLDER = "/path/to/"
+FOLDER_KEYS = {"dicom_dir", "path"}
+
+
+def _fill(node: object, root: Path, key: str = "") -> object:
+    """Every placeholder path becomes an empty file (or folder, for folder keys) under ``root``."""
+    if isinstance(node, dict):
+        return {k: _fill(v, root, k) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_fill(v, root, key) for v in node]
+    if isinstance(node, str) and node.startswith(PLACEHOLDER):
+        target = root / node[len(PLACEHOLDER) :]
+        if key in FOLDER_KEYS:
+            target.mkdir(parents=True, exist_ok=True)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.touch()
+        return str(target)
+    return node
+
+
+def _fit_schema(config: dict) -> list[str]:
+    """Drop what this checkout's schema lacks (task types, finetune keys); say what went."""
+    schema = load_schema()["properties"]
+    task_schema = schema["tasks"]["additionalProperties"]["properties"]
+    finetune_schema = schema["finetune"]["properties"]
+    left_out = []
+    for name, task in list(config["tasks"].items()):
+        unknown = set(task) - set(task_schema)
+        if task["type"] not in task_schema["type"]["enum"] or unknown:
+            del config["tasks"][name]
+            left_out.append(f"task {name}")
+        elif task.get("metric") not in task_schema["metric"]["enum"]:
+            task.pop("metric", None)
+    finetune = config["finetune"]
+    for key in sorted(set(finetune) - set(finetune_schema)):
+        del finetune[key]
+        left_out.append(f"finetune.{key}")
+    for key in ("protocol", "select_metric"):
+        if key in finetune and finetune[key] not in finetune_schema[key]["enum"]:
+            left_out.append(f"finetune.{key}={finetune.pop(key)}")
+    return left_out
+
+
+def _job_counts(workdir: Path) -> dict[str, int]:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir)]
+        + ["--dry-run", "--quiet", "rules", "--cores", "1"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    counts = {}
+    for line in result.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit():
+            counts[parts[0]] = int(parts[1])
+    return counts
+
+
+@pytest.mark.parametrize("study", ["wolf2023", "taher2021"])
+def test_study_dry_run_lists_the_expected_jobs(study: str, tmp_path: Path) -> None:
+    raw = yaml.safe_load((STUDIES / f"{study}.yaml").read_text())
+    config = _fill(raw, tmp_path / "data")
+    left_out = _fit_schema(config)
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    resolved = validate_config(yaml.safe_load((workdir / "config.yaml").read_text()))
+    if left_out:
+        print(f"{study}: left out for this schema: {left_out}")
+
+    counts = _job_counts(workdir)
+    n_finetunes = (
+        len(resolved["inits"])
+        * len(resolved["tasks"])
+        * len(resolved["fractions"])
+        * len(resolved["seeds"])
+    )
+    assert counts["finetune"] == n_finetunes
+    assert counts.get("import_init", 0) == len(import_jobs(resolved))
+    assert counts.get("pretrain", 0) == len(pretrain_jobs(resolved))
+    assert counts["convert"] == len(resolved["data"]["datasets"])
+    encoders = {encoder_name(resolved, init) for init in resolved["inits"]} - {None}
+    assert len(encoders) == counts.get("import_init", 0) + counts.get("pretrain", 0)
+    if study == "wolf2023":
+        assert sorted(resolved["pretrain"]["methods"]) == ["byol", "moco_v2", "spark", "swav"]
+        assert len(resolved["inits"]) == 5 and resolved["finetune"]["epochs"] == 70
+    else:
+        assert len(import_jobs(resolved)) == 16 and counts["pretrain"] == 1
+        assert len(resolved["seeds"]) == 10 and len(resolved["inits"]) == 18
+        if not left_out:
+            assert n_finetunes == 18 * 7 * 1 * 10
+
+
+def test_study_placeholders_are_marked() -> None:
+    """Every user path is a visible placeholder, so nothing points at a real machine's files."""
+    for path in STUDIES.glob("*.yaml"):
+        for line in path.read_text().splitlines():
+            if PLACEHOLDER in line.split("#")[0]:
+                assert "PLACEHOLDER" in line, f"{path.name}: {line.strip()}"
+
+
+def test_study_is_a_complete_config() -> None:
+    """A study file is a whole config: run as its directory's config.yaml, nothing is inherited."""
+    for path in STUDIES.glob("*.yaml"):
+        keys = set(yaml.safe_load(path.read_text()))
+        assert set(load_schema()["required"]) <= keys, path.name
