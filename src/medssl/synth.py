@@ -15,8 +15,8 @@ the output is byte-identical for a seed and patient ``i`` does not change when
 the cohort grows. Files get hash names, are written in shuffled order into
 ``DIR/<patient>/<study>/`` and so nothing downstream can rely on names or order.
 
-A third task, ``lung`` segmentation, comes as one PNG mask per image
-(``--masks-dir``: ``<dir>/lung/<SOPInstanceUID>.png``), the image-folder
+A third task, ``lung`` segmentation, comes as one PNG mask per image of each
+patient's first series (``--masks-dir``: ``<dir>/lung/<SOPInstanceUID>.png``), the image-folder
 format that :mod:`medssl.masks` reads.
 
 Command line::
@@ -525,8 +525,11 @@ def write_patient(
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Render and write one patient; return its label rows and counts.
 
-    With ``masks_root``, the lung mask of every image is written as
-    ``masks_root/lung/<SOPInstanceUID>.png`` (the image-folder mask format).
+    With ``masks_root``, the lung mask of every image of the first series is
+    written as ``masks_root/lung/<SOPInstanceUID>.png`` (the image-folder mask
+    format). One annotated reconstruction per patient is what annotators
+    usually deliver, and it keeps the segmentation task's cost near that of a
+    classification task.
     """
     rng = np.random.default_rng([seed, index])
     base = _patient_tags(seed, index, rng)
@@ -572,7 +575,7 @@ def write_patient(
                 "SliceLocation": _ds(float(vol.z[s])),
             }
             jobs.append((template, folder / _file_name(sop_uid), varying, stored[s]))
-            if masks_root is not None:
+            if masks_root is not None and k == 0:
                 write_mask_png(masks_root / MASK_STRUCTURE / f"{sop_uid}.png", vol.lung[s])
             rows.append(
                 {

@@ -7,6 +7,7 @@ rule finetune:
         partition="results/splits/{task}.csv",
         subsets="results/splits/{task}/seed{seed}.csv",
         encoder=init_encoder,
+        masks=task_masks,
         code=code("finetune"),
     output:
         "results/finetune/{init}/{task}/frac{fraction}/seed{seed}/metrics.json",
@@ -23,11 +24,12 @@ rule finetune:
         task=task_settings,
         settings=finetune_settings,
         encoder=encoder_argument,
+        masks=masks_argument,
         backbone=config["pretrain"]["backbone"],
         device=config["compute"]["device"],
     shell:
         "python -m medssl.finetune --data {input.h5} --partition {input.partition}"
         " --subsets {input.subsets} --fraction {wildcards.fraction} --seed {wildcards.seed}"
         " --task {params.task:q} --settings {params.settings:q} --init {wildcards.init}"
-        " {params.encoder} --backbone {params.backbone} --threads {threads}"
+        " {params.encoder} {params.masks} --backbone {params.backbone} --threads {threads}"
         " --device {params.device} --out {output} > {log} 2>&1"
