@@ -137,7 +137,8 @@ def check_references(config: dict) -> Iterator[str]:
             )
         allowed = TASK_METRICS[task["type"]]
         if task["metric"] not in allowed:
-            yield f"tasks.{name}.metric: {task['metric']!r} is not a {task['type']} metric {allowed}"
+            kind = task["type"]
+            yield f"tasks.{name}.metric: {task['metric']!r} is not a {kind} metric {allowed}"
         select = config["finetune"]["select_metric"]
         if select not in ("auto", "loss", *allowed):
             yield (
