@@ -70,7 +70,7 @@ def test_registries_match_the_schema() -> None:
     assert set(task_props["type"]["enum"]) == set(TASK_TYPES) == set(SPLIT_TYPES)
     assert set(finetune_props["protocol"]["enum"]) == set(PROTOCOLS)
     assert set(finetune_props["tta"]["enum"]) == set(TTA_MODES)
-    assert TASK_METRICS == {name: kind.metrics for name, kind in TASK_TYPES.items()}
+    assert {name: kind.metrics for name, kind in TASK_TYPES.items()} == TASK_METRICS
     every_metric = {m for metrics in TASK_METRICS.values() for m in metrics}
     assert set(task_props["metric"]["enum"]) == every_metric
     assert set(finetune_props["select_metric"]["enum"]) == every_metric | {"auto", "loss"}
