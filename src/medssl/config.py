@@ -146,8 +146,10 @@ def check_references(config: dict) -> Iterator[str]:
                 f"({task['type']}: {allowed}); use auto"
             )
         masks = task.get("masks")
-        if masks and "path" not in masks and datasets.get(task["dataset"], {}).get("source") != (
-            "synthetic"
+        if (
+            masks
+            and "path" not in masks
+            and datasets.get(task["dataset"], {}).get("source") != ("synthetic")
         ):
             yield f"tasks.{name}.masks.path: required for a dataset of source dicom"
         if config["finetune"]["tta"] == "ten_crop" and task["type"] == "segmentation":

@@ -42,7 +42,7 @@ from medssl.cli import json_arg, resolve_device, set_threads, setup_logging
 from medssl.data import load_images
 from medssl.directions import HIGHER_IS_BETTER
 from medssl.io import write_json
-from medssl.masks import load_masks
+from medssl.maskio import load_masks
 from medssl.models import BACKBONES, build_backbone, load_encoder
 from medssl.protocols import PROTOCOLS, Protocol, make_protocol
 from medssl.provenance import record

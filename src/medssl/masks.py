@@ -55,18 +55,15 @@ from medssl.convert import resize
 from medssl.data import image_shape, read_meta
 from medssl.dicom import iter_files, read_dataset
 from medssl.io import atomic_path
+from medssl.maskio import ANNOTATED, MASKS, MaskError, load_masks, mask_labels
 from medssl.provenance import record
 
 log = logging.getLogger(__name__)
 
+__all__ = ["READERS", "MaskError", "build_masks", "load_masks", "mask_labels", "write_masks"]
+
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 RTSTRUCT_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
-MASKS = "masks"
-ANNOTATED = "annotated"
-
-
-class MaskError(ValueError):
-    """Mask input that cannot be attached; the message names the file and what is wrong."""
 
 
 def _base_series(uid: str) -> str:
@@ -363,39 +360,6 @@ def write_masks(path: str | Path, masks: np.ndarray, annotated: np.ndarray, attr
         handle.create_dataset(ANNOTATED, data=annotated)
         for key, value in attrs.items():
             handle.attrs[key] = value if isinstance(value, str) else json.dumps(value)
-
-
-def load_masks(path: str | Path, indices: Sequence[int]) -> np.ndarray:
-    """Masks (n, H, W) uint8 of the rows ``indices``, in that order; unannotated rows are errors."""
-    order = np.asarray(indices, dtype=np.int64)
-    with h5py.File(path, "r") as handle:
-        if MASKS not in handle or ANNOTATED not in handle:
-            raise MaskError(f"{path}: not a medssl mask file (needs /{MASKS} and /{ANNOTATED})")
-        annotated = handle[ANNOTATED][...]
-        if len(order) and not annotated[order].all():
-            missing = order[~annotated[order]][:5].tolist()
-            raise MaskError(f"{path}: rows {missing} have no annotation")
-        unique, inverse = np.unique(order, return_inverse=True)
-        stored = handle[MASKS][unique][inverse] if len(unique) else handle[MASKS][:0]
-    return stored
-
-
-def mask_labels(path: str | Path, data: str | Path) -> pd.DataFrame:
-    """A label table for the split stage: ``sop_uid`` and ``foreground`` (0/1) per annotated slice.
-
-    Segmentation tasks are split and stratified like binary ones, on whether
-    a slice shows the structure.
-    """
-    meta = read_meta(data)
-    with h5py.File(path, "r") as handle:
-        annotated = handle[ANNOTATED][...]
-        if len(annotated) != len(meta):
-            raise MaskError(f"{path}: {len(annotated)} rows but {data} has {len(meta)} slices")
-        foreground = np.zeros(len(meta), dtype=np.int64)
-        for row in np.flatnonzero(annotated):
-            foreground[row] = int(handle[MASKS][row].any())
-    frame = pd.DataFrame({"sop_uid": meta["sop_uid"], "foreground": foreground})
-    return frame.loc[annotated].reset_index(drop=True)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -29,7 +29,7 @@ import pandas as pd
 from medssl.cli import json_arg, setup_logging
 from medssl.data import read_meta
 from medssl.io import write_csv
-from medssl.masks import mask_labels
+from medssl.maskio import mask_labels
 
 log = logging.getLogger(__name__)
 
