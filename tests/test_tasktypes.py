@@ -15,7 +15,7 @@ from sklearn.metrics import roc_auc_score
 
 from medssl import finetune as ft
 from medssl import masks as mk
-from medssl.config import SCHEMA_PATH, TASK_METRICS
+from medssl.config import SCHEMA_PATH, TASK_METRICS, check_references, load_config
 from medssl.data import load_images, read_meta
 from medssl.io import write_csv
 from medssl.metrics import multilabel_metrics, segmentation_metrics
@@ -235,3 +235,14 @@ def test_metrics_json_of_a_ten_crop_run(prepared, tmp_path: Path, one_thread) ->
     codes = data["partition"].set_index("index").loc[rows, "label"].to_numpy()
     expected = roc_auc_score(codes, probs.mean(0).numpy(), multi_class="ovr", average="macro")
     assert ten.metrics["test"]["auc"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_config_checks_segmentation_settings() -> None:
+    config = load_config(SCHEMA_PATH.parents[2] / "config.yaml")
+    config["data"]["convert"]["image_size"] = 48
+    config["finetune"]["tta"] = "ten_crop"
+    config["tasks"]["lung"]["metric"] = "auc"
+    problems = "\n".join(check_references(config))
+    assert "tasks.lung: the U-Net needs slices a multiple of 32" in problems
+    assert "finetune.tta: ten_crop is for classification" in problems
+    assert "tasks.lung.metric: 'auc' is not a segmentation metric" in problems

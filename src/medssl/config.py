@@ -152,6 +152,12 @@ def check_references(config: dict) -> Iterator[str]:
             and datasets.get(task["dataset"], {}).get("source") != ("synthetic")
         ):
             yield f"tasks.{name}.masks.path: required for a dataset of source dicom"
+        size = config["data"].get("convert", {}).get("image_size")
+        if task["type"] == "segmentation" and size is not None and size % 32:
+            yield (
+                f"tasks.{name}: the U-Net needs slices a multiple of 32 pixels wide; "
+                f"data.convert.image_size is {size}"
+            )
         if config["finetune"]["tta"] == "ten_crop" and task["type"] == "segmentation":
             yield f"finetune.tta: ten_crop is for classification, task {name!r} is segmentation"
         split = task["split"]
