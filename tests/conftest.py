@@ -19,3 +19,34 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def converted_cohort(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A small synthetic cohort as DICOM, its labels, lung masks, and the converted HDF5.
+
+    8 patients x 2 series x 8 slices of 32 x 32, converted at 32 x 32 (the
+    U-Net needs multiples of 32); shared by the task, protocol and mask tests.
+    """
+    from medssl.convert import convert
+    from medssl.synth import synthesize
+
+    root = tmp_path_factory.mktemp("converted_cohort")
+    settings = {"patients": 8, "series_per_patient": 2, "slices": 8, "matrix": 32, "scout": False}
+    synthesize(root / "dicom", root / "labels.csv", settings, masks_dir=root / "masks")
+    convert(
+        root / "dicom",
+        root / "data.h5",
+        root / "rejects.csv",
+        {
+            "intensity": {"policy": "window", "windows": [{"center": -300, "width": 1600}]},
+            "image_size": 32,
+        },
+    )
+    return {
+        "root": root,
+        "dicom": root / "dicom",
+        "labels": root / "labels.csv",
+        "masks_dir": root / "masks",
+        "h5": root / "data.h5",
+    }

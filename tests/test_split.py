@@ -192,3 +192,45 @@ def test_too_few_patients(tmp_path: Path) -> None:
         "val": 1,
         "test": 1,
     }
+
+
+# ------------------------------------------------- labels keyed by patient, study, series, image
+
+
+@pytest.mark.parametrize("key", ["patient_id", "study_uid", "series_uid", "sop_uid"])
+def test_labels_attach_by_each_key(converted_cohort: dict, tmp_path: Path, key: str) -> None:
+    """A user's table keyed by any DICOM level labels every converted slice below that key."""
+    meta = read_meta(converted_cohort["h5"])
+    keys = sorted(meta[key].unique())
+    table = pd.DataFrame({key: keys, "finding": [i % 2 for i in range(len(keys))]})
+    table.to_csv(tmp_path / "user.csv", index=False)
+    task = {"name": "t", "type": "binary", "column": "finding", "labels_key": key}
+    labels = read_label_table(tmp_path / "user.csv", key, "finding")
+    partition = make_partition(meta, labels, task, "data.h5", "user.csv")
+    assert len(partition) == len(meta)
+    expected = meta[key].map(dict(zip(table[key], table["finding"], strict=True)))
+    np.testing.assert_array_equal(partition["label"], expected.loc[partition["index"]])
+
+
+def test_unmatched_label_keys_are_an_error(converted_cohort: dict, tmp_path: Path) -> None:
+    meta = read_meta(converted_cohort["h5"])
+    patients = sorted(meta["patient_id"].unique())
+    table = pd.DataFrame(
+        {"patient_id": [*patients, "NOT-A-PATIENT"], "finding": [0, 1] * (len(patients) // 2) + [1]}
+    )
+    table.to_csv(tmp_path / "user.csv", index=False)
+    labels = read_label_table(tmp_path / "user.csv", "patient_id", "finding")
+    task = {"name": "t", "type": "binary", "column": "finding", "labels_key": "patient_id"}
+    with pytest.raises(SplitError, match=r"user\.csv: 1 of .* match no slice.*NOT-A-PATIENT"):
+        make_partition(meta, labels, task, "data.h5", "user.csv")
+    partition = make_partition(meta, labels, {**task, "unmatched_labels": "warn"}, "d", "u")
+    assert len(partition) == len(meta)
+
+
+def test_multilabel_columns_must_be_binary(converted_cohort: dict, tmp_path: Path) -> None:
+    labels = pd.read_csv(converted_cohort["labels"], dtype=str)
+    labels.to_csv(tmp_path / "l.csv", index=False)
+    task = {"name": "t", "type": "multilabel", "columns": ["nodule", "region"]}
+    table = read_label_table(tmp_path / "l.csv", "sop_uid", ["nodule", "region"])
+    with pytest.raises(SplitError, match=r"l\.csv: multilabel column 'region' must hold 0/1"):
+        make_partition(read_meta(converted_cohort["h5"]), table, task, "d", str(tmp_path / "l.csv"))

@@ -141,6 +141,21 @@ def test_finetune_setting_reruns_finetunes_and_what_follows(workflow_run: Path) 
     }
 
 
+def test_seeds_per_job_runs_blocks_of_seeds(workflow_run: Path) -> None:
+    """compute.seeds_per_job: 2 puts both tiny seeds into one job per cell."""
+    blocks = workflow_run / "blocks.yaml"
+    blocks.write_text(yaml.safe_dump({"compute": {"seeds_per_job": 2}}))
+    result = snakemake(
+        workflow_run, "--dry-run", "--printshellcmds", "--configfile", "tiny.yaml", "blocks.yaml"
+    )
+    grid = tiny_grid()
+    cells = len(grid["inits"]) * len(grid["tasks"]) * len(grid["fractions"])
+    assert planned_jobs(result)["finetune"] == cells
+    text = result.stdout + result.stderr
+    assert "/seeds0_1/metrics.json" in text
+    assert "--seed 0 1 " in text
+
+
 def test_editing_finetune_code_reruns_finetunes_only(workflow_run: Path) -> None:
     # Snakemake ignores a newer mtime when the content's checksum is unchanged,
     # so this is a real edit of the copy's finetune.py, undone afterwards.

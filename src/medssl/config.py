@@ -109,6 +109,15 @@ def validate_config(config: dict, schema_path: str | Path = SCHEMA_PATH) -> dict
     return config
 
 
+TASK_METRICS: dict[str, tuple[str, ...]] = {
+    "binary": ("auc", "accuracy", "f1"),
+    "multiclass": ("auc", "accuracy", "f1"),
+    "multilabel": ("auc", "accuracy", "f1"),
+    "segmentation": ("dice", "iou"),
+}
+"""Test metrics per task type, kept equal to ``medssl.tasktypes`` by a test (no torch here)."""
+
+
 def check_references(config: dict) -> Iterator[str]:
     """Yield one message per cross-reference the schema cannot check."""
     datasets = config["data"]["datasets"]
@@ -126,6 +135,31 @@ def check_references(config: dict) -> Iterator[str]:
                 f"tasks.{name}.dataset: {task['dataset']!r} is not a dataset; "
                 f"choose one of {sorted(datasets)}"
             )
+        allowed = TASK_METRICS[task["type"]]
+        if task["metric"] not in allowed:
+            kind = task["type"]
+            yield f"tasks.{name}.metric: {task['metric']!r} is not a {kind} metric {allowed}"
+        select = config["finetune"]["select_metric"]
+        if select not in ("auto", "loss", *allowed):
+            yield (
+                f"finetune.select_metric: {select!r} is not a metric of task {name!r} "
+                f"({task['type']}: {allowed}); use auto"
+            )
+        masks = task.get("masks")
+        if (
+            masks
+            and "path" not in masks
+            and datasets.get(task["dataset"], {}).get("source") != ("synthetic")
+        ):
+            yield f"tasks.{name}.masks.path: required for a dataset of source dicom"
+        size = config["data"].get("convert", {}).get("image_size")
+        if task["type"] == "segmentation" and size is not None and size % 32:
+            yield (
+                f"tasks.{name}: the U-Net needs slices a multiple of 32 pixels wide; "
+                f"data.convert.image_size is {size}"
+            )
+        if config["finetune"]["tta"] == "ten_crop" and task["type"] == "segmentation":
+            yield f"finetune.tta: ten_crop is for classification, task {name!r} is segmentation"
         split = task["split"]
         if split["val"] + split["test"] >= 1:
             yield f"tasks.{name}.split: val + test must leave patients for training (< 1)"

@@ -1,15 +1,22 @@
 """Fine-tune one initialisation on one labelled subset and score it on the fixed test split.
 
-``python -m medssl.finetune --data H5 --partition CSV --subsets CSV --fraction F --seed S
---task JSON --settings JSON --init NAME [--encoder PATH] [--backbone NAME] [--threads N]
-[--device auto|cpu|cuda] --out results/finetune/INIT/TASK/fracF/seedS/metrics.json``
+``python -m medssl.finetune --data H5 --partition CSV --subsets CSV... --fraction F --seed S...
+--task JSON --settings JSON --init NAME [--masks H5] [--encoder PATH] [--backbone NAME]
+[--threads N] [--device auto|cpu|cuda] --out results/finetune/INIT/TASK/fracF/seedS/metrics.json``
 
-One run = one (init, task, fraction, seed) cell of the benchmark. The model is
+One run = one (init, task, fraction, seed) cell of the benchmark. Several
+seeds (with one subsets file each) run one after another in one process, to
+spare a large grid a process start per run; ``--out`` then holds their list. The model is
 the backbone (random from ``--backbone`` when there is no ``--encoder``: the
-scratch baseline) plus a linear head. Each epoch trains on the subset and
+scratch baseline) plus what the task type puts on it (:mod:`medssl.tasktypes`:
+a linear head, or a U-Net decoder for segmentation, whose masks come from
+``--masks``). The protocol (:mod:`medssl.protocols`) says per epoch whether the
+backbone trains and at what learning rate. Each epoch trains on the subset and
 scores the validation split; the state with the best validation
-``select_metric`` (earliest on ties) is scored once on the test split, so the
-test set never influences any choice.
+``select_metric`` (earliest on ties) is restored and scored once on the test
+split (optionally with test-time augmentation, :mod:`medssl.tta`), so the test
+set never influences any choice. With ``patience`` the run stops after that
+many epochs without a better validation score.
 
 The run is deterministic on CPU for a given seed: the seed drives the head
 (and scratch backbone) initialisation, batch order and augmentation. A run
@@ -37,11 +44,14 @@ from medssl.cli import json_arg, resolve_device, set_threads, setup_logging
 from medssl.data import load_images
 from medssl.directions import HIGHER_IS_BETTER
 from medssl.io import write_json
-from medssl.metrics import METRICS, classification_metrics
-from medssl.models import BACKBONES, build_backbone, feature_dim, load_encoder
+from medssl.maskio import load_masks
+from medssl.models import BACKBONES, build_backbone, load_encoder
+from medssl.protocols import PROTOCOLS, Protocol, make_protocol
 from medssl.provenance import record
 from medssl.seeding import seed_everything
 from medssl.split import read_partition, read_subsets, select_training
+from medssl.tasktypes import TASK_TYPES, TaskType, task_type
+from medssl.tta import TTA_MODES, predict_with_tta
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +62,25 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "lr": 1e-3,
     "weight_decay": 5e-4,
     "optimizer": "adam",
-    "select_metric": "auc",
+    "select_metric": "auto",
+    "patience": None,
+    "tta": "none",
+    "freeze_epochs": 10,
+    "unfreeze_lr_factor": 0.1,
+    "unfreeze_lr_growth": 2.0,
+    "seg_loss": "dice",
+    "decoder_channels": None,
     "augment": True,
     "class_weights": "balanced",
     "num_workers": 0,
 }
+SELECT_METRICS = ("auto", "auc", "accuracy", "f1", "dice", "iou", "loss")
 CHOICES = {
-    "protocol": ("full", "linear"),
+    "protocol": tuple(PROTOCOLS),
     "optimizer": ("adam", "adamw", "sgd"),
-    "select_metric": ("auc", "accuracy", "f1", "loss"),
+    "select_metric": SELECT_METRICS,
+    "tta": TTA_MODES,
+    "seg_loss": ("dice", "bce", "dice_bce"),
     "class_weights": ("balanced", "none"),
 }
 DEFAULT_BACKBONE = "resnet_small"
@@ -93,19 +113,31 @@ def resolve_settings(settings: dict[str, Any] | None) -> dict[str, Any]:
         raise ValueError("finetune settings: epochs and batch_size must be at least 1")
     if not float(resolved["lr"]) > 0 or float(resolved["weight_decay"]) < 0:
         raise ValueError("finetune settings: lr must be > 0 and weight_decay >= 0")
+    if resolved["patience"] is not None and int(resolved["patience"]) < 1:
+        raise ValueError("finetune settings: patience must be at least 1, or null for none")
+    if int(resolved["freeze_epochs"]) < 0:
+        raise ValueError("finetune settings: freeze_epochs must be >= 0")
+    if (
+        not 0 < float(resolved["unfreeze_lr_factor"]) <= 1
+        or float(resolved["unfreeze_lr_growth"]) < 1
+    ):
+        raise ValueError(
+            "finetune settings: unfreeze_lr_factor must be in (0, 1] and unfreeze_lr_growth >= 1"
+        )
     return resolved
 
 
-class Classifier(nn.Module):
-    """Backbone (pooled features) followed by one linear layer."""
-
-    def __init__(self, backbone: nn.Module, n_outputs: int) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.head = nn.Linear(feature_dim(backbone), n_outputs)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(images))
+def select_metric_for(settings: dict[str, Any], task: dict[str, Any], kind: TaskType) -> str:
+    """The validation metric that picks the epoch: ``auto`` is the task's own ``metric``."""
+    select = settings["select_metric"]
+    if select == "auto":
+        select = task.get("metric") or kind.metrics[0]
+    if select != "loss" and select not in kind.metrics:
+        raise ValueError(
+            f"task {task.get('name')!r}: select_metric {select!r} is not a {kind.name} metric "
+            f"({list(kind.metrics)} or loss)"
+        )
+    return select
 
 
 @dataclass
@@ -113,26 +145,34 @@ class FinetuneResult:
     """What a run produced: the metrics.json payload and the selected model."""
 
     metrics: dict[str, Any]
-    model: Classifier
+    model: nn.Module
 
 
-def augment_batch(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def augment_batch(
+    images: torch.Tensor, generator: torch.Generator, masks: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Random left-right flips and small shifts, independently per image.
 
     Only left-right flips: an up-down flipped axial CT slice (spine above the
     heart) is not an image the model will ever see. Shifts pad by replicating
     the border, because a zero pad is not "background" under every intensity
-    policy.
+    policy. ``masks`` (segmentation targets, N x 1 x H x W) move with their
+    images; both are returned then.
     """
-    batch, _, height, width = images.shape
+    channels = images.shape[1]
+    joined = images if masks is None else torch.cat([images, masks.to(images.dtype)], dim=1)
+    batch, _, height, width = joined.shape
     flip = torch.rand(batch, generator=generator) < 0.5
-    out = torch.where(flip.view(-1, 1, 1, 1).to(images.device), images.flip(-1), images)
+    out = torch.where(flip.view(-1, 1, 1, 1).to(joined.device), joined.flip(-1), joined)
     pad = max(1, round(SHIFT_FRACTION * min(height, width)))
     padded = nn.functional.pad(out, (pad, pad, pad, pad), mode="replicate")
     offsets = torch.randint(0, 2 * pad + 1, (batch, 2), generator=generator).tolist()
-    return torch.stack(
+    shifted = torch.stack(
         [padded[i, :, dy : dy + height, dx : dx + width] for i, (dy, dx) in enumerate(offsets)]
     )
+    if masks is None:
+        return shifted
+    return shifted[:, :channels], shifted[:, channels:].to(masks.dtype)
 
 
 def _batches(order: torch.Tensor, size: int) -> list[torch.Tensor]:
@@ -147,17 +187,6 @@ def _batches(order: torch.Tensor, size: int) -> list[torch.Tensor]:
     return chunks
 
 
-def _loss_fn(task_type: str, class_weights: torch.Tensor | None = None) -> nn.Module:
-    """BCE for binary, cross-entropy for multi-class; optionally class-weighted.
-
-    For binary tasks ``class_weights`` holds one value, the positive-class
-    weight; for multi-class tasks one weight per class.
-    """
-    if task_type == "binary":
-        return nn.BCEWithLogitsLoss(pos_weight=class_weights)
-    return nn.CrossEntropyLoss(weight=class_weights)
-
-
 def balanced_class_weights(labels: torch.Tensor, task_type: str, n_outputs: int) -> torch.Tensor:
     """Weights that give every class the same total weight in the training loss.
 
@@ -165,87 +194,104 @@ def balanced_class_weights(labels: torch.Tensor, task_type: str, n_outputs: int)
     to answer "negative" at the 0.5 threshold, which leaves F1 at zero however
     well the scores rank. Binary: n_negative / n_positive as BCE's
     ``pos_weight``; multi-class: n / (K * n_k), 0 for a class absent from the
-    subset (it contributes no samples anyway).
+    subset (it contributes no samples anyway); multi-label: n_neg / n_pos per label.
     """
-    if task_type == "binary":
-        positives = int(labels.sum())
-        negatives = len(labels) - positives
-        ratio = negatives / positives if positives else 1.0
-        return torch.tensor([ratio], dtype=torch.float32, device=labels.device)
-    counts = torch.bincount(labels, minlength=n_outputs).float()
-    present = counts > 0
-    weights = torch.zeros(n_outputs, dtype=torch.float32, device=labels.device)
-    weights[present] = len(labels) / (int(present.sum()) * counts[present])
-    return weights
+    criterion = TASK_TYPES[task_type].criterion({}, labels, n_outputs)
+    weight = getattr(criterion, "pos_weight", None)
+    return weight if weight is not None else criterion.weight
 
 
-def _loss(criterion: nn.Module, logits: torch.Tensor, labels: torch.Tensor, task_type: str):
-    if task_type == "binary":
-        return criterion(logits.squeeze(1), labels.float())
-    return criterion(logits, labels)
-
-
-def _optimizer(settings: dict[str, Any], params: list[nn.Parameter]) -> torch.optim.Optimizer:
+def _optimizer(settings: dict[str, Any], groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
     lr, decay = float(settings["lr"]), float(settings["weight_decay"])
     if settings["optimizer"] == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=decay)
+        return torch.optim.Adam(groups, lr=lr, weight_decay=decay)
     if settings["optimizer"] == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=decay)
-    return torch.optim.SGD(params, lr=lr, weight_decay=decay, momentum=0.9)
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=decay)
+    return torch.optim.SGD(groups, lr=lr, weight_decay=decay, momentum=0.9)
+
+
+def _param_groups(model: nn.Module, protocol: Protocol) -> list[dict[str, Any]]:
+    """One optimiser group per part, named so the protocol can set each part's lr."""
+    groups = [{"name": "head", "params": list(model.head.parameters())}]
+    if protocol.trains_backbone_ever():
+        groups.insert(0, {"name": "backbone", "params": list(model.backbone.parameters())})
+    return groups
 
 
 @torch.no_grad()
-def evaluate(
-    model: Classifier, images: torch.Tensor, labels: torch.Tensor, task_type: str
-) -> dict[str, float]:
-    """Metrics and mean loss of ``model`` on one split (eval mode, no gradients)."""
+def predict(
+    model: nn.Module, images: torch.Tensor, kind: TaskType, tta: str = "none"
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Probabilities of ``model`` on ``images`` (eval mode), and the logits when tta is none."""
     model.eval()
     logits = torch.cat([model(chunk) for chunk in torch.split(images, EVAL_BATCH)])
-    loss = float(_loss(_loss_fn(task_type), logits, labels, task_type))
-    if not torch.isfinite(logits).all() or not math.isfinite(loss):
-        raise FinetuneError(f"model outputs are NaN/inf (loss {loss}): the run diverged")
-    if task_type == "binary":
-        scores = torch.sigmoid(logits.squeeze(1))
-    else:
-        scores = torch.softmax(logits, dim=1)
-    metrics = classification_metrics(task_type, labels.cpu().numpy(), scores.cpu().numpy())
-    return {**metrics, "loss": loss}
+    if not torch.isfinite(logits).all():
+        raise FinetuneError("model outputs are NaN/inf: the run diverged")
+    if tta == "none":
+        return kind.probabilities(logits), logits
+
+    def probabilities(views: torch.Tensor) -> torch.Tensor:
+        return torch.cat(
+            [kind.probabilities(model(chunk)) for chunk in torch.split(views, EVAL_BATCH)]
+        )
+
+    return predict_with_tta(probabilities, images, tta, kind.dense), logits
+
+
+def evaluate(
+    model: nn.Module,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    kind: TaskType | str,
+    tta: str = "none",
+    settings: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Metrics and mean (unweighted) loss of ``model`` on one split."""
+    kind = task_type(kind) if isinstance(kind, str) else kind
+    probs, logits = predict(model, images, kind, tta)
+    criterion = kind.criterion(settings or DEFAULT_SETTINGS, None, int(logits.shape[1]))
+    with torch.no_grad():
+        loss = float(kind.loss(criterion, logits, targets))
+    if not math.isfinite(loss):
+        raise FinetuneError(f"validation loss is {loss}: the run diverged")
+    return {**kind.score(targets, probs), "loss": loss}
 
 
 def _train_epoch(
-    model: Classifier,
+    model: nn.Module,
     images: torch.Tensor,
-    labels: torch.Tensor,
+    targets: torch.Tensor,
     optimizer: torch.optim.Optimizer,
+    criterion: nn.Module,
     settings: dict[str, Any],
-    task_type: str,
+    kind: TaskType,
+    train_backbone: bool,
     generator: torch.Generator,
     epoch: int,
 ) -> float:
     """One pass over the training subset; returns the sample-weighted mean loss."""
-    weights = None
-    if settings["class_weights"] == "balanced":
-        weights = balanced_class_weights(labels, task_type, model.head.out_features)
-    criterion = _loss_fn(task_type, weights)
-    linear = settings["protocol"] == "linear"
     model.train()
-    if linear:
+    model.backbone.requires_grad_(train_backbone)
+    if not train_backbone:
         # Frozen means frozen: BatchNorm must not update its running statistics either.
         model.backbone.eval()
     order = torch.randperm(len(images), generator=generator)
     total, seen = 0.0, 0
     for batch in _batches(order, int(settings["batch_size"])):
         x = images[batch.to(images.device)]
+        y = targets[batch.to(targets.device)]
         if settings["augment"]:
-            x = augment_batch(x, generator)
-        y = labels[batch.to(labels.device)]
-        if linear:
-            with torch.no_grad():
-                features = model.backbone(x)
-            logits = model.head(features)
-        else:
+            if kind.dense:
+                x, y = augment_batch(x, generator, y)
+            else:
+                x = augment_batch(x, generator)
+        if train_backbone:
             logits = model(x)
-        loss = _loss(criterion, logits, y, task_type)
+        else:
+            with torch.no_grad():
+                features = model.features(x)
+            logits = model.decode(features)
+        loss = kind.loss(criterion, logits, y)
         if not torch.isfinite(loss):
             raise FinetuneError(
                 f"epoch {epoch}: training loss is {float(loss.detach())}; the run diverged "
@@ -276,15 +322,17 @@ def _split_rows(partition: pd.DataFrame, name: str) -> pd.DataFrame:
 
 
 def build_model(
-    task_type: str,
-    n_classes: int,
+    task_type_name: str,
+    n_outputs: int,
     in_channels: int,
     encoder: str | Path | None,
     backbone: str | None,
-) -> tuple[Classifier, str, dict | None]:
-    """The classifier to fine-tune, the backbone name it uses and the encoder sidecar.
+    settings: dict[str, Any] | None = None,
+) -> tuple[nn.Module, str, dict | None]:
+    """The network to fine-tune, the backbone name it uses and the encoder sidecar.
 
-    Call after seeding: the scratch backbone and the head draw from torch's RNG.
+    ``n_outputs`` is what the task type asks for (1 for binary). Call after
+    seeding: the scratch backbone and the head draw from torch's RNG.
     """
     info: dict | None = None
     if encoder is None:
@@ -305,8 +353,26 @@ def build_model(
                 f"{encoder}: encoder takes {info['in_channels']} input channels, "
                 f"the data has {in_channels}"
             )
-    n_outputs = 1 if task_type == "binary" else n_classes
-    return Classifier(net, n_outputs), name, info
+    kind = task_type(task_type_name)
+    return kind.build_model(net, n_outputs, resolve_settings(settings)), name, info
+
+
+def _targets(
+    kind: TaskType,
+    partition: pd.DataFrame,
+    every: np.ndarray,
+    masks: str | Path | None,
+    n_outputs: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """Training targets of the rows ``every``: label codes, label bits, or masks."""
+    if kind.dense:
+        if masks is None:
+            raise FinetuneError("a segmentation task needs --masks (medssl.masks output)")
+        return torch.from_numpy(load_masks(masks, every)).unsqueeze(1).float().to(device)
+    label_of = partition.set_index("index")["label"]
+    codes = torch.as_tensor(label_of.loc[every].to_numpy(copy=True), dtype=torch.int64)
+    return kind.targets(codes, n_outputs).to(device)
 
 
 def finetune(
@@ -321,57 +387,59 @@ def finetune(
     encoder: str | Path | None = None,
     backbone: str | None = None,
     device: str | torch.device = "cpu",
+    masks: str | Path | None = None,
 ) -> FinetuneResult:
     """Run one fine-tuning and return the metrics.json payload and the selected model.
 
-    ``task`` needs ``name`` and ``type``; ``settings`` is the config ``finetune``
-    section (missing keys take :data:`DEFAULT_SETTINGS`). Raises
-    :class:`FinetuneError` when the run diverges; nothing is written here.
+    ``task`` needs ``name`` and ``type`` (and ``columns`` for multilabel);
+    ``settings`` is the config ``finetune`` section (missing keys take
+    :data:`DEFAULT_SETTINGS`); ``masks`` is the task's mask file for
+    segmentation. Raises :class:`FinetuneError` when the run diverges; nothing
+    is written here.
     """
     started = time.perf_counter()
     settings = resolve_settings(settings)
     if not task.get("name") or "type" not in task:
         raise ValueError(f"task must name 'name' and 'type', got {task!r}")
-    task_type = task["type"]
-    if task_type not in ("binary", "multiclass"):
-        raise ValueError(f"task {task.get('name')!r}: type {task_type!r} is not binary|multiclass")
+    kind = task_type(task["type"])
+    if kind.name == "multilabel" and not task.get("columns"):
+        raise ValueError(f"multilabel task {task['name']!r} needs 'columns'")
+    select = select_metric_for(settings, task, kind)
+    protocol = make_protocol(settings)
     device = torch.device(device)
     generator = seed_everything(seed)
 
     train_idx = select_training(partition, subsets, fraction)
     val_rows, test_rows = _split_rows(partition, "val"), _split_rows(partition, "test")
-    label_of = partition.set_index("index")["label"]
-    n_classes = int(partition["label"].max()) + 1
-    if task_type == "binary" and n_classes != 2:
+    n_codes = int(partition["label"].max()) + 1
+    if kind.name == "binary" and n_codes != 2:
         raise FinetuneError(
-            f"binary task {task.get('name')!r} but partition labels are 0..{n_classes - 1}"
+            f"binary task {task.get('name')!r} but partition labels are 0..{n_codes - 1}"
         )
-    if settings["protocol"] == "full" and len(train_idx) < 2:
-        raise FinetuneError("full fine-tuning needs at least 2 training slices (BatchNorm)")
+    if protocol.trains_backbone_ever() and len(train_idx) < 2:
+        raise FinetuneError(
+            f"protocol {protocol.name} needs at least 2 training slices (BatchNorm)"
+        )
+    n_outputs = kind.n_outputs(task, n_codes)
 
     sizes = (len(train_idx), len(val_rows), len(test_rows))
     every = np.concatenate([train_idx, val_rows["index"].to_numpy(), test_rows["index"].to_numpy()])
     # channels_last runs the small convolutions of these networks ~20 % faster on CPU.
     images = load_images(data, every).to(device).contiguous(memory_format=torch.channels_last)
-    labels = torch.as_tensor(
-        label_of.loc[every].to_numpy(copy=True), dtype=torch.int64, device=device
-    )
+    targets = _targets(kind, partition, every, masks, n_outputs, device)
     x_train, x_val, x_test = torch.split(images, sizes)
-    y_train, y_val, y_test = torch.split(labels, sizes)
+    y_train, y_val, y_test = torch.split(targets, sizes)
 
     model, backbone_name, info = build_model(
-        task_type, n_classes, images.shape[1], encoder, backbone
+        kind.name, n_outputs, images.shape[1], encoder, backbone, settings
     )
     model.to(device=device, memory_format=torch.channels_last)
-    if settings["protocol"] == "linear":
-        model.backbone.requires_grad_(False)
-        params = list(model.head.parameters())
-    else:
-        params = list(model.parameters())
-    optimizer = _optimizer(settings, params)
+    groups = _param_groups(model, protocol)
+    optimizer = _optimizer(settings, groups)
+    weights = y_train if settings["class_weights"] == "balanced" and not kind.dense else None
+    criterion = kind.criterion(settings, weights, n_outputs)
 
-    select = settings["select_metric"]
-    if select == "auc" and len(torch.unique(y_val)) < n_classes:
+    if select == "auc" and kind.classes_missing(y_val, n_outputs):
         log.warning(
             "val split lacks a class, so val AUC is undefined: selecting on val loss instead"
         )
@@ -381,33 +449,67 @@ def finetune(
     best_value: float | None = None
     best_epoch: int | None = None
     best_state: dict[str, torch.Tensor] | None = None
-    best_val: dict[str, float] = {}
+    best_val: dict[str, Any] = {}
+    stopped_early = False
+    base_lr = float(settings["lr"])
+    patience = settings["patience"]
     for epoch in range(1, int(settings["epochs"]) + 1):
+        plan = protocol.plan(epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = base_lr * plan.lr_factor[group["name"]]
         train_loss = _train_epoch(
-            model, x_train, y_train, optimizer, settings, task_type, generator, epoch
+            model,
+            x_train,
+            y_train,
+            optimizer,
+            criterion,
+            settings,
+            kind,
+            plan.train_backbone,
+            generator,
+            epoch,
         )
-        val = evaluate(model, x_val, y_val, task_type)
+        val = evaluate(model, x_val, y_val, kind, settings=settings)
+        lrs = {group["name"]: group["lr"] for group in optimizer.param_groups}
         history.append(
-            {"epoch": epoch, "train_loss": train_loss, **{f"val_{k}": v for k, v in val.items()}}
+            {
+                "epoch": epoch,
+                "train_loss": train_loss,
+                "backbone_trained": plan.train_backbone,
+                "lr": lrs,
+                **{f"val_{k}": v for k, v in val.items() if k in (*kind.metrics, "loss")},
+            }
         )
         log.info(
-            "epoch %d: train_loss %.4f val %s",
+            "epoch %d: train_loss %.4f lr %s val %s",
             epoch,
             train_loss,
-            " ".join(f"{k} {v:.4f}" for k, v in val.items()),
+            lrs,
+            " ".join(f"{k} {val[k]:.4f}" for k in (*kind.metrics, "loss")),
         )
         if _is_better(val[select], best_value, select):
             best_value, best_epoch, best_val = val[select], epoch, val
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        elif (
+            patience is not None
+            and best_epoch is not None
+            and epoch - best_epoch >= int(patience)
+            and epoch >= protocol.earliest_stop()
+        ):
+            log.info(
+                "no better val %s for %d epochs: stopping at epoch %d", select, patience, epoch
+            )
+            stopped_early = True
+            break
 
     if best_state is not None:
         model.load_state_dict(best_state)
-    test = evaluate(model, x_test, y_test, task_type)
+    test = evaluate(model, x_test, y_test, kind, tta=settings["tta"], settings=settings)
     elapsed = time.perf_counter() - started
     log.info(
         "best epoch %s; test %s; %.1f s",
         best_epoch,
-        {k: round(test[k], 4) for k in METRICS},
+        {k: round(test[k], 4) for k in kind.metrics},
         elapsed,
     )
 
@@ -420,6 +522,7 @@ def finetune(
         "backbone": backbone_name,
         "encoder": None if encoder is None else str(encoder),
         "encoder_sidecar": info,
+        "masks": None if masks is None else str(masks),
         "select_metric_used": select,
         "device": str(device),
         "threads": torch.get_num_threads(),
@@ -427,7 +530,7 @@ def finetune(
     metrics = {
         "init": init,
         "task": task["name"],
-        "task_type": task_type,
+        "task_type": kind.name,
         "fraction": float(fraction),
         "seed": int(seed),
         "n_train": sizes[0],
@@ -435,12 +538,19 @@ def finetune(
         "n_test": sizes[2],
         "n_train_patients": int(n_train_patients),
         "best_epoch": best_epoch,
-        "val": {k: best_val.get(k, math.nan) for k in METRICS},
-        "test": {k: test[k] for k in METRICS},
+        "epochs_run": len(history),
+        "stopped_early": stopped_early,
+        "select_metric": select,
+        "val": {k: best_val.get(k, math.nan) for k in kind.metrics},
+        "test": {k: test[k] for k in kind.metrics},
         "history": history,
         "settings": settings,
         "provenance": record("finetune", run_info, seed),
     }
+    if "auc_per_label" in test:
+        metrics["test_auc_per_label"] = dict(
+            zip(task["columns"], test["auc_per_label"], strict=True)
+        )
     return FinetuneResult(metrics=metrics, model=model)
 
 
@@ -451,10 +561,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--data", required=True, help="converted dataset (.h5)")
     parser.add_argument("--partition", required=True, help="partition CSV (medssl.split)")
-    parser.add_argument("--subsets", required=True, help="subset ranks CSV (medssl.subsample)")
+    parser.add_argument(
+        "--subsets",
+        required=True,
+        nargs="+",
+        help="subset ranks CSV (medssl.subsample), one per --seed, in the same order",
+    )
     parser.add_argument("--fraction", required=True, type=float, help="training fraction in (0, 1]")
     parser.add_argument(
-        "--seed", required=True, type=int, help="run seed (init, order, augmentation)"
+        "--seed",
+        required=True,
+        type=int,
+        nargs="+",
+        help="run seed (init, order, augmentation); several seeds run one after another "
+        "in this process and --out gets a list of runs",
     )
     parser.add_argument("--task", required=True, type=json_arg, help="task JSON with name and type")
     parser.add_argument(
@@ -464,6 +584,7 @@ def _parser() -> argparse.ArgumentParser:
         "--init", required=True, help="initialisation name recorded in metrics.json"
     )
     parser.add_argument("--encoder", help="encoder.pt to start from; omit for scratch")
+    parser.add_argument("--masks", help="mask file (medssl.masks) of a segmentation task")
     parser.add_argument(
         "--backbone",
         choices=sorted(BACKBONES),
@@ -486,24 +607,37 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(
                 f"--task must be a JSON object with 'name' and 'type', got {args.task!r}"
             )
-        result = finetune(
-            data=args.data,
-            partition=read_partition(args.partition),
-            subsets=read_subsets(args.subsets),
-            fraction=args.fraction,
-            seed=args.seed,
-            task=args.task,
-            settings=args.settings,
-            init=args.init,
-            encoder=args.encoder,
-            backbone=args.backbone,
-            device=resolve_device(args.device),
-        )
+        if len(args.subsets) != len(args.seed):
+            raise ValueError(
+                f"{len(args.seed)} seeds but {len(args.subsets)} --subsets files: "
+                "give one subsets file per seed, in the same order"
+            )
+        if len(set(args.seed)) != len(args.seed):
+            raise ValueError(f"--seed lists a seed twice: {args.seed}")
+        partition = read_partition(args.partition)
+        runs = []
+        for seed, subsets in zip(args.seed, args.subsets, strict=True):
+            result = finetune(
+                data=args.data,
+                partition=partition,
+                subsets=read_subsets(subsets),
+                fraction=args.fraction,
+                seed=seed,
+                task=args.task,
+                settings=args.settings,
+                init=args.init,
+                encoder=args.encoder,
+                backbone=args.backbone,
+                device=resolve_device(args.device),
+                masks=args.masks,
+            )
+            runs.append(result.metrics)
     except (FinetuneError, ValueError, OSError, KeyError) as err:
         log.error("%s: %s", args.out, err)
         return 1
-    write_json(args.out, result.metrics)
-    log.info("wrote %s", args.out)
+    # One seed: the run itself; several (compute.seeds_per_job): the list of runs.
+    write_json(args.out, runs[0] if len(runs) == 1 else runs)
+    log.info("wrote %s (%d run%s)", args.out, len(runs), "" if len(runs) == 1 else "s")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Classification metrics of one evaluation: ROC AUC, accuracy and F1.
+"""Metrics of one evaluation: ROC AUC, accuracy and F1; mean AUC over labels; Dice and IoU.
 
 MONAI's implementations are used (``compute_roc_auc``, ``get_confusion_matrix``)
 so the numbers match what the medical-imaging community reports with the same
@@ -12,7 +12,9 @@ Conventions, chosen to match scikit-learn:
   arg-max (first class on ties); AUC is the macro one-vs-rest mean and F1 the
   macro mean over the classes present in the labels or the predictions;
 * an AUC that is undefined (a class absent from the labels) is NaN, never a
-  substitute number, so a downstream mean cannot silently include it.
+  substitute number, so a downstream mean cannot silently include it;
+* multi-label: :func:`multilabel_metrics` (mean AUC over labels);
+  segmentation: :func:`segmentation_metrics` (per-slice Dice and IoU).
 """
 
 from __future__ import annotations
@@ -107,3 +109,66 @@ def classification_metrics(task_type: str, labels: np.ndarray, scores: np.ndarra
         "accuracy": float(np.mean(pred == labels)),
         "f1": f1_value,
     }
+
+
+def multilabel_metrics(labels: np.ndarray, scores: np.ndarray) -> dict:
+    """Mean AUC over labels, element-wise accuracy and macro F1 of a multi-label evaluation.
+
+    ``labels`` and ``scores`` are (N, L): 0/1 targets and per-label
+    probabilities. A label whose AUC is undefined in this split (all positive or
+    all negative) is left out of the mean, as the ChestX-ray14 benchmarks do;
+    the mean is NaN only when no label has an AUC. ``auc_per_label`` keeps every
+    label's value (NaN where undefined) for the record.
+    """
+    labels = np.asarray(labels)
+    scores = np.asarray(scores, dtype=np.float64)
+    if labels.ndim != 2 or labels.shape != scores.shape or len(labels) == 0:
+        raise ValueError(
+            f"multilabel labels and scores must both be (N>0, L), got {labels.shape} "
+            f"and {scores.shape}"
+        )
+    if not np.all(np.isfinite(scores)):
+        raise ValueError(f"{int((~np.isfinite(scores)).sum())} scores are NaN or infinite")
+    if not np.isin(labels, (0, 1)).all():
+        raise ValueError("multilabel labels must be 0 or 1")
+    labels = labels.astype(np.int64)
+    per_label = [roc_auc("binary", labels[:, j], scores[:, j]) for j in range(labels.shape[1])]
+    defined = [value for value in per_label if math.isfinite(value)]
+    pred = (scores >= 0.5).astype(np.int64)
+    tp = ((pred == 1) & (labels == 1)).sum(0)
+    fp = ((pred == 1) & (labels == 0)).sum(0)
+    fn = ((pred == 0) & (labels == 1)).sum(0)
+    denominator = 2 * tp + fp + fn
+    present = denominator > 0
+    f1 = float(np.mean(2 * tp[present] / denominator[present])) if present.any() else 0.0
+    return {
+        "auc": float(np.mean(defined)) if defined else math.nan,
+        "accuracy": float(np.mean(pred == labels)),
+        "f1": f1,
+        "auc_per_label": per_label,
+    }
+
+
+def segmentation_metrics(masks: np.ndarray | torch.Tensor, probs: np.ndarray | torch.Tensor):
+    """Mean per-slice Dice and IoU of binary masks (N, H, W) against probabilities >= 0.5.
+
+    MONAI's ``DiceMetric``/``MeanIoU`` with ``ignore_empty=False``: a slice whose
+    ground truth is empty scores 1 when the prediction is empty too and 0
+    otherwise, so false positives on background slices count against a model.
+    """
+    from monai.metrics import DiceMetric, MeanIoU  # lazy: importing MONAI costs seconds
+
+    target = torch.as_tensor(masks)
+    prob = torch.as_tensor(probs, dtype=torch.float32)
+    if target.ndim != 3 or target.shape != prob.shape or len(target) == 0:
+        raise ValueError(
+            f"masks and probabilities must both be (N>0, H, W), got {tuple(target.shape)} "
+            f"and {tuple(prob.shape)}"
+        )
+    if not torch.isfinite(prob).all():
+        raise ValueError("segmentation probabilities are NaN or infinite")
+    y = (target > 0).float().unsqueeze(1)
+    y_pred = (prob >= 0.5).float().unsqueeze(1)
+    dice = DiceMetric(include_background=True, reduction="mean", ignore_empty=False)
+    iou = MeanIoU(include_background=True, reduction="mean", ignore_empty=False)
+    return {"dice": float(dice(y_pred, y).mean()), "iou": float(iou(y_pred, y).mean())}

@@ -29,13 +29,13 @@ import pandas as pd
 from medssl.cli import json_arg, setup_logging
 from medssl.data import read_meta
 from medssl.io import write_csv
+from medssl.maskio import mask_labels
 
 log = logging.getLogger(__name__)
 
 PARTITION_COLUMNS = ("index", "patient_id", "label", "label_name", "split", "stratum")
 SUBSET_COLUMNS = ("patient_id", "stratum", "rank")
 SPLITS = ("train", "val", "test")
-TASK_TYPES = ("binary", "multiclass")
 DEFAULT_SPLIT = {"val": 0.2, "test": 0.2, "seed": 0}
 
 
@@ -55,37 +55,54 @@ def round_half_up(value: float) -> int:
 # ----------------------------------------------------------------------------- labels
 
 
-def read_label_table(path: str | Path, key: str, column: str) -> pd.DataFrame:
-    """Read ``key`` and ``column`` of a label CSV, checking both exist and are complete.
+def label_columns(task: dict) -> list[str]:
+    """The label-table columns a task reads: ``columns`` (multilabel), ``foreground``
+    (segmentation, from the mask file) or ``column``."""
+    if task["type"] == "multilabel":
+        columns = list(task.get("columns") or [])
+        if not columns:
+            raise SplitError(f"task {task.get('name')!r}: multilabel needs 'columns'")
+        return columns
+    if task["type"] == "segmentation":
+        return ["foreground"]
+    if "column" not in task:
+        raise SplitError(f"task {task.get('name')!r}: {task['type']} needs 'column'")
+    return [task["column"]]
+
+
+def read_label_table(path: str | Path, key: str, column: str | list[str]) -> pd.DataFrame:
+    """Read ``key`` and the label column(s) of a CSV, checking they exist and are complete.
 
     The key is read as text: UIDs such as ``1.2`` or patient ids such as
     ``007`` must not be turned into numbers and then fail to match.
     """
     path = Path(path)
+    columns = [column] if isinstance(column, str) else list(column)
     if not path.is_file():
         raise SplitError(f"{path}: label table not found")
     header = pd.read_csv(path, nrows=0).columns
-    for name, role in ((key, "labels_key"), (column, "label column")):
+    for name, role in ((key, "labels_key"), *((c, "label column") for c in columns)):
         if name not in header:
             raise SplitError(f"{path}: no column {name!r} ({role}); columns are {list(header)}")
-    table = pd.read_csv(path, usecols=[key, column], dtype={key: str})
+    table = pd.read_csv(path, usecols=[key, *columns], dtype={key: str})
     missing_key = table[key].isna()
     if missing_key.any():
         raise SplitError(
             f"{path}: column {key!r} (labels_key) is empty in {int(missing_key.sum())} rows"
         )
-    missing = table[column].isna()
-    if missing.any():
-        rows = (np.flatnonzero(missing.to_numpy())[:5] + 2).tolist()  # +2: header, 1-based
-        raise SplitError(
-            f"{path}: label column {column!r} has {int(missing.sum())} missing values "
-            f"(first at lines {rows})"
-        )
+    for name in columns:
+        missing = table[name].isna()
+        if missing.any():
+            rows = (np.flatnonzero(missing.to_numpy())[:5] + 2).tolist()  # +2: header, 1-based
+            raise SplitError(
+                f"{path}: label column {name!r} has {int(missing.sum())} missing values "
+                f"(first at lines {rows})"
+            )
     table = table.drop_duplicates()
     conflicting = table[key].duplicated(keep=False)
     if conflicting.any():
         examples = sorted(table.loc[conflicting, key].unique())[:5]
-        raise SplitError(f"{path}: {key!r} values with conflicting {column!r} labels: {examples}")
+        raise SplitError(f"{path}: {key!r} values with conflicting {columns} labels: {examples}")
     return table.reset_index(drop=True)
 
 
@@ -110,17 +127,79 @@ def encode_labels(values: pd.Series, task_type: str, source: str, column: str) -
     return values.map(codes).astype(np.int64)
 
 
+def _encode_single(frame: pd.DataFrame, task: dict, source: str) -> tuple[pd.Series, pd.Series]:
+    column = task["column"]
+    codes = encode_labels(frame[column], task["type"], source, column)
+    return codes, frame[column].astype(str)
+
+
+def _encode_multilabel(frame: pd.DataFrame, task: dict, source: str) -> tuple[pd.Series, pd.Series]:
+    """Labels as a bit mask (bit j = ``columns[j]``), names as ``a|c`` ('' for none).
+
+    One integer column keeps the partition file's layout the same for every
+    task type; 62 labels fit, far more than any benchmark in the field uses.
+    """
+    columns = label_columns(task)
+    if len(columns) > 62:
+        raise SplitError(f"task {task.get('name')!r}: at most 62 multilabel columns")
+    codes = pd.Series(0, index=frame.index, dtype=np.int64)
+    names = pd.Series("", index=frame.index, dtype=object)
+    for bit, column in enumerate(columns):
+        values = frame[column]
+        bad = ~values.isin([0, 1])
+        if bad.any():
+            raise SplitError(
+                f"{source}: multilabel column {column!r} must hold 0/1, found "
+                f"{sorted(map(str, values[bad].unique()))[:5]}"
+            )
+        positive = values.astype(np.int64).to_numpy() == 1
+        codes += positive.astype(np.int64) << bit
+        names = names.where(~positive, names + np.where(names == "", "", "|") + column)
+    return codes, names.astype(str)
+
+
+def _encode_foreground(frame: pd.DataFrame, task: dict, source: str) -> tuple[pd.Series, pd.Series]:
+    """Segmentation: 1 when the slice shows the structure (only stratifies the split)."""
+    codes = frame["foreground"].astype(np.int64)
+    return codes, codes.map({0: "background", 1: "foreground"}).astype(str)
+
+
+LABEL_ENCODERS = {
+    "binary": _encode_single,
+    "multiclass": _encode_single,
+    "multilabel": _encode_multilabel,
+    "segmentation": _encode_foreground,
+}
+"""Per task type: label-table rows -> (integer codes, readable names)."""
+TASK_TYPES = tuple(LABEL_ENCODERS)
+
+
 # -------------------------------------------------------------------------- partition
 
 
 def patient_strata(frame: pd.DataFrame, task_type: str) -> pd.Series:
     """The stratum of each patient (index: patient_id).
 
-    Binary: 1 if any slice is positive. Multi-class: the most frequent class,
-    the smallest code on ties, so the result does not depend on row order.
+    Binary and segmentation: 1 if any slice is positive. Multi-class: the most
+    frequent class, the smallest code on ties, so the result does not depend on
+    row order. Multi-label: 1 + the rarest label (fewest positive patients) the
+    patient has, 0 for none: a stratum per label combination would leave most
+    strata with one patient, while this keeps every label represented in each
+    split as far as the rarest labels allow.
     """
-    if task_type == "binary":
+    if task_type in ("binary", "segmentation"):
         return frame.groupby("patient_id")["label"].max().astype(np.int64)
+    if task_type == "multilabel":
+        bits = frame.groupby("patient_id")["label"].agg(
+            lambda codes: int(np.bitwise_or.reduce(codes))
+        )
+        n_bits = max(int(bits.max()).bit_length(), 1)
+        has = np.array([[(b >> j) & 1 for j in range(n_bits)] for b in bits], dtype=bool)
+        rarity = np.argsort(has.sum(0), kind="stable")  # rarest label first
+        strata = np.zeros(len(bits), dtype=np.int64)
+        for j in rarity[::-1]:  # rarest written last, so it wins
+            strata[has[:, j]] = j + 1
+        return pd.Series(strata, index=bits.index)
     counts = frame.groupby(["patient_id", "label"]).size().rename("n").reset_index()
     counts = counts.sort_values(["patient_id", "n", "label"], ascending=[True, False, True])
     return counts.drop_duplicates("patient_id").set_index("patient_id")["label"].astype(np.int64)
@@ -184,7 +263,6 @@ def make_partition(
     are only used in error messages.
     """
     key = task.get("labels_key", "sop_uid")
-    column = task["column"]
     task_type = task["type"]
     if task_type not in TASK_TYPES:
         raise SplitError(
@@ -194,7 +272,8 @@ def make_partition(
     for name, where, frame in ((key, data_name, meta), ("patient_id", data_name, meta)):
         if name not in frame.columns:
             raise SplitError(f"{where}: metadata has no column {name!r}; has {list(frame.columns)}")
-    for name in (key, column):
+    columns = label_columns(task)
+    for name in (key, *columns):
         if name not in labels.columns:
             raise SplitError(
                 f"{labels_name}: no column {name!r}; columns are {list(labels.columns)}"
@@ -207,7 +286,7 @@ def make_partition(
         }
     )
     rows["key"] = meta[key].astype(str).to_numpy()
-    label_of = labels.set_index(labels[key].astype(str))[column]
+    label_of = labels.set_index(labels[key].astype(str))[columns]
     if label_of.index.duplicated().any():
         raise SplitError(f"{labels_name}: duplicated {key!r} values in the label table")
     # Filter before mapping so integer labels keep their dtype (no NaN-induced floats).
@@ -222,18 +301,22 @@ def make_partition(
         )
     unused = ~label_of.index.isin(rows["key"])
     if unused.any():
-        log.info(
-            "%s: %d of %d label rows match no slice in %s",
-            labels_name,
-            int(unused.sum()),
-            len(label_of),
-            data_name,
+        keys = sorted(label_of.index[unused])
+        message = (
+            f"{labels_name}: {len(keys)} of {len(label_of)} {key!r} values match no slice of "
+            f"{data_name} (first: {keys[:5]})"
         )
+        if task.get("unmatched_labels", "error") == "error":
+            raise SplitError(
+                message + "; check labels_key, or set the task's unmatched_labels: warn "
+                "when the table also lists images that were not converted"
+            )
+        log.warning("%s", message)
     rows = rows.loc[~unlabelled].reset_index(drop=True)
     if rows.empty:
         raise SplitError(f"{labels_name}: no {key!r} value matches a slice of {data_name}")
-    rows["label_name"] = rows["key"].map(label_of)
-    rows["label"] = encode_labels(rows["label_name"], task_type, labels_name, column)
+    joined = label_of.loc[rows["key"]].reset_index(drop=True)
+    rows["label"], rows["label_name"] = LABEL_ENCODERS[task_type](joined, task, labels_name)
     strata = patient_strata(rows, task_type)
     splits = assign_splits(
         strata, float(split_cfg["val"]), float(split_cfg["test"]), int(split_cfg["seed"])
@@ -334,7 +417,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Join labels to a converted dataset and write the patient-level partition.",
     )
     parser.add_argument("--data", required=True, help="converted dataset (.h5)")
-    parser.add_argument("--labels", required=True, help="label table (.csv)")
+    parser.add_argument(
+        "--labels", required=True, help="label table (.csv); the mask file for segmentation"
+    )
     parser.add_argument(
         "--task",
         required=True,
@@ -352,10 +437,15 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     task = args.task
     try:
-        if not isinstance(task, dict) or "column" not in task or "type" not in task:
-            raise SplitError(f"--task must be a JSON object with 'column' and 'type', got {task!r}")
-        key = task.get("labels_key", "sop_uid")
-        labels = read_label_table(args.labels, key, task["column"])
+        if not isinstance(task, dict) or "type" not in task:
+            raise SplitError(f"--task must be a JSON object with 'type', got {task!r}")
+        if task["type"] == "segmentation":
+            # The labels of a segmentation task are its mask file: foreground per slice.
+            task = {**task, "labels_key": "sop_uid"}
+            labels = mask_labels(args.labels, args.data)
+        else:
+            key = task.get("labels_key", "sop_uid")
+            labels = read_label_table(args.labels, key, label_columns(task))
         meta = read_meta(args.data)
         partition = make_partition(meta, labels, task, str(args.data), str(args.labels))
     except (ValueError, OSError) as err:

@@ -15,9 +15,13 @@ the output is byte-identical for a seed and patient ``i`` does not change when
 the cohort grows. Files get hash names, are written in shuffled order into
 ``DIR/<patient>/<study>/`` and so nothing downstream can rely on names or order.
 
+A third task, ``lung`` segmentation, comes as one PNG mask per image of each
+patient's first series (``--masks-dir``: ``<dir>/lung/<SOPInstanceUID>.png``), the image-folder
+format that :mod:`medssl.masks` reads.
+
 Command line::
 
-    python -m medssl.synth --out-dir DIR --labels CSV --settings JSON
+    python -m medssl.synth --out-dir DIR --labels CSV --settings JSON [--masks-dir DIR]
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage
@@ -58,6 +63,8 @@ DEFAULTS: dict[str, Any] = {
 #: A slice is labelled nodule-positive when its plane cuts a nodule at least this wide.
 NODULE_MIN_RADIUS_MM = 1.5
 LABEL_COLUMNS = ("patient_id", "study_uid", "series_uid", "sop_uid", "nodule", "region")
+MASK_STRUCTURE = "lung"
+"""Structure of the synthetic segmentation task: a mask folder ``<masks>/lung/<sop_uid>.png``."""
 
 AIR_HU = -1000.0
 HU_INTERCEPT = -1024
@@ -93,6 +100,7 @@ class Volume:
     nodule: np.ndarray  # (slices,) int 0/1
     region: list[str]
     n_nodules: int
+    lung: np.ndarray  # (slices, matrix, matrix) bool: aerated lung, the segmentation target
 
 
 def resolve_settings(settings: dict[str, Any] | None) -> dict[str, Any]:
@@ -342,6 +350,7 @@ def make_volume(rng: np.random.Generator, slices: int, matrix: int) -> Volume:
         nodule=nodule,
         region=region,
         n_nodules=n_nodules,
+        lung=lung_now & inner,
     )
 
 
@@ -502,10 +511,26 @@ def _study_folder(study_uid: str) -> str:
     return "ST" + hashlib.sha1(study_uid.encode()).hexdigest()[:10]
 
 
+def write_mask_png(path: Path, mask: np.ndarray) -> None:
+    """A binary mask as an 8-bit PNG (0 background, 255 foreground), viewable in any viewer."""
+    Image.fromarray(np.where(mask, 255, 0).astype(np.uint8)).save(path, optimize=False)
+
+
 def write_patient(
-    root: Path, seed: int, index: int, settings: dict[str, Any]
+    root: Path,
+    seed: int,
+    index: int,
+    settings: dict[str, Any],
+    masks_root: Path | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Render and write one patient; return its label rows and counts."""
+    """Render and write one patient; return its label rows and counts.
+
+    With ``masks_root``, the lung mask of every image of the first series is
+    written as ``masks_root/lung/<SOPInstanceUID>.png`` (the image-folder mask
+    format). One annotated reconstruction per patient is what annotators
+    usually deliver, and it keeps the segmentation task's cost near that of a
+    classification task.
+    """
     rng = np.random.default_rng([seed, index])
     base = _patient_tags(seed, index, rng)
     vol = make_volume(rng, settings["slices"], settings["matrix"])
@@ -550,6 +575,8 @@ def write_patient(
                 "SliceLocation": _ds(float(vol.z[s])),
             }
             jobs.append((template, folder / _file_name(sop_uid), varying, stored[s]))
+            if masks_root is not None and k == 0:
+                write_mask_png(masks_root / MASK_STRUCTURE / f"{sop_uid}.png", vol.lung[s])
             rows.append(
                 {
                     "patient_id": base["PatientID"],
@@ -628,25 +655,37 @@ def synthesize(
     out_dir: str | os.PathLike[str],
     labels_csv: str | os.PathLike[str],
     settings: dict[str, Any] | None = None,
+    masks_dir: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
-    """Write the cohort to ``out_dir`` and its label table to ``labels_csv``; return a summary."""
+    """Write the cohort to ``out_dir`` and its label table to ``labels_csv``; return a summary.
+
+    With ``masks_dir``, a lung mask per image goes to ``masks_dir/lung/<sop_uid>.png``.
+    """
     cfg = resolve_settings(settings)
     started = time.perf_counter()
     target = Path(out_dir)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = _make_temp_dir(target)
+    mask_target = None if masks_dir is None else Path(masks_dir)
+    mask_tmp = None if mask_target is None else _make_temp_dir(mask_target)
+    if mask_tmp is not None:
+        (mask_tmp / MASK_STRUCTURE).mkdir()
     rows: list[dict[str, Any]] = []
     n_nodules = n_scouts = 0
     try:
         for index in range(cfg["patients"]):
-            patient_rows, counts = write_patient(tmp, cfg["seed"], index, cfg)
+            patient_rows, counts = write_patient(tmp, cfg["seed"], index, cfg, mask_tmp)
             rows.extend(patient_rows)
             n_nodules += counts["nodules"]
             n_scouts += counts["scouts"]
         labels = pd.DataFrame(rows, columns=list(LABEL_COLUMNS))
         _replace_dir(tmp, target)
+        if mask_tmp is not None:
+            _replace_dir(mask_tmp, mask_target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if mask_tmp is not None:
+            shutil.rmtree(mask_tmp, ignore_errors=True)
         raise
     write_csv(labels_csv, labels)
 
@@ -685,10 +724,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", required=True, type=Path, help="DICOM folder to create")
     parser.add_argument("--labels", required=True, type=Path, help="label table (CSV) to write")
     parser.add_argument("--settings", type=json_arg, default={}, help="JSON settings")
+    parser.add_argument(
+        "--masks-dir", type=Path, help="folder for the lung masks (lung/<sop_uid>.png)"
+    )
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
-    synthesize(args.out_dir, args.labels, args.settings)
+    synthesize(args.out_dir, args.labels, args.settings, args.masks_dir)
     return 0
 
 

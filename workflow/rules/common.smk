@@ -127,7 +127,11 @@ def task_dataset_h5(wildcards):
 
 
 def task_labels(wildcards):
-    name = task_config(wildcards.task)["dataset"]
+    """The label table of a task; a segmentation task's labels are its mask file."""
+    task = task_config(wildcards.task)
+    if task["type"] == "segmentation":
+        return f"results/masks/{wildcards.task}.h5"
+    name = task["dataset"]
     dataset = dataset_config(name)
     if dataset["source"] == "synthetic":
         return f"results/dicom/{name}.labels.csv"
@@ -138,6 +142,51 @@ def task_settings(wildcards):
     task = task_config(wildcards.task)
     labels_key = dataset_config(task["dataset"])["labels_key"]
     return as_json({"name": wildcards.task, "labels_key": labels_key, **task})
+
+
+def segmentation_task(wildcards):
+    task = task_config(wildcards.task)
+    if task["type"] != "segmentation":
+        raise ValueError(f"task {wildcards.task!r} is not a segmentation task")
+    return task
+
+
+def mask_source(wildcards):
+    """Where a segmentation task's masks are read: the configured path, or the
+    synthetic cohort's own mask folder."""
+    task = segmentation_task(wildcards)
+    if "path" in task["masks"]:
+        return task["masks"]["path"]
+    return f"results/dicom/{task['dataset']}.masks"
+
+
+def mask_dicom_folder(wildcards):
+    """The DICOM folder of a segmentation task's dataset (RTSTRUCT geometry)."""
+    name = segmentation_task(wildcards)["dataset"]
+    dataset = dataset_config(name)
+    if dataset["source"] == "synthetic":
+        return f"results/dicom/{name}"
+    return dataset["dicom_dir"]
+
+
+def mask_format(wildcards):
+    return segmentation_task(wildcards)["masks"]["format"]
+
+
+def mask_structure(wildcards):
+    return segmentation_task(wildcards)["masks"]["structure"]
+
+
+def task_masks(wildcards):
+    """The mask file a fine-tune of this task reads; none for classification."""
+    if task_config(wildcards.task)["type"] == "segmentation":
+        return [f"results/masks/{wildcards.task}.h5"]
+    return []
+
+
+def masks_argument(wildcards, input):
+    masks = list(input.masks)
+    return f"--masks {shlex.quote(masks[0])}" if masks else ""
 
 
 # --- pre-training ------------------------------------------------------------

@@ -5,6 +5,7 @@ rule synthesize:
     output:
         dicom=directory("results/dicom/{dataset}"),
         labels="results/dicom/{dataset}.labels.csv",
+        masks=directory("results/dicom/{dataset}.masks"),
     log:
         "logs/synthesize/{dataset}.log",
     benchmark:
@@ -17,7 +18,7 @@ rule synthesize:
         settings=synthetic_settings,
     shell:
         "python -m medssl.synth --out-dir {output.dicom} --labels {output.labels}"
-        " --settings {params.settings:q} > {log} 2>&1"
+        " --masks-dir {output.masks} --settings {params.settings:q} > {log} 2>&1"
 
 
 rule convert:
@@ -40,6 +41,29 @@ rule convert:
         "python -m medssl.convert --dicom-dir {input.dicom:q} --out {output.h5}"
         " --rejects {output.rejects} --settings {params.settings:q} --threads {threads}"
         " > {log} 2>&1"
+
+
+rule masks:
+    input:
+        h5=task_dataset_h5,
+        source=mask_source,
+        dicom=mask_dicom_folder,
+    output:
+        "results/masks/{task}.h5",
+    log:
+        "logs/masks/{task}.log",
+    benchmark:
+        "benchmarks/masks/{task}.tsv"
+    conda:
+        "../../envs/medssl.yaml"
+    params:
+        code=code_version("masks"),
+        fmt=mask_format,
+        structure=mask_structure,
+    shell:
+        "python -m medssl.masks --data {input.h5} --format {params.fmt}"
+        " --source {input.source:q} --structure {params.structure:q}"
+        " --dicom-dir {input.dicom:q} --out {output} > {log} 2>&1"
 
 
 rule split:

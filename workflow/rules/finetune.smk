@@ -8,6 +8,7 @@ rule finetune:
         partition="results/splits/{task}.csv",
         subsets=run_subsets,
         encoder=init_encoder,
+        masks=task_masks,
     output:
         "results/finetune/{init}/{task}/frac{fraction}/{run}/metrics.json",
     log:
@@ -25,11 +26,12 @@ rule finetune:
         task=task_settings,
         settings=as_json(config["finetune"]),
         encoder=encoder_argument,
+        masks=masks_argument,
         backbone=config["pretrain"]["backbone"],
         device=config["compute"]["device"],
     shell:
         "python -m medssl.finetune --data {input.h5} --partition {input.partition}"
         " --subsets {input.subsets} --fraction {wildcards.fraction} --seed {params.seeds}"
         " --task {params.task:q} --settings {params.settings:q} --init {wildcards.init}"
-        " {params.encoder} --backbone {params.backbone} --threads {threads}"
+        " {params.encoder} {params.masks} --backbone {params.backbone} --threads {threads}"
         " --device {params.device} --out {output} > {log} 2>&1"
