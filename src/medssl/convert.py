@@ -48,7 +48,7 @@ from medssl.dicom import (
     iter_files,
     orientation_key,
     read_header,
-    read_hu,
+    read_slice_hu,
     slice_normal,
 )
 from medssl.geometry import (
@@ -166,18 +166,22 @@ class Intensity:
         return [{"minmax": "per_slice"}]
 
     def apply(self, hu: np.ndarray) -> np.ndarray:
-        """(n, H, W) HU -> (n, C, H, W) stored values."""
+        """(n, H, W) HU (int32 when exact, else float) -> (n, C, H, W) stored values."""
         if self.policy == "hu":
             if self.dtype == "int16":
-                out = np.rint(hu)
-                # np.clip on floats costs more than the rest of the slice's path;
-                # CT values are almost never outside int16, so check first.
+                if hu.dtype == np.int16:  # exact HU that fit: nothing to do
+                    return hu[:, None]
+                out = hu if hu.dtype.kind in "iu" else np.rint(hu)
+                # np.clip costs more than the rest of the slice's path; CT values
+                # are almost never outside int16, so check first.
                 if out.min() < -32768 or out.max() > 32767:
-                    np.clip(out, -32768, 32767, out=out)
+                    out = np.clip(out, -32768, 32767)
                 out = out.astype(np.int16)
             else:
                 out = hu.astype(np.float16)
             return out[:, None]
+        if hu.dtype.kind in "iu":
+            hu = hu.astype(np.float64)  # exact; the 8-bit policies round from float64
         if self.policy == "window":
             planes = []
             for center, width in self.windows:
@@ -483,12 +487,14 @@ def process_series(plan: SeriesPlan, intensity: Intensity, image_size: int | Non
     float64 stack (4-8x the output size), and one slice's working set stays in
     the CPU cache. Every step is per slice, so the result is the same.
     """
-    stored: list[np.ndarray] = []
+    first = plan.slices[0]
+    out_h, out_w = (image_size, image_size) if image_size else (first.rows, first.columns)
+    images = np.empty((len(plan.slices), intensity.n_channels, out_h, out_w), intensity.numpy_dtype)
     kept: list[tuple[SliceHeader, float]] = []
     rejected: list[Rejection] = []
     for header, z in zip(plan.slices, plan.z, strict=True):
         try:
-            hu = read_hu(header.path, header.rows, header.columns, header.frame, header.rescale)
+            hu = read_slice_hu(header)
         except ValueError as err:
             rejected.append(Rejection(header.label, plan.series_uid, str(err)))
             continue
@@ -496,16 +502,11 @@ def process_series(plan: SeriesPlan, intensity: Intensity, image_size: int | Non
             reason = f"unreadable or truncated file ({type(err).__name__}: {err})"
             rejected.append(Rejection(header.label, plan.series_uid, reason))
             continue
-        stored.append(intensity.apply(resize(hu[None], image_size))[0])
+        images[len(kept)] = intensity.apply(resize(hu[None], image_size))[0]
         kept.append((header, z))
 
     meta: dict[str, list[Any]] = {name: [] for name in _META_COLUMNS}
-    if not kept:
-        shape = (0, intensity.n_channels, image_size or 0, image_size or 0)
-        return SeriesResult(np.zeros(shape, intensity.numpy_dtype), meta, rejected)
-
-    images = np.stack(stored)
-    out_h, out_w = images.shape[2:]
+    images = images[: len(kept)]  # rows of failed slices dropped (a view; pickled as such)
     for index, (header, z) in enumerate(kept):
         meta["patient_id"].append(plan.patient_id)
         meta["study_uid"].append(plan.study_uid)
