@@ -429,7 +429,7 @@ def stored_to_hu(
         shift = int(intercept)
         # int16 when the stored values and the HU both fit (12-bit CT with intercept
         # -1024 does): the stored dtype of the default policy, so no later pass.
-        fits = -32768 <= min(low, low + shift) and max(high, high + shift) <= 32767
+        fits = min(low, low + shift) >= -32768 and max(high, high + shift) <= 32767
         hu = np.add(stored, shift, dtype=np.int16 if fits else np.int32, casting="unsafe")
     else:
         hu = np.multiply(stored, slope, dtype=np.float64)  # one pass, no temporary

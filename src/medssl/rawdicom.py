@@ -268,7 +268,7 @@ def read_raw_header(path: str) -> RawHeader | None:
     if length > size - offset:
         # Cut short inside the pixel data: pydicom's path names the byte counts.
         return None
-    dtype = ("<i" if signed else "<u") + str(bits // 8) if bits == 16 else ("i1" if signed else "u1")
+    dtype = ("<i2" if signed else "<u2") if bits == 16 else ("i1" if signed else "u1")
     return RawHeader(values, PixelLayout(offset, dtype, stored))
 
 
