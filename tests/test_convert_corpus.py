@@ -425,3 +425,6 @@ def test_gantry_tilt_reported(cohort: dict) -> None:
     assert summary["findings"][uid][0].startswith("gantry tilt 15.0 deg")
     with h5py.File(out) as handle:
         assert "gantry tilt" in json.loads(handle.attrs["series_findings"])[uid][0]
+    summary, rejects, _ = _run(folder, {"tilt_policy": "reject"})
+    assert summary["converted"] == 8 and summary["series"] == 1
+    assert rejects["reason"].str.startswith("gantry tilt 15.0 deg (tilt_policy reject)").sum() == 8

@@ -53,6 +53,7 @@ from medssl.dicom import (
 from medssl.geometry import (
     DEFAULT_GAP_TOLERANCE,
     GAP_POLICIES,
+    TILT_POLICIES,
     TILT_TOLERANCE_DEG,
     find_gaps,
     tilt_degrees,
@@ -68,6 +69,7 @@ DEFAULTS: dict[str, Any] = {
     "image_size": 64,
     "gap_policy": "split",
     "gap_tolerance": DEFAULT_GAP_TOLERANCE,
+    "tilt_policy": "report",
     "max_reject_fraction": None,
     "pseudonym_key_env": None,
     "compression": "blosc",
@@ -220,6 +222,10 @@ def resolve_settings(settings: dict[str, Any] | None) -> dict[str, Any]:
         raise ValueError(
             f"gap_policy must be one of {sorted(GAP_POLICIES)}, got {resolved['gap_policy']!r}"
         )
+    if resolved["tilt_policy"] not in TILT_POLICIES:
+        raise ValueError(
+            f"tilt_policy must be one of {list(TILT_POLICIES)}, got {resolved['tilt_policy']!r}"
+        )
     tolerance = resolved["gap_tolerance"]
     if isinstance(tolerance, bool) or not isinstance(tolerance, int | float) or tolerance <= 0:
         raise ValueError(f"gap_tolerance must be a positive number, got {tolerance!r}")
@@ -337,6 +343,7 @@ def plan_series(
     gap_policy: str = "split",
     gap_tolerance: float = DEFAULT_GAP_TOLERANCE,
     pseudonym_key: bytes | None = None,
+    tilt_policy: str = "report",
 ) -> tuple[list[SeriesPlan], list[Rejection]]:
     """Group headers into series, apply the series-level checks, sort slices.
 
@@ -404,6 +411,14 @@ def plan_series(
         findings = []
         tilt = tilt_degrees(slice_normal(slices[0].orientation), [h.position for h in slices])
         if tilt > TILT_TOLERANCE_DEG:
+            if tilt_policy == "reject":
+                rejected.extend(
+                    Rejection(
+                        h.label, series_uid, f"gantry tilt {tilt:.1f} deg (tilt_policy reject)"
+                    )
+                    for h in slices
+                )
+                continue
             findings.append(f"gantry tilt {tilt:.1f} deg (slices stacked off the normal)")
         z = [h.z for h in slices]
         gaps = find_gaps(z, gap_tolerance)
@@ -690,6 +705,7 @@ def convert(
             cfg["gap_policy"],
             float(cfg["gap_tolerance"]),
             os.environ[key_env].encode("utf-8") if key_env else None,
+            cfg["tilt_policy"],
         )
         rejected.extend(series_rejects)
         findings = {p.series_uid.split("#")[0]: p.findings for p in plans if p.findings}
@@ -902,7 +918,8 @@ def _cli_settings(args: argparse.Namespace) -> dict[str, Any]:
         intensity["windows"] = [{"center": c, "width": w} for c, w in args.window]
     if args.dtype is not None:
         intensity["dtype"] = args.dtype
-    for name in ("modalities", "gap_policy", "gap_tolerance", "max_reject_fraction", "compression"):
+    names = ("modalities", "gap_policy", "gap_tolerance", "tilt_policy", "max_reject_fraction")
+    for name in (*names, "compression"):
         value = getattr(args, name)
         if value is not None:
             settings[name] = value
@@ -969,6 +986,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help=f"relative deviation from the median step that is a gap "
         f"(default {DEFAULT_GAP_TOLERANCE})",
+    )
+    parser.add_argument(
+        "--tilt-policy",
+        choices=TILT_POLICIES,
+        help=f"series with gantry tilt (stacked more than {TILT_TOLERANCE_DEG} deg off the "
+        "slice normal): convert and report (default), or reject",
     )
     parser.add_argument(
         "--max-reject-fraction",
