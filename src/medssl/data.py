@@ -118,9 +118,10 @@ class SliceReader:
         self._id.read(self._memory, self._file, out)
         return out
 
-    def read_rows(self, rows: np.ndarray) -> np.ndarray:
+    def read_rows(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """(len(rows), C, H, W) in the order given; chunks visited in file order."""
-        out = np.empty((len(rows), *self.shape), self.dtype)
+        if out is None:
+            out = np.empty((len(rows), *self.shape), self.dtype)
         for k in np.argsort(rows, kind="stable"):
             self.read(int(rows[k]), out[k])
         return out
