@@ -36,6 +36,10 @@ from pydicom.uid import generate_uid
 from medssl import convert, synth
 
 HU_NATIVE = {"intensity": {"policy": "hu"}, "image_size": None}
+TRAINING = {
+    "intensity": {"policy": "window", "windows": [{"center": -600, "width": 1500}]},
+    "image_size": 224,
+}
 
 
 def _timed(label: str, func, *args, **kwargs):  # noqa: ANN001, ANN202 - thin timing helper
@@ -139,7 +143,7 @@ class _DicomSlices:
         return torch.from_numpy(_dicom_hu(self.files[item]) / 1000.0)[None]
 
 
-def _steady_rate(loader, batches: int) -> float:  # noqa: ANN001 - a DataLoader
+def _steady_rate(loader, batches: int, scale: float) -> float:  # noqa: ANN001 - a DataLoader
     """Slices/s after the first batch (worker start-up is paid once per training)."""
     import torch
 
@@ -152,7 +156,7 @@ def _steady_rate(loader, batches: int) -> float:  # noqa: ANN001 - a DataLoader
     for _ in range(batches):
         batch = next(iterator)
         if batch.dtype != torch.float32:
-            batch = to_model_input(batch, 1 / 1000, 0.0)  # on the GPU in training
+            batch = to_model_input(batch, scale, 0.0)  # on the GPU in training
         n += len(batch)
     return n / (time.perf_counter() - start)
 
@@ -166,10 +170,11 @@ def bench_loader(h5: Path, dicom: Path, batches: int, workers: int, seed: int = 
 
     with h5py.File(h5) as handle:
         files = [dicom / f for f in handle["meta/source_file"].asstr()[...]]
+        scale = float(handle["images"].attrs["scale"])
     batch = 32
     generator = torch.Generator().manual_seed(seed)
     loaders = {
-        "HDF5 batches (SliceBatchDataset, int16 to the main process)": batch_loader(
+        "HDF5 batches (SliceBatchDataset, stored dtype)": batch_loader(
             SliceBatchDataset(h5), batch, num_workers=workers, seed=seed
         ),
         "HDF5 per slice (SliceDataset, float32)": DataLoader(
@@ -182,7 +187,7 @@ def bench_loader(h5: Path, dicom: Path, batches: int, workers: int, seed: int = 
     rates = {}
     for name, loader in loaders.items():
         n = batches if "pydicom" not in name else max(4, batches // 4)
-        rates[name] = _steady_rate(loader, n)
+        rates[name] = _steady_rate(loader, n, scale)
         print(
             f"DataLoader {workers} workers, batch {batch}, random slices, {name} ({_load()}): "
             f"{rates[name]:.0f} slices/s = {rates[name] / workers:.0f} per worker",
@@ -289,9 +294,26 @@ def main() -> None:
         dicom = many
     if not args.reads_only:
         bench_convert(dicom, args.work)
-    bench_reads(args.work / "convert_t1.h5", dicom, args.reads)
-    bench_loader(args.work / "convert_t1.h5", dicom, args.reads // 8, args.workers)
-    bench_compression(args.work / "convert_t1.h5", 500, args.reads)
+    native = args.work / "convert_t1.h5"
+    # The format training reads: a lung window to uint8 at the network's input
+    # size, converted from the same DICOM files (the first copy is enough).
+    base = args.work / "dicom"
+    training = args.work / "training_u8.h5"
+    if not training.exists():
+        _timed(
+            f"medssl.convert {TRAINING}",
+            convert.convert,
+            base,
+            training,
+            args.work / "training_u8.rejects.csv",
+            TRAINING,
+            2,
+        )
+    for label, h5, root in (("native int16 HU", native, dicom), ("training uint8", training, base)):
+        print(f"--- reads: {label} ({h5.name})", flush=True)
+        bench_reads(h5, root, args.reads)
+        bench_loader(h5, root, args.reads // 8, args.workers)
+    bench_compression(native, 500, args.reads)
 
 
 if __name__ == "__main__":
