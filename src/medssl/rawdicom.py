@@ -177,44 +177,69 @@ def _decode(kind: str, raw: bytes, vr: bytes | None) -> Any:
     return numbers[0] if len(numbers) == 1 else numbers
 
 
+_EXPLICIT = struct.Struct("<I2sH")  # tag (group, element as one LE word pair), VR, short length
+_IMPLICIT = struct.Struct("<II")  # tag, length
+_LONG = struct.Struct("<I")
+
+
 def _parse(buf: bytes) -> tuple[dict[str, Any], dict[str, bytes | None], int, int] | None:
-    """(values, explicit VRs, pixel offset, pixel length); None when more bytes are needed."""
+    """(values, explicit VRs, pixel offset, pixel length); None when more bytes are needed.
+
+    The loop is written out (one ``unpack_from`` per element, no call per
+    element) because it runs for every element of every file; sequences are
+    rare and go through :func:`_skip_sequence`.
+    """
     if buf[128:132] != b"DICM":
         raise _NotSimple("no preamble")
     pos, implicit, syntax = 132, False, None
     values: dict[str, Any] = {}
     raw_vrs: dict[str, bytes | None] = {}
     in_meta = True
+    end = len(buf)
     try:
         while True:
-            if pos + 8 > len(buf):
+            if pos + 8 > end:
                 return None
-            if in_meta and struct.unpack_from("<H", buf, pos)[0] != 0x0002:
-                in_meta = False
-                if syntax not in NATIVE_LITTLE_ENDIAN:
-                    raise _NotSimple(f"transfer syntax {syntax}")
-                implicit = NATIVE_LITTLE_ENDIAN[syntax]
-            tag, vr, length, size = _element(buf, pos, implicit and not in_meta)
-            pos += size
+            if implicit:
+                word, length = _IMPLICIT.unpack_from(buf, pos)
+                vr = None
+                pos += 8
+            else:
+                word, vr, length = _EXPLICIT.unpack_from(buf, pos)
+                if in_meta and word & 0xFFFF != 0x0002:
+                    in_meta = False
+                    if syntax not in NATIVE_LITTLE_ENDIAN:
+                        raise _NotSimple(f"transfer syntax {syntax}")
+                    if NATIVE_LITTLE_ENDIAN[syntax]:
+                        implicit = True
+                        continue  # re-read this element as implicit VR
+                if vr in _LONG_VRS:
+                    length = _LONG.unpack_from(buf, pos + 8)[0]
+                    pos += 12
+                elif vr.isalpha() and vr.isupper():
+                    pos += 8
+                else:
+                    raise _NotSimple(f"bad VR {vr!r}")
+            tag = ((word & 0xFFFF) << 16) | (word >> 16)
             if tag == _PIXEL_DATA:
                 if length == _UNDEFINED:
                     raise _NotSimple("encapsulated pixel data")
                 return values, raw_vrs, pos, length
-            if tag >> 16 == 0x7FE0 or tag >> 16 == 0xFFFE:
+            if tag >> 16 in (0x7FE0, 0xFFFE):
                 raise _NotSimple("other pixel data element")
             if length == _UNDEFINED:
                 if vr == b"UN":
                     raise _NotSimple("UN sequence")
-                pos = _skip_sequence(buf, pos, implicit and not in_meta)
+                pos = _skip_sequence(buf, pos, implicit)
                 continue
-            if pos + length > len(buf):
+            if pos + length > end:
                 return None
-            if tag == 0x00020010:
-                syntax = buf[pos : pos + length].decode("ascii", "replace").rstrip("\x00 ")
-            elif tag in _TAGS:
+            if tag in _TAGS:
                 keyword, kind = _TAGS[tag]
                 values[keyword] = _decode(kind, buf[pos : pos + length], vr)
                 raw_vrs[keyword] = vr
+            elif tag == 0x00020010:
+                syntax = buf[pos : pos + length].decode("ascii", "replace").rstrip("\x00 ")
             pos += length
     except struct.error as err:  # ran off the buffer inside a sequence
         if len(buf) < _FIRST_READ:
