@@ -324,14 +324,22 @@ def test_rle_compressed_series_decodes(clean: dict, native: dict) -> None:
     )
 
 
-def test_threads_give_identical_output(clean: dict, native: dict) -> None:
-    out = clean["root"] / "threads.h5"
-    summary = convert.convert(clean["dicom"], out, clean["root"] / "threads.csv", HU_NATIVE, 2)
+@pytest.mark.parametrize(("threads", "setting"), [(2, "SLICES_PER_TASK"), (1, "SLICES_PER_BLOCK")])
+def test_threads_and_blocks_give_identical_output(
+    clean: dict, native: dict, threads: int, setting: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 8-slice series in pieces of 3: tasks for the workers, or blocks in one process.
+    monkeypatch.setattr(convert, setting, 3)
+    out = clean["root"] / f"threads{threads}.h5"
+    rejects = clean["root"] / f"threads{threads}.csv"
+    summary = convert.convert(clean["dicom"], out, rejects, HU_NATIVE, threads)
     assert summary["converted"] == native["summary"]["converted"]
+    assert summary["series"] == native["summary"]["series"]
     pd.testing.assert_frame_equal(data.read_meta(out), data.read_meta(native["h5"]))
     with h5py.File(out) as a, h5py.File(native["h5"]) as b:
         np.testing.assert_array_equal(a["images"][...], b["images"][...])
         np.testing.assert_array_equal(a["meta/spacing"][...], b["meta/spacing"][...])
+        np.testing.assert_array_equal(a["meta/slice_index"][...], b["meta/slice_index"][...])
 
 
 def test_nothing_usable_fails_naming_the_folder(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -99,6 +100,8 @@ PREFETCH_PER_WORKER = 2
 #: Slices decoded before they are written or compressed: 16 MB at 512 x 512 int16,
 #: under glibc's largest mmap threshold (32 MB), so the buffer's pages are reused.
 SLICES_PER_BLOCK = 32
+#: Slices per task sent to a worker process (a series is split into such parts).
+SLICES_PER_TASK = 64
 
 
 class NoUsableImagesError(RuntimeError):
@@ -329,6 +332,14 @@ class SeriesPlan:
     def sort_key(self) -> tuple[str, str, str]:
         return (self.patient_id, self.study_uid, self.series_uid)
 
+    def parts(self, size: int) -> list[SeriesPlan]:
+        """Consecutive pieces of at most ``size`` slices: units of work for the pool,
+        so that one long series neither idles the other workers nor fills memory."""
+        return [
+            dataclasses.replace(self, slices=self.slices[i : i + size], z=self.z[i : i + size])
+            for i in range(0, len(self.slices), size)
+        ]
+
 
 def _majority(values: Iterable[Any]) -> Any:
     """Most frequent value; ties go to the smallest, so the choice is reproducible."""
@@ -524,7 +535,7 @@ def process_series(
     image_size: int | None,
     compression: str | None = None,
 ) -> SeriesResult:
-    """One series as a single result (for worker processes): its blocks joined, and
+    """One series (or part of one) as a single result for a worker: its blocks joined, and
     with ``compression`` encoded into chunks (:func:`encode_chunks`) block by block,
     so a worker never holds the series uncompressed."""
     chunks: list[tuple[int, bytes]] = []
@@ -552,9 +563,10 @@ def iter_blocks(
     plan: SeriesPlan,
     intensity: Intensity,
     image_size: int | None,
-    block: int = SLICES_PER_BLOCK,
+    block: int | None = None,
 ) -> Iterator[SeriesResult]:
-    """Decode, convert to HU, resize and apply the intensity policy, ``block`` slices at a time.
+    """Decode, convert to HU, resize and apply the intensity policy, ``block`` slices
+    at a time (default :data:`SLICES_PER_BLOCK`).
 
     The blocks are views of one buffer that is refilled for the next block, so
     a consumer must store a block before asking for the next. Reusing the
@@ -562,11 +574,11 @@ def iter_blocks(
     a fresh series-sized array (a third of the per-slice time at 512 x 512).
     Every step is per slice, so blocking does not change the result.
     """
+    block = block or SLICES_PER_BLOCK
     first = plan.slices[0]
     out_h, out_w = (image_size, image_size) if image_size else (first.rows, first.columns)
     size = min(block, len(plan.slices))
     buffer = np.empty((size, intensity.n_channels, out_h, out_w), intensity.numpy_dtype)
-    index = 0
     for start in range(0, len(plan.slices), block):
         kept: list[tuple[SliceHeader, float]] = []
         rejected: list[Rejection] = []
@@ -591,7 +603,7 @@ def iter_blocks(
             meta["series_uid"].append(plan.series_uid)
             meta["sop_uid"].append(header.sop_uid)
             meta["source_file"].append(header.label)
-            meta["slice_index"].append(index)
+            meta["slice_index"].append(-1)  # numbered by the writer, across blocks
             meta["z"].append(z)
             meta["spacing"].append(
                 (
@@ -600,7 +612,6 @@ def iter_blocks(
                     plan.slice_spacing,
                 )
             )
-            index += 1
         yield SeriesResult(buffer[: len(kept)], meta, rejected)
 
 
@@ -650,7 +661,7 @@ def _ordered_results(
             yield from iter_blocks(plan, intensity, image_size)
         return
     pending: deque[Future[SeriesResult]] = deque()
-    upcoming = iter(plans)
+    upcoming = (part for plan in plans for part in plan.parts(SLICES_PER_TASK))
     limit = PREFETCH_PER_WORKER * workers
     for plan in upcoming:
         pending.append(pool.submit(process_series, plan, intensity, image_size, compression))
@@ -802,6 +813,7 @@ def _write_h5(
     channels = intensity.n_channels
     meta: dict[str, list[Any]] = defaultdict(list)
     n_rows = 0
+    written: Counter[str] = Counter()  # slices written per series
     with h5py.File(path, "w") as handle:
         images = handle.create_dataset(
             IMAGES,
@@ -829,10 +841,16 @@ def _write_h5(
                 for k, (mask, chunk) in enumerate(result.chunks):
                     images.id.write_direct_chunk((n_rows + k, 0, 0, 0), chunk, mask)
             n_rows += count
+            # Numbered here, not by the producer: a series arrives in several
+            # blocks or tasks, and a slice that failed to decode leaves no gap.
+            series = result.meta["series_uid"][0]
+            first = written[series]
+            result.meta["slice_index"] = list(range(first, first + count))
+            written[series] += count
             for name, values in result.meta.items():
                 meta[name].extend(values)
 
-        n_series = len(set(meta["series_uid"]))  # results are blocks: count series once
+        n_series = len(written)
         group = handle.create_group(META)
         text = h5py.string_dtype("utf-8")
         for name in STRING_META:
