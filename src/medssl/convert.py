@@ -4,13 +4,17 @@ Every file found is either converted or listed in the rejects CSV with a reason
 (``files seen = converted + rejected`` is checked), because a benchmark that
 silently loses slices cannot be audited. The work happens in three passes:
 
-1. headers only (``stop_before_pixels``): readability, SOP class, required
-   tags, modality, localizers;
+1. headers only: readability, SOP class, required tags, modality, localizers
+   (plain uncompressed files by :mod:`medssl.rawdicom`, which also notes where
+   their pixels are; everything else by pydicom with ``stop_before_pixels``);
 2. per series: majority orientation and shape, sort along the slice normal
-   (never by InstanceNumber or file name), drop duplicate positions;
-3. pixels, one series at a time (in worker processes when ``--threads`` > 1):
-   decode, HU, resize, intensity policy; written in output order as results
-   arrive, so memory holds a few series, never the dataset.
+   (never by InstanceNumber or file name), drop duplicate positions, gaps and
+   gantry tilt by their policies;
+3. pixels in blocks of :data:`SLICES_PER_BLOCK` slices: decode, HU, resize,
+   intensity policy. With ``--threads`` > 1, worker processes take parts of
+   series (:data:`SLICES_PER_TASK` slices) and return them compressed into
+   HDF5 chunks; the single writer places chunks in output order as results
+   arrive, so memory holds a few parts, never the dataset.
 
 Command line (``--help`` lists every option and the HDF5 layout)::
 
