@@ -38,8 +38,9 @@ _LONG_VRS = frozenset(
 _UNDEFINED = 0xFFFFFFFF
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _PIXEL_DATA = 0x7FE00010
-#: Bytes read first; a header that does not end inside them is read whole.
-_FIRST_READ = 1 << 16
+#: Bytes read first (CT headers are typically 1-10 kB); a header that does not
+#: end inside them is read again with the whole file.
+_FIRST_READ = 1 << 14
 
 #: The tags conversion uses: keyword, and how the value is decoded ("text" is
 #: one string, "texts" a backslash-separated list, as pydicom gives them).
@@ -304,12 +305,12 @@ def read_raw_pixels(path: str, layout: PixelLayout, rows: int, columns: int) -> 
     """
     count = rows * columns
     expected = count * layout.nbytes_per_pixel
-    with open(path, "rb") as handle:
+    stored = np.empty((rows, columns), dtype=layout.dtype)
+    with open(path, "rb", buffering=0) as handle:  # unbuffered: straight into the array
         handle.seek(layout.offset)
-        raw = handle.read(expected)
-    if len(raw) < expected:
-        raise ValueError(f"truncated pixel data ({len(raw)} of {expected} bytes)")
-    stored = np.frombuffer(raw, dtype=layout.dtype).reshape(rows, columns)
+        got = handle.readinto(memoryview(stored).cast("B"))
+    if got < expected:
+        raise ValueError(f"truncated pixel data ({got} of {expected} bytes)")
     bits = np.dtype(layout.dtype).itemsize * 8
     if layout.bits_stored < bits:
         shift = bits - layout.bits_stored
