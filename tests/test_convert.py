@@ -392,3 +392,21 @@ def test_meta_columns_follow_the_data_contract() -> None:
     assert set(convert._META_COLUMNS) == expected
     assert convert.STRING_META == data.STRING_META
     assert (convert.IMAGES, convert.META) == (data.IMAGES, data.META)
+
+
+@pytest.mark.parametrize("compression", sorted(convert.COMPRESSION))
+@pytest.mark.parametrize("dtype", [np.int16, np.uint8, np.float16])
+def test_worker_chunks_decode_through_the_hdf5_filter(compression: str, dtype: type) -> None:
+    """Chunks encoded by workers are what the dataset's own filter decodes."""
+    stack = np.random.default_rng(0).normal(0, 300, (3, 2, 24, 20)).astype(dtype)
+    with h5py.File("chunks", "w", driver="core", backing_store=False) as handle:
+        images = handle.create_dataset(
+            "images",
+            shape=stack.shape,
+            dtype=dtype,
+            chunks=(1, 2, 24, 20),
+            **convert.COMPRESSION[compression],
+        )
+        for row, (mask, chunk) in enumerate(convert.encode_chunks(stack, compression)):
+            images.id.write_direct_chunk((row, 0, 0, 0), chunk, mask)
+        np.testing.assert_array_equal(images[...], stack)

@@ -34,9 +34,10 @@ import logging
 import multiprocessing
 import os
 import sys
+import threading
 import time
 from collections import Counter, defaultdict, deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,8 +84,9 @@ DEFAULTS: dict[str, Any] = {
 #: 512 x 512 CT: Blosc (LZ4, byte shuffle) is 0.54 of raw size and writes and
 #: reads 8-12x faster than LZF (0.80 of raw); gzip is too slow on the read path.
 #: Reading Blosc needs ``import hdf5plugin`` (medssl.data does it).
+BLOSC = {"cname": "lz4", "clevel": 5, "shuffle": hdf5plugin.Blosc.SHUFFLE}
 COMPRESSION: dict[str, dict[str, Any]] = {
-    "blosc": dict(hdf5plugin.Blosc(cname="lz4", clevel=5, shuffle=hdf5plugin.Blosc.SHUFFLE)),
+    "blosc": dict(hdf5plugin.Blosc(**BLOSC)),
     "lzf": {"compression": "lzf"},
     "none": {},
 }
@@ -99,7 +101,7 @@ IMAGES = "images"
 META = "meta"
 STRING_META = ("patient_id", "study_uid", "series_uid", "sop_uid", "source_file")
 _META_COLUMNS = (*STRING_META, "slice_index", "z", "spacing")
-#: Series in flight per worker: enough to keep workers busy, small enough to bound memory.
+#: Tasks in flight per worker: enough to keep workers busy, small enough to bound memory.
 PREFETCH_PER_WORKER = 2
 #: Slices decoded before they are written or compressed: 16 MB at 512 x 512 int16,
 #: under glibc's largest mmap threshold (32 MB), so the buffer's pages are reused.
@@ -517,20 +519,60 @@ class SeriesResult:
         return len(self.images) if self.chunks is None else len(self.chunks)
 
 
-def encode_chunks(images: np.ndarray, compression: str) -> list[tuple[int, bytes]]:
-    """Each slice of (n, C, H, W) as the bytes HDF5 stores for its one-slice chunk.
+def _blosc_chunks(images: np.ndarray) -> list[bytes]:
+    """Blosc frames as the HDF5 Blosc filter (id 32001) stores them: that filter
+    keeps the plain Blosc buffer of the chunk, so python-blosc's output is the
+    chunk, byte for byte the format hdf5plugin decodes."""
+    import blosc
 
-    Workers compress their own series this way, so compression runs in
-    parallel and half the bytes cross the process boundary; the writer only
-    places chunks (``write_direct_chunk``). An in-memory HDF5 file runs the very
-    filter the output uses, so the chunks are exactly what h5py would write.
-    """
+    blosc.set_nthreads(1)  # one core per worker; python-blosc defaults to all
+    typesize = images.dtype.itemsize
+    out = []
+    for chunk in images:
+        chunk = np.ascontiguousarray(chunk)
+        out.append(
+            blosc.compress_ptr(
+                chunk.ctypes.data,
+                chunk.size,
+                typesize=typesize,
+                clevel=BLOSC["clevel"],
+                shuffle=BLOSC["shuffle"],
+                cname=BLOSC["cname"],
+            )
+        )
+    return out
+
+
+def _filtered_chunks(images: np.ndarray, compression: str) -> list[bytes]:
+    """Any filter: run it on an in-memory HDF5 file and read the chunks back."""
     name = f"medssl-chunks-{os.getpid()}-{id(images)}"
     with h5py.File(name, "w", driver="core", backing_store=False) as scratch:
         dataset = scratch.create_dataset(
             IMAGES, data=images, chunks=(1, *images.shape[1:]), **COMPRESSION[compression]
         )
-        return [dataset.id.read_direct_chunk((i, 0, 0, 0)) for i in range(len(images))]
+        return [dataset.id.read_direct_chunk((i, 0, 0, 0))[1] for i in range(len(images))]
+
+
+#: How a worker turns slices into stored chunk bytes, per ``compression``; the
+#: in-memory file serves filters without a direct encoder (LZF).
+CHUNK_ENCODERS: dict[str, Callable[[np.ndarray], list[bytes]]] = {
+    "blosc": _blosc_chunks,
+    "none": lambda images: [np.ascontiguousarray(chunk).tobytes() for chunk in images],
+}
+
+
+def encode_chunks(images: np.ndarray, compression: str) -> list[tuple[int, bytes]]:
+    """Each slice of (n, C, H, W) as (filter mask, bytes) of its one-slice HDF5 chunk.
+
+    Workers compress their own series this way, so compression runs in
+    parallel and half the bytes cross the process boundary; the writer only
+    places chunks (``write_direct_chunk``). Encoding directly with the codec
+    spares the in-memory HDF5 file, whose fresh buffers for every task cost
+    more in page faults than the compression itself.
+    """
+    encoder = CHUNK_ENCODERS.get(compression)
+    chunks = encoder(images) if encoder else _filtered_chunks(images, compression)
+    return [(0, chunk) for chunk in chunks]  # mask 0: every filter applied
 
 
 def process_series(
@@ -702,13 +744,7 @@ def convert(
         raise FileNotFoundError(f"{root}: DICOM folder does not exist")
     started = time.perf_counter()
     workers = max(1, int(threads))
-    pool = None
-    if workers > 1:
-        context = multiprocessing.get_context("forkserver")
-        # Workers fork from a server that has imported this module once, instead
-        # of each importing h5py, pydicom and pandas anew (seconds per worker).
-        context.set_forkserver_preload([__name__ if __name__ != "__main__" else "medssl.convert"])
-        pool = ProcessPoolExecutor(workers, mp_context=context)
+    pool = ProcessPoolExecutor(workers, mp_context=_pool_context()) if workers > 1 else None
     try:
         n_files, scanned = _scan(root, cfg["modalities"], pool, workers)
         headers = [h for h in scanned if isinstance(h, SliceHeader)]
@@ -775,6 +811,24 @@ def convert(
     for series_uid, notes in findings.items():
         log.warning("  series %s: %s", series_uid, "; ".join(notes))
     return summary
+
+
+def _pool_context() -> multiprocessing.context.BaseContext:
+    """How worker processes start: ``fork`` when this process runs no other Python
+    thread, else ``forkserver``.
+
+    A forked worker starts in milliseconds with every module already imported;
+    a forkserver starts a fresh interpreter that imports numpy, h5py and
+    pydicom first (5 s on the loaded development machine, a fifth of a 5,000-slice
+    conversion). Forking a process with running threads can deadlock the child,
+    so then the server is used, preloading this module once for all workers.
+    The pool is created before any HDF5 file is open.
+    """
+    if "fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1:
+        return multiprocessing.get_context("fork")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__ if __name__ != "__main__" else "medssl.convert"])
+    return context
 
 
 def reason_counts(rejected: Sequence[Rejection]) -> dict[str, int]:
