@@ -519,7 +519,7 @@ class SeriesResult:
         return len(self.images) if self.chunks is None else len(self.chunks)
 
 
-def _blosc_chunks(images: np.ndarray) -> list[bytes]:
+def _blosc_chunks(images: np.ndarray) -> list[tuple[int, bytes]]:
     """Blosc frames as the HDF5 Blosc filter (id 32001) stores them: that filter
     keeps the plain Blosc buffer of the chunk, so python-blosc's output is the
     chunk, byte for byte the format hdf5plugin decodes."""
@@ -531,33 +531,37 @@ def _blosc_chunks(images: np.ndarray) -> list[bytes]:
     for chunk in images:
         chunk = np.ascontiguousarray(chunk)
         out.append(
-            blosc.compress_ptr(
-                chunk.ctypes.data,
-                chunk.size,
-                typesize=typesize,
-                clevel=BLOSC["clevel"],
-                shuffle=BLOSC["shuffle"],
-                cname=BLOSC["cname"],
+            (
+                0,
+                blosc.compress_ptr(
+                    chunk.ctypes.data,
+                    chunk.size,
+                    typesize=typesize,
+                    clevel=BLOSC["clevel"],
+                    shuffle=BLOSC["shuffle"],
+                    cname=BLOSC["cname"],
+                ),
             )
         )
     return out
 
 
-def _filtered_chunks(images: np.ndarray, compression: str) -> list[bytes]:
-    """Any filter: run it on an in-memory HDF5 file and read the chunks back."""
+def _filtered_chunks(images: np.ndarray, compression: str) -> list[tuple[int, bytes]]:
+    """Any filter: run it on an in-memory HDF5 file and read the chunks back, with
+    their filter masks (LZF, an optional filter, skips chunks it cannot shrink)."""
     name = f"medssl-chunks-{os.getpid()}-{id(images)}"
     with h5py.File(name, "w", driver="core", backing_store=False) as scratch:
         dataset = scratch.create_dataset(
             IMAGES, data=images, chunks=(1, *images.shape[1:]), **COMPRESSION[compression]
         )
-        return [dataset.id.read_direct_chunk((i, 0, 0, 0))[1] for i in range(len(images))]
+        return [dataset.id.read_direct_chunk((i, 0, 0, 0)) for i in range(len(images))]
 
 
 #: How a worker turns slices into stored chunk bytes, per ``compression``; the
 #: in-memory file serves filters without a direct encoder (LZF).
-CHUNK_ENCODERS: dict[str, Callable[[np.ndarray], list[bytes]]] = {
+CHUNK_ENCODERS: dict[str, Callable[[np.ndarray], list[tuple[int, bytes]]]] = {
     "blosc": _blosc_chunks,
-    "none": lambda images: [np.ascontiguousarray(chunk).tobytes() for chunk in images],
+    "none": lambda images: [(0, np.ascontiguousarray(chunk).tobytes()) for chunk in images],
 }
 
 
@@ -571,8 +575,7 @@ def encode_chunks(images: np.ndarray, compression: str) -> list[tuple[int, bytes
     more in page faults than the compression itself.
     """
     encoder = CHUNK_ENCODERS.get(compression)
-    chunks = encoder(images) if encoder else _filtered_chunks(images, compression)
-    return [(0, chunk) for chunk in chunks]  # mask 0: every filter applied
+    return encoder(images) if encoder else _filtered_chunks(images, compression)
 
 
 def process_series(
