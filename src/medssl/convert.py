@@ -521,8 +521,8 @@ class SeriesResult:
 
 def _blosc_chunks(images: np.ndarray) -> list[tuple[int, bytes]]:
     """Blosc frames as the HDF5 Blosc filter (id 32001) stores them: that filter
-    keeps the plain Blosc buffer of the chunk, so python-blosc's output is the
-    chunk, byte for byte the format hdf5plugin decodes."""
+    keeps the plain Blosc buffer of the chunk, so python-blosc's output is a
+    chunk that hdf5plugin's filter decodes (a test checks it)."""
     import blosc
 
     blosc.set_nthreads(1)  # one core per worker; python-blosc defaults to all
