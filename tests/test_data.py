@@ -60,3 +60,20 @@ def test_batch_loader_visits_every_sample_once_per_epoch(h5: Path, one_thread: N
         assert seen.tolist() != indices.tolist()  # shuffled
     ordered = data.batch_loader(dataset, batch_size=5, shuffle=False)
     assert [len(batch) for batch, _ in ordered] == [5, 5, 1]
+
+
+@pytest.mark.parametrize("compression", ["lzf", "none", "blosc"])
+def test_slice_reader_any_filter(h5: Path, tmp_path: Path, compression: str) -> None:
+    """Blosc takes the direct-chunk path, other filters HDF5's pipeline: same slices."""
+    with h5py.File(h5) as handle:
+        stored = handle["images"][...]
+    copy = tmp_path / f"{compression}.h5"
+    with h5py.File(copy, "w") as handle:
+        handle.create_dataset(
+            "images", data=stored, chunks=(1, *stored.shape[1:]), **convert.COMPRESSION[compression]
+        )
+        handle.create_group("meta")
+    with data.open_h5(copy, random_access=True) as handle:
+        reader = data.SliceReader(handle)
+        assert (reader._blosc is not None) == (compression == "blosc")
+        np.testing.assert_array_equal(reader.read_rows(np.array([4, 1, 8])), stored[[4, 1, 8]])
