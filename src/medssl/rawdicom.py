@@ -155,7 +155,9 @@ def _skip_sequence(buf: bytes, pos: int, implicit: bool) -> int:
 
 def _decode(kind: str, raw: bytes, vr: bytes | None) -> Any:
     """One value the way pydicom presents it; single values unwrapped, lists otherwise."""
-    if kind in ("us", "xs") or (vr is not None and vr in (b"US", b"SS")):
+    if vr is not None and (kind in ("us", "xs")) != (vr in (b"US", b"SS")):
+        raise _NotSimple(f"unexpected VR {vr!r}")  # pydicom decodes by the VR given
+    if kind in ("us", "xs"):
         if len(raw) != 2:
             raise _NotSimple("multi-valued or odd US")
         return raw  # decoded once PixelRepresentation is known (US or SS)
@@ -291,8 +293,10 @@ def read_raw_header(path: str) -> RawHeader | None:
         or not isinstance(values.get("Columns"), int)
     ):
         return None
-    if length > size - offset:
-        # Cut short inside the pixel data: pydicom's path names the byte counts.
+    needed = values["Rows"] * values["Columns"] * bits // 8
+    if length > size - offset or length < needed:
+        # Cut short, or an element too short for its frame: pydicom's path
+        # names the byte counts in the rejection.
         return None
     dtype = ("<i2" if signed else "<u2") if bits == 16 else ("i1" if signed else "u1")
     return RawHeader(values, PixelLayout(offset, dtype, stored))
