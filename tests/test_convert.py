@@ -324,14 +324,22 @@ def test_rle_compressed_series_decodes(clean: dict, native: dict) -> None:
     )
 
 
-def test_threads_give_identical_output(clean: dict, native: dict) -> None:
-    out = clean["root"] / "threads.h5"
-    summary = convert.convert(clean["dicom"], out, clean["root"] / "threads.csv", HU_NATIVE, 2)
+@pytest.mark.parametrize(("threads", "setting"), [(2, "SLICES_PER_TASK"), (1, "SLICES_PER_BLOCK")])
+def test_threads_and_blocks_give_identical_output(
+    clean: dict, native: dict, threads: int, setting: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 8-slice series in pieces of 3: tasks for the workers, or blocks in one process.
+    monkeypatch.setattr(convert, setting, 3)
+    out = clean["root"] / f"threads{threads}.h5"
+    rejects = clean["root"] / f"threads{threads}.csv"
+    summary = convert.convert(clean["dicom"], out, rejects, HU_NATIVE, threads)
     assert summary["converted"] == native["summary"]["converted"]
+    assert summary["series"] == native["summary"]["series"]
     pd.testing.assert_frame_equal(data.read_meta(out), data.read_meta(native["h5"]))
     with h5py.File(out) as a, h5py.File(native["h5"]) as b:
         np.testing.assert_array_equal(a["images"][...], b["images"][...])
         np.testing.assert_array_equal(a["meta/spacing"][...], b["meta/spacing"][...])
+        np.testing.assert_array_equal(a["meta/slice_index"][...], b["meta/slice_index"][...])
 
 
 def test_nothing_usable_fails_naming_the_folder(tmp_path: Path) -> None:
@@ -384,3 +392,21 @@ def test_meta_columns_follow_the_data_contract() -> None:
     assert set(convert._META_COLUMNS) == expected
     assert convert.STRING_META == data.STRING_META
     assert (convert.IMAGES, convert.META) == (data.IMAGES, data.META)
+
+
+@pytest.mark.parametrize("compression", sorted(convert.COMPRESSION))
+@pytest.mark.parametrize("dtype", [np.int16, np.uint8, np.float16])
+def test_worker_chunks_decode_through_the_hdf5_filter(compression: str, dtype: type) -> None:
+    """Chunks encoded by workers are what the dataset's own filter decodes."""
+    stack = np.random.default_rng(0).normal(0, 300, (3, 2, 24, 20)).astype(dtype)
+    with h5py.File("chunks", "w", driver="core", backing_store=False) as handle:
+        images = handle.create_dataset(
+            "images",
+            shape=stack.shape,
+            dtype=dtype,
+            chunks=(1, 2, 24, 20),
+            **convert.COMPRESSION[compression],
+        )
+        for row, (mask, chunk) in enumerate(convert.encode_chunks(stack, compression)):
+            images.id.write_direct_chunk((row, 0, 0, 0), chunk, mask)
+        np.testing.assert_array_equal(images[...], stack)

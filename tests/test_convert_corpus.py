@@ -3,6 +3,7 @@ reject with the right reason, and files seen = converted + rejected."""
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import subprocess
@@ -15,11 +16,16 @@ import pandas as pd
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
+from pydicom.encaps import encapsulate
 from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
     EnhancedCTImageStorage,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLSLossless,
     RLELossless,
     generate_uid,
 )
@@ -162,6 +168,101 @@ def test_transfer_syntaxes_give_identical_hu(cohort: dict) -> None:
     for rel, hu in reference.items():
         row = int(np.flatnonzero(meta["source_file"] == rel)[0])
         np.testing.assert_array_equal(images[row], hu, err_msg=rel)
+
+
+def test_lossless_syntaxes_of_one_slice_give_identical_hu(cohort: dict, tmp_path: Path) -> None:
+    """The same CT slice stored uncompressed, JPEG-LS, JPEG 2000, RLE and deflated."""
+    source = cohort["series"][sorted(cohort["series"])[0]][2]
+    reference = _hu(source)
+    for syntax in (JPEGLSLossless, JPEG2000Lossless, RLELossless, DeflatedExplicitVRLittleEndian):
+        folder = tmp_path / syntax.name.split()[0].lower()
+        folder.mkdir()
+        ds = pydicom.dcmread(source)
+        if syntax.is_compressed:
+            ds.compress(syntax, generate_instance_uid=False)
+        else:
+            ds.file_meta.TransferSyntaxUID = syntax
+        ds.save_as(folder / "slice.dcm")
+        assert pydicom.dcmread(folder / "slice.dcm").file_meta.TransferSyntaxUID == syntax
+        summary, _, out = _run(folder)
+        assert summary["converted"] == 1, syntax.name
+        with h5py.File(out) as handle:
+            np.testing.assert_array_equal(handle["images"][0, 0], reference, err_msg=syntax.name)
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        "MR_small_jpeg_ls_lossless.dcm",
+        "MR_small_RLE.dcm",
+        "MR_small_bigendian.dcm",
+        "MR_small_implicit.dcm",
+    ],
+)
+def test_pydicom_encodings_of_one_image_give_identical_hu(variant: str, tmp_path: Path) -> None:
+    """pydicom ships one MR image in several encodings: each converts to the same values."""
+    arrays = []
+    for name in ("MR_small.dcm", variant):
+        source = get_testdata_file(name)
+        if source is None:  # pragma: no cover - test data not shipped
+            pytest.skip(f"pydicom test file {name} unavailable")
+        folder = tmp_path / name.replace(".dcm", "")
+        folder.mkdir()
+        shutil.copy(source, folder / name)
+        summary, _, out = _run(folder, {"modalities": ["MR"]})
+        assert summary["converted"] == 1, name
+        with h5py.File(out) as handle:
+            arrays.append(handle["images"][...])
+    np.testing.assert_array_equal(arrays[1], arrays[0])
+
+
+def test_jpeg_baseline_8bit_within_tolerance(cohort: dict, tmp_path: Path) -> None:
+    """Lossy 8-bit JPEG (made with Pillow; pydicom has no JPEG encoder): HU close, not equal."""
+    from PIL import Image
+
+    source = cohort["series"][sorted(cohort["series"])[0]][2]
+    ds = pydicom.dcmread(source)
+    low, step = -1000.0, 2000.0 / 255  # -1000..1000 HU in 256 grey levels
+    grey = np.clip(np.rint((_hu(source) - low) / step), 0, 255).astype(np.uint8)
+    encoded = io.BytesIO()
+    Image.fromarray(grey).save(encoded, format="JPEG", quality=95)
+    ds.PixelData = encapsulate([encoded.getvalue()])
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.RescaleSlope, ds.RescaleIntercept = f"{step:.10f}", str(low)
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    folder = tmp_path / "jpeg"
+    folder.mkdir()
+    ds.save_as(folder / "slice.dcm")
+    summary, _, out = _run(folder)
+    assert summary["converted"] == 1
+    with h5py.File(out) as handle:
+        hu = handle["images"][0, 0].astype(np.float64)
+    error = np.abs(hu - (grey * step + low))
+    assert error.mean() < 2 * step and error.max() < 24 * step, (error.mean(), error.max())
+
+
+def test_jpeg_extended_12bit_decodes(cohort: dict, tmp_path: Path) -> None:
+    """A 12-bit JPEG Extended frame shipped with pydicom, inside one of our CT headers."""
+    name = "JPGExtended.dcm"
+    shipped = get_testdata_file(name)
+    if shipped is None:  # pragma: no cover - test data not shipped
+        pytest.skip(f"pydicom test file {name} unavailable")
+    jpeg = pydicom.dcmread(shipped)
+    ds = pydicom.dcmread(cohort["series"][sorted(cohort["series"])[0]][0])
+    ds.PixelData = jpeg.PixelData
+    ds["PixelData"].VR = "OB"
+    ds.Rows, ds.Columns = jpeg.Rows, jpeg.Columns
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.file_meta.TransferSyntaxUID = JPEGExtended12Bit
+    folder = tmp_path / "jpeg12"
+    folder.mkdir()
+    ds.save_as(folder / "slice.dcm")
+    summary, _, out = _run(folder)
+    assert summary["converted"] == 1
+    expected = jpeg.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    assert jpeg.pixel_array.max() > 255  # really more than 8 bits
+    with h5py.File(out) as handle:
+        np.testing.assert_array_equal(handle["images"][0, 0], expected)
 
 
 def test_pydicom_test_files(tmp_path: Path) -> None:
@@ -324,3 +425,6 @@ def test_gantry_tilt_reported(cohort: dict) -> None:
     assert summary["findings"][uid][0].startswith("gantry tilt 15.0 deg")
     with h5py.File(out) as handle:
         assert "gantry tilt" in json.loads(handle.attrs["series_findings"])[uid][0]
+    summary, rejects, _ = _run(folder, {"tilt_policy": "reject"})
+    assert summary["converted"] == 8 and summary["series"] == 1
+    assert rejects["reason"].str.startswith("gantry tilt 15.0 deg (tilt_policy reject)").sum() == 8

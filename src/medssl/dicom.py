@@ -8,6 +8,8 @@ person can act on; nothing is dropped silently.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -22,6 +24,7 @@ from pydicom.pixels import pixel_array
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from medssl.multiframe import frame_geometry, is_functional_group_multiframe
+from medssl.rawdicom import PixelLayout, read_raw_header, read_raw_pixels
 
 #: Tags every image must carry: identity (for splitting by patient and joining
 #: labels) and geometry (for sorting and spacing).
@@ -73,6 +76,10 @@ class SliceHeader:
     z: float  # position along the slice normal in mm: the sort key of a series
     frame: int | None = None  # 1-based frame of a multi-frame file; None for single frames
     rescale: tuple[float, float] | None = None  # (slope, intercept) from functional groups
+    #: Set when the file takes the fast path of :mod:`medssl.rawdicom`: where the
+    #: samples are and how to turn them into HU without parsing the file again.
+    pixels: PixelLayout | None = None
+    padding: tuple[int, int | None] | None = None  # PixelPaddingValue, PixelPaddingRangeLimit
 
     @property
     def label(self) -> str:
@@ -129,6 +136,13 @@ def iter_files(root: Path) -> Iterator[Path]:
 
 def slice_normal(orientation: Sequence[float]) -> np.ndarray:
     """Unit normal of the image plane: row cosines x column cosines."""
+    return _normal(tuple(float(v) for v in orientation)).copy()
+
+
+@functools.lru_cache(maxsize=1024)
+def _normal(orientation: tuple[float, ...]) -> np.ndarray:
+    """Cached: every slice of a series has the same orientation, and numpy's small-array
+    overhead made this a tenth of the header pass."""
     row = np.asarray(orientation[:3], dtype=np.float64)
     col = np.asarray(orientation[3:6], dtype=np.float64)
     normal = np.cross(row, col)
@@ -195,6 +209,9 @@ def read_header(
     gives one header per frame.
     """
     rel = path.relative_to(root).as_posix()
+    fast = _fast_header(path, rel, modalities)
+    if fast is not None:
+        return fast
     try:
         with open(path, "rb") as handle:
             ds = read_dataset(handle, stop_before_pixels=True)
@@ -230,6 +247,41 @@ def read_header(
         return _screen(ds, rel, os.path.abspath(path), series_uid, modalities)
     except Exception as err:
         return Rejection(rel, series_uid, f"unreadable header ({type(err).__name__}: {err})")
+
+
+def _fast_header(path: Path, rel: str, modalities: Sequence[str]) -> SliceHeader | None:
+    """The header of a simple file by :mod:`medssl.rawdicom`, screened by the same code.
+
+    Only files that pass every check come back; a rejection (or anything odd)
+    returns ``None`` so that pydicom reads the file and words the reason.
+    """
+    raw = read_raw_header(str(path))
+    if raw is None:
+        return None
+    modality = _text(raw.get("Modality")).upper()
+    if raw.get("PhotometricInterpretation") == "MONOCHROME1" and modality != "CT":
+        return None  # inverted on pydicom's path, which knows BitsStored semantics
+    try:
+        screened = _screen(
+            raw,  # type: ignore[arg-type]  # answers get() and attributes like a Dataset
+            rel,
+            os.path.abspath(path),
+            _text(raw.get("SeriesInstanceUID")),
+            modalities,
+        )
+    except Exception:
+        return None
+    if not isinstance(screened, SliceHeader):
+        return None
+    slope = float(raw.get("RescaleSlope", 1) or 1)
+    intercept = float(raw.get("RescaleIntercept", 0) or 0)
+    padding = raw.get("PixelPaddingValue")
+    return dataclasses.replace(
+        screened,
+        rescale=(slope, intercept),
+        pixels=raw.pixels,
+        padding=None if padding is None else (padding, raw.get("PixelPaddingRangeLimit")),
+    )
 
 
 def _screen(
@@ -348,6 +400,51 @@ def _frame_headers(
     ]
 
 
+def read_slice_hu(header: SliceHeader) -> np.ndarray:
+    """HU of one slice (see :func:`stored_to_hu`): by the fast path when the header
+    came from it, else decoded by pydicom. ValueError says why a slice is unusable."""
+    if header.pixels is None:
+        return read_hu(header.path, header.rows, header.columns, header.frame, header.rescale)
+    stored = read_raw_pixels(header.path, header.pixels, header.rows, header.columns)
+    slope, intercept = header.rescale or (1.0, 0.0)
+    return stored_to_hu(stored, slope, intercept, header.padding)
+
+
+def stored_to_hu(
+    stored: np.ndarray,
+    slope: float,
+    intercept: float,
+    padding: tuple[int, int | None] | None = None,
+) -> np.ndarray:
+    """HU = stored x slope + intercept, with pixel padding set to air (-1000 HU).
+
+    Padding (the scanner's "outside the field of view" marker) becomes air so
+    that it neither looks like tissue nor stretches a min-max scaling. CT almost
+    always has slope 1 and an integer intercept: then HU are computed exactly in
+    int32 (half the memory traffic of float64, and no rounding later); any
+    other rescale gives float64.
+    """
+    if stored.dtype.kind in "iu" and slope == 1 and float(intercept).is_integer():
+        low, high = int(stored.min()), int(stored.max())
+        shift = int(intercept)
+        # int16 when the stored values and the HU both fit (12-bit CT with intercept
+        # -1024 does): the stored dtype of the default policy, so no later pass.
+        fits = min(low, low + shift) >= -32768 and max(high, high + shift) <= 32767
+        hu = np.add(stored, shift, dtype=np.int16 if fits else np.int32, casting="unsafe")
+    else:
+        hu = np.multiply(stored, slope, dtype=np.float64)  # one pass, no temporary
+        hu += intercept
+    if padding is not None:
+        value, limit = padding
+        if limit is None:
+            mask = stored == value
+        else:
+            low, high = sorted((int(value), int(limit)))
+            mask = (stored >= low) & (stored <= high)
+        hu[mask] = -1000
+    return hu
+
+
 def read_hu(
     path: str,
     rows: int,
@@ -355,10 +452,9 @@ def read_hu(
     frame: int | None = None,
     rescale: tuple[float, float] | None = None,
 ) -> np.ndarray:
-    """Decode one slice to HU (float64, rows x columns); ValueError says why not.
+    """Decode one slice with pydicom (any transfer syntax) to HU (:func:`stored_to_hu`).
 
-    Pixel padding (the scanner's "outside the field of view" marker) becomes air,
-    -1000 HU, so that it neither looks like tissue nor stretches a min-max scaling.
+    ValueError says why the slice cannot be used.
     """
     with open(path, "rb") as handle:
         ds = read_dataset(handle)
@@ -389,19 +485,14 @@ def read_hu(
     else:
         slope = float(ds.get("RescaleSlope", 1) or 1)
         intercept = float(ds.get("RescaleIntercept", 0) or 0)
-    hu = np.multiply(stored, slope, dtype=np.float64)  # one pass, no temporary
-    hu += intercept
-
     padding = ds.get("PixelPaddingValue")
-    if padding is not None:
-        limit = ds.get("PixelPaddingRangeLimit")
-        if limit is None:
-            mask = stored == padding
-        else:
-            low, high = sorted((int(padding), int(limit)))
-            mask = (stored >= low) & (stored <= high)
-        hu[mask] = -1000.0
-    return hu
+    limit = ds.get("PixelPaddingRangeLimit")
+    return stored_to_hu(
+        stored,
+        slope,
+        intercept,
+        None if padding is None else (int(padding), None if limit is None else int(limit)),
+    )
 
 
 def _inverted(ds: pydicom.Dataset) -> bool:

@@ -9,7 +9,8 @@ problems of real archives become visible and are handled here:
   about them is a policy, chosen in the config (:data:`GAP_POLICIES`);
 * gantry tilt: the slices are stacked along a direction that is not the slice
   normal. The pixels are still right, but a volume built from them is sheared,
-  so tilted series are reported (not resampled: this benchmark works on slices).
+  so tilted series are reported, or rejected with ``tilt_policy: reject``
+  (never resampled: this benchmark works on slices, and each slice is exact).
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ import numpy as np
 DEFAULT_GAP_TOLERANCE = 0.5
 #: Stacking directions further than this from the normal count as gantry tilt.
 TILT_TOLERANCE_DEG = 0.5
+#: What happens to a tilted series: converted with a finding, or rejected whole
+#: (for 2.5D/3D uses, where a sheared stack would mislead).
+TILT_POLICIES = ("report", "reject")
 
 
 @dataclass(frozen=True)
