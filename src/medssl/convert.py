@@ -58,6 +58,7 @@ from medssl.geometry import (
     find_gaps,
     tilt_degrees,
 )
+from medssl.faults import fault_point
 from medssl.io import atomic_path, write_csv
 from medssl.provenance import record
 
@@ -739,6 +740,7 @@ def _write_h5(
             n_series += 1
             for name, values in result.meta.items():
                 meta[name].extend(values)
+            fault_point("convert.series_written")
 
         group = handle.create_group(META)
         text = h5py.string_dtype("utf-8")

@@ -36,6 +36,7 @@ from torch import nn
 from medssl.cli import json_arg, resolve_device, set_threads, setup_logging
 from medssl.data import load_images
 from medssl.directions import HIGHER_IS_BETTER
+from medssl.faults import fault_point
 from medssl.io import write_json
 from medssl.metrics import METRICS, classification_metrics
 from medssl.models import BACKBONES, build_backbone, feature_dim, load_encoder
@@ -399,6 +400,7 @@ def finetune(
         if _is_better(val[select], best_value, select):
             best_value, best_epoch, best_val = val[select], epoch, val
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        fault_point("finetune.epoch_end")
 
     if best_state is not None:
         model.load_state_dict(best_state)

@@ -17,7 +17,7 @@ from torch import nn
 from torchvision.models import resnet18, resnet50
 from torchvision.models.resnet import BasicBlock, ResNet
 
-from medssl.io import atomic_path, read_json, write_json
+from medssl.io import read_json, save_torch, write_json
 
 
 class SmallResNet(ResNet):
@@ -99,8 +99,7 @@ def save_encoder(model: ResNet, path: str | Path, backbone: str, info: dict) -> 
     """Save the backbone's weights (no classifier) and a sidecar describing them."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items() if not k.startswith("fc.")}
     in_channels = int(model.conv1.in_channels)
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    save_torch(path, state)
     write_json(sidecar_path(path), {"backbone": backbone, "in_channels": in_channels, **info})
 
 
