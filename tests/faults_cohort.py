@@ -12,9 +12,10 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-from medssl import convert
+from medssl import convert, faults
 from medssl.data import read_meta
 from medssl.io import write_csv
 from medssl.split import make_partition, make_subsets, read_label_table
@@ -138,6 +139,31 @@ def run_stage(
         text=True,
         timeout=timeout,
     )
+
+
+def run_killed(main: Callable[[list[str]], int], args: list[str], fault: str) -> int:
+    """Run a stage's ``main(args)`` in a forked child that SIGKILLs itself at ``fault``.
+
+    Returns the signal that ended the child (``signal.SIGKILL`` when the fault
+    point was reached), or ``-exit status`` when it ended on its own. Forking
+    the test process, which has imported torch already, costs milliseconds
+    where a fresh ``python -m`` costs seconds of imports; the code path after
+    the import is the same. Callers run with one torch thread, so no OpenMP
+    pool is forked.
+    """
+    pid = os.fork()
+    if pid == 0:  # the child: never return into pytest
+        status = 1
+        try:
+            os.environ[faults.ENV] = fault
+            faults._reached.clear()
+            status = main(args)
+        finally:
+            os._exit(status if isinstance(status, int) else 1)
+    _, wait_status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(wait_status):
+        return os.WTERMSIG(wait_status)
+    return -os.WEXITSTATUS(wait_status)
 
 
 def leftover_parts(root: Path) -> list[Path]:

@@ -1,8 +1,9 @@
 """Killed jobs: SIGKILL each stage at named points, rerun, and get the uninterrupted result.
 
-Every stage runs as ``python -m medssl.<stage>`` in a subprocess that kills
-itself at a fault point (``MEDSSL_FAULT_AT``, see :mod:`medssl.faults`),
-exactly as a cluster's time limit or the OOM killer would. After the kill no
+Every stage's command line runs in a forked process that kills itself at a
+fault point (``MEDSSL_FAULT_AT``, see :mod:`medssl.faults`), exactly as a
+cluster's time limit or the OOM killer would; one test does the same with
+a fresh ``python -m medssl.convert`` process. After the kill no
 output may look complete, and a rerun must finish with the same bytes (or, for
 HDF5, the same arrays and attributes) as a run that was never interrupted.
 Pre-training must resume from its last checkpoint; fine-tuning has none and
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 from pathlib import Path
 
 import h5py
@@ -25,6 +27,7 @@ from faults_cohort import (
     finetune_args,
     leftover_parts,
     pretrain_args,
+    run_killed,
     run_stage,
 )
 
@@ -37,9 +40,12 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return build_cohort(tmp_path_factory.mktemp("cohort"))
 
 
-def assert_killed(result) -> None:
+def assert_killed(result: int | subprocess.CompletedProcess) -> None:
     """The process died of SIGKILL, i.e. it reached the fault point."""
-    assert result.returncode == -signal.SIGKILL, (result.returncode, result.stderr[-2000:])
+    if isinstance(result, subprocess.CompletedProcess):
+        assert result.returncode == -signal.SIGKILL, (result.returncode, result.stderr[-2000:])
+    else:
+        assert result == signal.SIGKILL, f"ended with {result} instead of SIGKILL"
 
 
 def h5_content(path: Path) -> dict[str, object]:
@@ -77,7 +83,7 @@ def test_killed_conversion_reruns_to_the_same_dataset(
     cohort: dict[str, Path], tmp_path: Path, point: str
 ) -> None:
     out, rejects = tmp_path / "d.h5", tmp_path / "d.rejects.csv"
-    assert_killed(run_stage("convert", convert_args(cohort, out), fault=point))
+    assert_killed(run_killed(convert.main, convert_args(cohort, out), point))
     if point == "before_rename:d.rejects.csv":
         # The HDF5 file is complete; Snakemake reruns the job for the missing table.
         assert h5_content(out) == h5_content(cohort["h5"]) and not rejects.exists()
@@ -99,7 +105,6 @@ PRETRAIN_POINTS = {
     "pretrain.checkpoint_saved#1": 1,
     "pretrain.step#7": 1,  # mid-epoch 2
     "before_rename:checkpoint.pt#2": 1,  # checkpoint 2 half-done: checkpoint 1 stays
-    "before_rename:encoder.pt": 3,  # trained, encoder not yet in place
     "before_rename:encoder.json": 3,  # encoder in place, sidecar not yet
 }
 
@@ -124,7 +129,7 @@ def test_killed_pretraining_resumes_to_identical_encoder(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     out, checkpoints = tmp_path / "init" / "encoder.pt", tmp_path / "checkpoints"
-    assert_killed(run_stage("pretrain", pretrain_args(cohort, out, checkpoints), fault=point))
+    assert_killed(run_killed(pretrain.main, pretrain_args(cohort, out, checkpoints), point))
     assert not (out.exists() and sidecar_path(out).exists())
     checkpoint = checkpoints / trainer.CHECKPOINT_NAME
     resume_at = PRETRAIN_POINTS[point]
@@ -172,8 +177,22 @@ def test_killed_finetune_reruns_to_identical_metrics(
     cohort: dict[str, Path], reference_metrics: Path, tmp_path: Path, point: str, one_thread
 ) -> None:
     out = tmp_path / "scratch" / "region" / "frac1.0" / "seed0" / "metrics.json"
-    assert_killed(run_stage("finetune", finetune_args(cohort, out), fault=point))
+    assert_killed(run_killed(finetune.main, finetune_args(cohort, out), point))
     assert not out.exists()
     assert finetune.main(finetune_args(cohort, out)) == 0
     assert out.read_bytes() == reference_metrics.read_bytes()
     assert not leftover_parts(tmp_path)
+
+
+# --------------------------------------------------------------------------- real processes
+
+
+def test_fault_point_kills_a_fresh_stage_process(cohort: dict[str, Path], tmp_path: Path) -> None:
+    """The hook works in ``python -m medssl.<stage>`` as Snakemake runs it, not only in a fork.
+
+    (Conversion imports no torch, so a fresh process is cheap; test_pretrain
+    kills a fresh pre-training process too.)
+    """
+    out = tmp_path / "d.h5"
+    assert_killed(run_stage("convert", convert_args(cohort, out), fault="convert.series_written#2"))
+    assert not out.exists() and leftover_parts(tmp_path)
