@@ -196,3 +196,56 @@ def test_fault_point_kills_a_fresh_stage_process(cohort: dict[str, Path], tmp_pa
     out = tmp_path / "d.h5"
     assert_killed(run_stage("convert", convert_args(cohort, out), fault="convert.series_written#2"))
     assert not out.exists() and leftover_parts(tmp_path)
+
+
+# --------------------------------------------------------------------------- determinism
+
+
+def test_pretraining_twice_gives_identical_encoder_bytes(
+    cohort: dict[str, Path], reference_encoder: Path, tmp_path: Path, one_thread
+) -> None:
+    out = tmp_path / "again" / "encoder.pt"
+    assert pretrain.main(pretrain_args(cohort, out, tmp_path / "checkpoints")) == 0
+    assert out.read_bytes() == reference_encoder.read_bytes()
+    other = tmp_path / "seed4" / "encoder.pt"
+    args = pretrain_args(cohort, other, tmp_path / "checkpoints4")
+    args[args.index("--seed") + 1] = "4"
+    assert pretrain.main(args) == 0
+    assert other.read_bytes() != reference_encoder.read_bytes()
+
+
+def test_finetune_twice_gives_identical_metrics_bytes(
+    cohort: dict[str, Path], reference_metrics: Path, tmp_path: Path, one_thread
+) -> None:
+    out = tmp_path / "again" / "metrics.json"
+    assert finetune.main(finetune_args(cohort, out)) == 0
+    assert out.read_bytes() == reference_metrics.read_bytes()
+    other = tmp_path / "seed1" / "metrics.json"
+    assert finetune.main(finetune_args(cohort, other, seed=1)) == 0
+    assert json.loads(other.read_text())["history"] != json.loads(out.read_text())["history"]
+
+
+# --------------------------------------------------------------------------- provenance
+
+
+def _assert_provenance(prov: dict, stage: str, seed: int | None) -> None:
+    """Version and commit, the settings that made the file, package versions and the seed."""
+    assert prov["stage"] == stage and prov["medssl_version"]
+    assert "git_commit" in prov  # None only outside a git checkout
+    assert prov["settings"] and prov["seed"] == seed
+    assert {"python", "torch", "numpy", "h5py"} <= set(prov["packages"])
+
+
+def test_stage_outputs_carry_provenance(
+    cohort: dict[str, Path], reference_encoder: Path, reference_metrics: Path
+) -> None:
+    with h5py.File(cohort["h5"], "r") as handle:
+        converted = json.loads(handle.attrs["provenance"])
+    _assert_provenance(converted, "convert", None)
+    assert converted["settings"]["image_size"] == 32
+    encoder = json.loads(sidecar_path(reference_encoder).read_text())["provenance"]
+    _assert_provenance(encoder, "pretrain", 3)
+    assert encoder["settings"]["simclr"] == {"temperature": 0.2, "proj_dim": 16}
+    metrics = json.loads(reference_metrics.read_text())["provenance"]
+    _assert_provenance(metrics, "finetune", 0)
+    assert metrics["settings"]["finetune"]["epochs"] == 4
