@@ -23,7 +23,7 @@ def seed_everything(seed: int, deterministic: bool = True) -> torch.Generator:
         # chosen before CUDA starts; a value the user set wins.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         # warn_only: a CUDA op without a deterministic kernel warns instead of
-        # stopping a multi-day run; on CPU every op medssl uses is deterministic.
+        # stopping a multi-day run; CPU runs are bit-identical (tests compare bytes).
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
     generator = torch.Generator()
