@@ -46,7 +46,7 @@ class _RunsCode:
 
 
 def test_crafted_pickle_is_proven_to_run_code_when_trusted(tmp_path: Path) -> None:
-    """The payload is live: plain ``pickle.loads`` runs it (so the refusals below mean something)."""
+    """The payload is live: plain ``pickle.loads`` runs it, so the refusals below mean something."""
     marker = tmp_path / "ran"
     pickle.loads(pickle.dumps(_RunsCode(marker)))
     assert marker.exists()

@@ -51,6 +51,7 @@ from medssl.dicom import (
     read_hu,
     slice_normal,
 )
+from medssl.faults import fault_point
 from medssl.geometry import (
     DEFAULT_GAP_TOLERANCE,
     GAP_POLICIES,
@@ -58,7 +59,6 @@ from medssl.geometry import (
     find_gaps,
     tilt_degrees,
 )
-from medssl.faults import fault_point
 from medssl.io import atomic_path, write_csv
 from medssl.provenance import record
 

@@ -62,7 +62,7 @@ def record(stage: str, settings: dict[str, Any] | None = None, seed: int | None 
 
 
 def sidecar_path(output: str | Path) -> Path:
-    """Where the provenance of a file without room for it goes: ``x.md`` -> ``x.md.provenance.json``."""
+    """Provenance file of an output that has no room for metadata: ``x.md.provenance.json``."""
     output = Path(output)
     return output.with_name(output.name + ".provenance.json")
 
