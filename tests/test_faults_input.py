@@ -268,3 +268,14 @@ def test_aggregate_refuses_a_nan_metric_naming_the_file(tmp_path: Path) -> None:
     out = tmp_path / "runs.csv"
     assert aggregate.main(["--out", str(out), str(bad)]) == 1
     assert not out.exists()
+
+
+def test_stale_temporary_files_of_a_killed_writer_are_removed(tmp_path: Path) -> None:
+    target = tmp_path / "runs.csv"
+    stale = tmp_path / ".runs.csv.k1ll3d_x.part"
+    other = tmp_path / ".runs.csv.provenance.json.abcdefgh.part"  # another file's temp
+    stale.write_text("half")
+    other.write_text("half")
+    io.write_text(target, "done\n")
+    assert target.read_text() == "done\n"
+    assert not stale.exists() and other.exists()

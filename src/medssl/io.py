@@ -88,9 +88,13 @@ def _remove_stale_parts(target: Path) -> None:
     """Delete temporary siblings that killed writers of ``target`` left behind.
 
     Safe because one output file has one writer at a time: Snakemake runs at
-    most one job per output and holds a lock on the working directory.
+    most one job per output and holds a lock on the working directory. The
+    pattern matches ``tempfile``'s 8 random characters exactly, so the
+    temporary files of ``x.csv.provenance.json`` are not taken for those of
+    ``x.csv``.
     """
-    pattern = os.path.join(glob.escape(str(target.parent)), f".{glob.escape(target.name)}.*.part")
+    name = f".{glob.escape(target.name)}.{'?' * 8}.part"
+    pattern = os.path.join(glob.escape(str(target.parent)), name)
     for stale in glob.glob(pattern):
         Path(stale).unlink(missing_ok=True)
 
