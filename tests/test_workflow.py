@@ -215,9 +215,10 @@ def test_killed_snakemake_reruns_and_gives_byte_identical_tables(
 ) -> None:
     """SIGKILL snakemake and its jobs mid-run, rerun, and compare with the uninterrupted run.
 
-    The rerun needs --rerun-incomplete (the SLURM profile sets it) so Snakemake
-    redoes any job whose output it had started; tables equal the uninterrupted
-    run's byte for byte, which is the determinism guarantee across processes.
+    The killed snakemake leaves its lock, so the user runs --unlock, then reruns
+    with --rerun-incomplete (the SLURM profile sets it) so Snakemake redoes any
+    job whose output it had started; tables equal the uninterrupted run's byte
+    for byte, which is the determinism guarantee across processes.
     """
     workdir = tmp_path / "killed"
     workdir.mkdir()
@@ -254,6 +255,8 @@ def test_killed_snakemake_reruns_and_gives_byte_identical_tables(
     for metrics in finished:  # whatever exists under its final name is complete
         assert json.loads(metrics.read_text())["test"]
 
+    # A killed snakemake leaves its lock behind; --unlock is the documented way out.
+    snakemake(workdir, "--unlock")
     snakemake(workdir, "--rerun-incomplete")
     reference = workflow_run / "results/tables"
     compared = 0
