@@ -7,9 +7,10 @@ reporting them beside the test numbers would invite selecting on them twice.
 
 The table feeds the statistics, so it is strict about its inputs: a file with
 a missing key, a wrong type or an infinite metric stops the stage with an
-error naming the file and the key, rather than quietly skewing a mean. A NaN
-metric is allowed and kept as NaN (a run's AUC is undefined when its test set
-holds one class only); the statistics count such runs out of ``n``.
+error naming the file and the key, rather than quietly skewing a mean. An
+undefined metric, written as JSON null (a run's AUC is undefined when its test
+set holds one class only), is kept as NaN and the statistics count such runs
+out of ``n``; a literal NaN or an infinity is refused.
 
 Rows are sorted by (task, metric, init, fraction, seed) and floats are written
 with Python's shortest round-trip repr, so two aggregations of the same runs
@@ -79,7 +80,12 @@ def _as_str(value: Any, key: str, path: Path) -> str:
 
 
 def _as_metric(value: Any, key: str, path: Path) -> float:
-    """A test metric: finite float, or NaN (also written as JSON null) when undefined."""
+    """A test metric: a finite float, or JSON null (kept as NaN) when undefined.
+
+    A literal NaN is refused: :func:`medssl.io.write_json` writes an undefined
+    value as null, so NaN in a file means a writer that did not check its
+    numbers (a diverged run), and such a run must not enter the tables.
+    """
     if value is None:
         return math.nan
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -87,6 +93,11 @@ def _as_metric(value: Any, key: str, path: Path) -> float:
     value = float(value)
     if math.isinf(value):
         raise MetricsError(f"{path}: metric {key!r} is infinite ({value})")
+    if math.isnan(value):
+        raise MetricsError(
+            f"{path}: metric {key!r} is NaN; an undefined metric must be written as null, "
+            "a NaN means the run diverged or the file was not written by medssl.finetune"
+        )
     return value
 
 

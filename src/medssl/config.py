@@ -20,6 +20,8 @@ from typing import Any
 import jsonschema
 import yaml
 
+from medssl.paths import check_outputs
+
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
 
 
@@ -120,6 +122,7 @@ TASK_METRICS: dict[str, tuple[str, ...]] = {
 
 def check_references(config: dict) -> Iterator[str]:
     """Yield one message per cross-reference the schema cannot check."""
+    yield from check_outputs(config)
     datasets = config["data"]["datasets"]
     for name, dataset in datasets.items():
         if dataset["source"] == "dicom":

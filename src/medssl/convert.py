@@ -56,6 +56,7 @@ from medssl.dicom import (
     read_slice_hu,
     slice_normal,
 )
+from medssl.faults import fault_point
 from medssl.geometry import (
     DEFAULT_GAP_TOLERANCE,
     GAP_POLICIES,
@@ -910,6 +911,7 @@ def _write_h5(
             written[series] += count
             for name, values in result.meta.items():
                 meta[name].extend(values)
+            fault_point("convert.series_written")
 
         n_series = len(written)
         group = handle.create_group(META)

@@ -43,6 +43,7 @@ from torch import nn
 from medssl.cli import json_arg, resolve_device, set_threads, setup_logging
 from medssl.data import load_images
 from medssl.directions import HIGHER_IS_BETTER
+from medssl.faults import fault_point
 from medssl.io import write_json
 from medssl.maskio import load_masks
 from medssl.models import BACKBONES, build_backbone, load_encoder
@@ -487,6 +488,7 @@ def finetune(
             lrs,
             " ".join(f"{k} {val[k]:.4f}" for k in (*kind.metrics, "loss")),
         )
+        fault_point("finetune.epoch_end")
         if _is_better(val[select], best_value, select):
             best_value, best_epoch, best_val = val[select], epoch, val
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}

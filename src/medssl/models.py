@@ -20,7 +20,7 @@ from torch import nn
 from torchvision.models import resnet18, resnet50
 from torchvision.models.resnet import BasicBlock, ResNet
 
-from medssl.io import atomic_path, read_json, write_json
+from medssl.io import read_json, save_torch, write_json
 
 
 class SmallResNet(ResNet):
@@ -203,8 +203,7 @@ def save_encoder(model: ResNet, path: str | Path, backbone: str, info: dict) -> 
     if stem_channels(model) != in_channels:
         # A repeated stem: the weights have more channels than the model takes.
         stem = {"stem": "repeat", "stem_channels": stem_channels(model)}
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    save_torch(path, state)
     write_json(
         sidecar_path(path), {"backbone": backbone, "in_channels": in_channels, **stem, **info}
     )

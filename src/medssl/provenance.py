@@ -59,3 +59,20 @@ def record(stage: str, settings: dict[str, Any] | None = None, seed: int | None 
         "packages": package_versions(),
         "command": " ".join(sys.argv),
     }
+
+
+def sidecar_path(output: str | Path) -> Path:
+    """Provenance file of an output that has no room for metadata: ``x.md.provenance.json``."""
+    output = Path(output)
+    return output.with_name(output.name + ".provenance.json")
+
+
+def write_sidecar(
+    output: str | Path, stage: str, settings: dict[str, Any] | None = None, seed: int | None = None
+) -> Path:
+    """Write :func:`record` beside ``output`` (for tables and text, which carry no metadata)."""
+    from medssl.io import write_json  # here: medssl.io imports nothing of this module, keep it so
+
+    path = sidecar_path(output)
+    write_json(path, record(stage, settings, seed))
+    return path

@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from medssl.io import write_csv, write_text
+from medssl.provenance import write_sidecar
 from medssl.stats import TESTS, metric_direction, resolve_settings, settings_arg
 
 log = logging.getLogger(__name__)
@@ -374,6 +375,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         text = task_latex(summary, args.task, args.settings, decimals=args.decimals, **order)
         write_text(args.latex, text)
         log.info("wrote %s", args.latex)
+    for written in (args.out, args.csv, args.latex):
+        if written:
+            write_sidecar(written, "tables", {**vars(args), "summary": str(args.summary)})
     return 0
 
 

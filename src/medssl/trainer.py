@@ -34,6 +34,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Dataset
 
 from medssl.augment import seed_worker
+from medssl.faults import fault_point
 from medssl.io import atomic_path, write_csv
 from medssl.lamb import LAMB
 from medssl.methods.base import Method
@@ -382,6 +383,7 @@ def train(
             scheduler.step()
             global_step = epoch * steps_per_epoch + step_in_epoch + 1
             method.on_step_end(global_step, total_steps)
+            fault_point("pretrain.step")
             loss_sum += loss.detach().float()
             steps += 1
             if steps % check_every == 0 or steps == steps_per_epoch:
@@ -419,6 +421,7 @@ def train(
                     "fingerprint": fingerprint_text,
                 },
             )
+            fault_point("pretrain.checkpoint_saved")
         _write_history(directory, result.history)
     if result.resumed_from == epochs:
         _write_history(directory, result.history)
