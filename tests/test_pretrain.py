@@ -21,8 +21,8 @@ from medssl import models, trainer
 from medssl import pretrain as pretrain_module
 from medssl.data import SliceDataset
 from medssl.methods import build_method
-from medssl.pretrain import main, pretrain
 from medssl.optimizers import LARS
+from medssl.pretrain import main, pretrain
 from medssl.trainer import NonFiniteLossError, warmup_cosine
 
 SETTINGS = {

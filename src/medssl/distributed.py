@@ -26,7 +26,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 
 log = logging.getLogger(__name__)
 
@@ -108,11 +107,37 @@ def rank() -> int:
     return dist.get_rank() if active() else 0
 
 
+class _Gather(torch.autograd.Function):
+    """``all_gather`` along dim 0 whose backward sums each rank's slice over ranks.
+
+    Written out because ``torch.distributed.nn.functional.all_gather`` is
+    deprecated and its replacement is private; an ``all_reduce`` of the
+    gathered gradient works with every backend, gloo included.
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, tensor: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        ctx.rows = (dist.get_rank() * len(tensor), (dist.get_rank() + 1) * len(tensor))
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
+        total = grad.contiguous().clone()
+        dist.all_reduce(total)
+        start, end = ctx.rows
+        return total[start:end]
+
+
 def gather(tensor: torch.Tensor) -> torch.Tensor:
-    """All ranks' ``tensor`` concatenated along dim 0 in rank order, with gradient."""
+    """All ranks' ``tensor`` concatenated along dim 0 in rank order, with gradient.
+
+    Every rank must pass the same shape.
+    """
     if not active():
         return tensor
-    return torch.cat(dist_fn.all_gather(tensor.contiguous()))
+    return _Gather.apply(tensor)
 
 
 @torch.no_grad()

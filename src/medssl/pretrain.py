@@ -226,6 +226,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def without_nproc(argv: Sequence[str]) -> list[str]:
+    """``argv`` without ``--nproc N`` / ``--gpus N``, which torchrun would read as its own."""
+    kept: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--nproc", "--gpus"):
+            skip = True
+        elif not arg.startswith(("--nproc=", "--gpus=")):
+            kept.append(arg)
+    return kept
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; exits with a one-line error when the loss diverges."""
     args = build_parser().parse_args(argv)
@@ -233,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.nproc < 1:
         raise SystemExit(f"error: --nproc must be at least 1, got {args.nproc}")
     if args.nproc > 1 and not distributed.launched():
-        forwarded = list(sys.argv[1:] if argv is None else argv)
+        forwarded = without_nproc(sys.argv[1:] if argv is None else argv)
         return distributed.relaunch("medssl.pretrain", forwarded, args.nproc)
     if args.threads is not None:
         set_threads(args.threads)

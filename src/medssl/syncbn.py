@@ -41,7 +41,7 @@ def _global_batch_norm(module: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
     """Training-mode BatchNorm over the union of every rank's batch."""
     channels = x.shape[1]
     dims = [0, *range(2, x.ndim)]
-    values = x.float()
+    values = x.to(torch.promote_types(x.dtype, torch.float32))
     count = values.new_tensor(float(values.numel() // channels))
     local_mean = values.mean(dims) if values.numel() else values.new_zeros(channels)
     centred = values - local_mean.view(1, channels, *([1] * (x.ndim - 2)))

@@ -14,9 +14,9 @@ uninterrupted run, because
   together, atomically, after whole epochs.
 
 Under DDP (one process per GPU, :mod:`medssl.distributed`) ``batch_size`` is
-the global batch: every rank takes an interleaved share of the same
-(seed, epoch) permutation, so the union of the ranks' batches at a step is
-the batch one process would train on; rank 0 alone writes the checkpoint and
+the global batch: every rank takes its share of each batch of the same
+(seed, epoch) permutation, so the ranks' batches at a step make up the
+batch one process would train on; rank 0 alone writes the checkpoint and
 the history.
 """
 
@@ -27,6 +27,7 @@ import logging
 import math
 import random
 import time
+import warnings
 from collections.abc import Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -250,14 +251,18 @@ def epoch_order(
 ) -> list[int]:
     """This rank's sample indices for one epoch, in order.
 
-    One permutation from (seed, epoch), cut to whole global batches, dealt
-    to the ranks in turn (``DistributedSampler``'s interleaving): the
-    union of the ranks' ``k``-th local batches is the ``k``-th global batch
-    of the single-process order, whatever the number of ranks.
+    One permutation from (seed, epoch), cut to whole global batches; rank
+    ``r`` takes the ``r``-th contiguous share of every global batch. Unlike
+    ``DistributedSampler``'s interleaving, concatenating the ranks' batches
+    in rank order (what :func:`medssl.distributed.gather` does) rebuilds the
+    single-process batch in its order, so queues (MoCo, SwAV) fill
+    identically whatever the number of ranks.
     """
     generator = torch.Generator().manual_seed(epoch_seed(seed, epoch, 0))
     order = torch.randperm(n, generator=generator)
-    return order[: (n // global_batch) * global_batch][rank::world].tolist()
+    steps = n // global_batch
+    shares = order[: steps * global_batch].view(steps, world, global_batch // world)
+    return shares[:, rank].reshape(-1).tolist()
 
 
 def _epoch_loader(
@@ -319,12 +324,16 @@ def _wrap(method: Method, device: torch.device) -> torch.nn.Module:
     # Buffers are kept equal across ranks by the methods themselves (global
     # BatchNorm statistics, queues filled from every rank's keys), so DDP need
     # not copy rank 0's to all ranks before every forward.
-    return DistributedDataParallel(
-        method,
-        device_ids=[device.index] if device.type == "cuda" else None,
-        broadcast_buffers=False,
-        find_unused_parameters=method.ddp_find_unused_parameters,
-    )
+    with warnings.catch_warnings():
+        # torch 2.9+ suggests forward_sync_buffers, which still syncs at init
+        # and is not in older releases; broadcast_buffers=False is what is meant.
+        warnings.filterwarnings("ignore", message=".*broadcast_buffers", category=FutureWarning)
+        return DistributedDataParallel(
+            method,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False,
+            find_unused_parameters=method.ddp_find_unused_parameters,
+        )
 
 
 def train(

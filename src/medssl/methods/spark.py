@@ -28,6 +28,7 @@ from torch import nn
 from torchvision.models.resnet import ResNet
 
 from medssl.methods.base import Method, register
+from medssl.methods.losses import wide
 from medssl.methods.sparse import MaskState, SparseBatchNorm2d, sparsify
 
 DOWNSAMPLE = 32
@@ -253,4 +254,4 @@ class SparK(Method):
             visible_pixels = self.mask_state.at(height, width)
             features = stage_features(self.backbone, images * visible_pixels)
         reconstruction = self.decoder(self.densify(features, active))
-        return masked_patch_loss(images, reconstruction.float(), active, DOWNSAMPLE)
+        return masked_patch_loss(images, wide(reconstruction), active, DOWNSAMPLE)
