@@ -57,6 +57,7 @@ class MoCoV2(Method):
         "final_lr_fraction": 0.0,
     }
     sync_batch_norm: ClassVar[bool] = False
+    exclude_bias_and_norm: ClassVar[bool] = False
 
     def __init__(self, backbone: nn.Module, settings: dict[str, Any] | None = None) -> None:
         super().__init__(backbone, settings)

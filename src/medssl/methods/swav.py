@@ -70,6 +70,8 @@ class SwAV(Method):
         "warmup_epochs": 10,
         "final_lr_fraction": 0.001,
     }
+    # LARC decays and adapts every parameter, biases and BatchNorm included.
+    exclude_bias_and_norm: ClassVar[bool] = False
     # The prototypes get no gradient while frozen.
     ddp_find_unused_parameters: ClassVar[bool] = True
 
