@@ -462,7 +462,7 @@ def train(
                 _check_finite(distributed.mean(loss_sum), epoch + 1, steps, checkpoint_path)
         seconds = time.perf_counter() - started
         mean_loss = float(distributed.mean(loss_sum)) / steps
-        wait_fraction = float(distributed.mean(torch.tensor(waited / seconds)))
+        wait_fraction = float(distributed.mean(torch.tensor(waited / seconds, device=device)))
         decaying = [g for g in optimizer.param_groups if not g.get("lars_exclude", False)]
         row = {
             "epoch": epoch + 1,
