@@ -66,6 +66,9 @@ CASES: dict[str, dict] = {
 }
 """Methods and narrowed heads; SwAV's queue of two global batches starts at epoch 1."""
 
+MOCO = {"proj_dim": 16, "queue_size": 16}
+"""MoCo's shuffle BN draws a permutation, so it is checked for consistency, not equality."""
+
 
 class FixedViews(Dataset):
     """Two fixed views per synthetic CT slice: the slice and a shifted, noisier copy."""
@@ -95,7 +98,7 @@ def run_case(name: str, checkpoint_dir: Path) -> dict:
 
 def _run_case(name: str, checkpoint_dir: Path) -> dict:
     torch.manual_seed(0)
-    method = build_method(name, models.build_backbone("resnet_small", 1), CASES[name])
+    method = build_method(name, models.build_backbone("resnet_small", 1), CASES.get(name, MOCO))
     result = train(method, FixedViews(), SETTINGS, checkpoint_dir=checkpoint_dir, seed=0)
     return {
         "losses": [row["loss"] for row in result.history],
@@ -134,6 +137,10 @@ def worker(rank: int, port: int, out_dir: str) -> None:
     try:
         results = {name: run_case(name, Path(out_dir) / name) for name in CASES}
         results["sparse_norm"] = sparse_norm_case()
+        moco = run_case("moco_v2", Path(out_dir) / "moco_v2")
+        results["moco_losses"] = moco["losses"]
+        results["moco_queues"] = distributed.gather_detached(moco["state"]["queue"][None])
+        results["moco_pointer"] = moco["state"]["queue_pointer"]
         gathered = distributed.gather_detached(results["sparse_norm"][:-1])
         if rank == 0:
             results["sparse_norm"] = torch.cat([gathered, results["sparse_norm"][-1:]])
@@ -175,6 +182,18 @@ def test_sparse_batch_norm_statistics_span_both_ranks(ddp_results: dict, one_thr
     """Each rank's visible positions are normalised by the statistics of all visible positions."""
     single = sparse_norm_case()
     torch.testing.assert_close(ddp_results["sparse_norm"], single, rtol=1e-5, atol=1e-6)
+
+
+def test_moco_queue_holds_every_ranks_keys_identically(ddp_results: dict) -> None:
+    """Both ranks enqueue the gathered keys: after 3 steps of 8 the queues of 16 agree."""
+    first, second = ddp_results["moco_queues"]
+    assert torch.equal(first, second)
+    assert np.isfinite(ddp_results["moco_losses"]).all()
+    # 3 x 8 global keys went into a ring of 16 initialised with random vectors.
+    assert int(ddp_results["moco_pointer"]) == 24 % 16
+    torch.manual_seed(0)
+    initial = build_method("moco_v2", models.build_backbone("resnet_small", 1), MOCO).queue
+    assert not torch.isclose(first.float(), initial, atol=1e-3).all(dim=1).any()
 
 
 def test_cli_relaunches_under_torchrun_and_rank_zero_writes(tmp_path: Path) -> None:
