@@ -118,7 +118,7 @@ def measure_trainer(
         )
     last = result.history[-1]
     return {
-        "images_per_s": round(last["images_per_s"], 1),
+        "images_per_s": float(f"{last['images_per_s']:.3g}"),
         "data_wait_fraction": round(last["data_wait_fraction"], 3),
     }
 
@@ -153,7 +153,7 @@ def main() -> None:
             if args.loop == "trainer":
                 figures = measure_trainer(name, args, precision, device)
             else:
-                figures = {"images_per_s": round(measure(name, args, precision, device), 1)}
+                figures = {"images_per_s": float(f"{measure(name, args, precision, device):.3g}")}
             print(json.dumps({"method": name, "precision": precision, **figures}))
 
 
