@@ -177,6 +177,13 @@ def pretrain(
     if ctx.world_size > 1:
         # Another process count trains on other per-rank streams: not the same run.
         fingerprint["world_size"] = ctx.world_size
+    if int(settings.get("gpus", ctx.world_size)) != ctx.world_size:
+        log.warning(
+            "pretrain.gpus is %s but this job runs %d process(es); pass --nproc %s",
+            settings["gpus"],
+            ctx.world_size,
+            settings["gpus"],
+        )
     result = train(
         model,
         dataset,
