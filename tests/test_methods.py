@@ -44,7 +44,10 @@ def test_optimizer_groups_cover_every_parameter_once(name: str) -> None:
     grouped = [id(p) for group in groups for p in group["params"]]
     assert sorted(grouped) == sorted(id(p) for p in method.parameters() if p.requires_grad)
     excluded = [g for g in groups if g["lars_exclude"]]
-    assert excluded and all(g["weight_decay"] == 0.0 for g in excluded)
+    # MoCo's SGD and SwAV's LARC decay and adapt biases and BatchNorm like weights.
+    assert bool(excluded) == METHODS[name].exclude_bias_and_norm
+    assert bool(excluded) == (name not in ("moco_v2", "swav"))
+    assert all(g["weight_decay"] == 0.0 for g in excluded)
     assert all(p.ndim <= 1 for g in excluded for p in g["params"])
 
 

@@ -21,8 +21,9 @@ from medssl import models, trainer
 from medssl import pretrain as pretrain_module
 from medssl.data import SliceDataset
 from medssl.methods import build_method
+from medssl.optimizers import LARS
 from medssl.pretrain import main, pretrain
-from medssl.trainer import LARS, NonFiniteLossError, warmup_cosine
+from medssl.trainer import NonFiniteLossError, warmup_cosine
 
 SETTINGS = {
     "backbone": "resnet_small",
@@ -96,7 +97,8 @@ def test_cli_writes_encoder_sidecar_and_history(pool: Path, tmp_path: Path, one_
     assert info["provenance"]["stage"] == "pretrain" and info["provenance"]["seed"] == 3
     assert model(torch.rand(2, 1, 32, 32)).shape == (2, models.feature_dim(model))
     history = pd.read_csv(checkpoints / "history.csv")
-    assert list(history.columns) == ["epoch", "loss", "lr", "images_per_s", "seconds"]
+    assert list(history.columns) == trainer.HISTORY_COLUMNS
+    assert history["data_wait_fraction"].between(0, 1).all()
     assert history["epoch"].tolist() == [1, 2]
     assert (history["images_per_s"] > 0).all()
     assert (checkpoints / "checkpoint.pt").exists()
@@ -241,7 +243,7 @@ def test_lars_step_matches_formula() -> None:
 def test_unknown_optimizer_is_rejected() -> None:
     method = build_method("simclr", models.build_backbone("resnet_small", 1), {})
     with pytest.raises(ValueError, match="unknown optimizer"):
-        trainer.build_optimizer(method, trainer.train_settings({"optimizer": "adam"}))
+        trainer.build_optimizer(method, trainer.train_settings({"optimizer": "adagrad"}))
 
 
 def test_continual_pretraining_starts_from_the_encoder_file(tmp_path: Path, one_thread) -> None:

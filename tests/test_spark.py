@@ -14,10 +14,10 @@ from torch import nn
 from torchvision.models import resnet18
 
 from medssl import models
-from medssl.lamb import LAMB
 from medssl.methods import build_method
 from medssl.methods.spark import SPARK_AUGMENT, masked_patch_loss, random_mask, stage_features
 from medssl.methods.sparse import SPARSE_HOOKED, MaskState, sparsify
+from medssl.optimizers import LAMB
 from medssl.pretrain import main
 from medssl.trainer import build_optimizer, train_settings
 

@@ -5,7 +5,13 @@
     python -m medssl.pretrain --method simclr --data results/data/lidc.h5 \\
         --settings '<pretrain section as JSON>' --seed 0 \\
         --out results/init/simclr/encoder.pt --checkpoint-dir results/pretrain/simclr \\
-        [--threads N] [--device auto|cpu|cuda] [--num-workers N] [--init-encoder PATH]
+        [--threads N] [--device auto|cpu|cuda] [--num-workers N] [--init-encoder PATH] [--nproc N]
+
+``--nproc N`` (alias ``--gpus``) with N > 1 restarts the command as N
+processes under ``torch.distributed.run`` on this node: one per GPU (NCCL),
+or N gloo processes on CPU. A job started by torchrun itself (several
+nodes under ``srun``) needs no flag: the process group comes from torchrun's
+environment. ``batch_size`` is the global batch in every case.
 
 Every slice of the HDF5 file is used (or a seeded random ``max_samples``
 subset for quick runs); no label is read. The checkpoint directory holds
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,13 +36,28 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from medssl import data, models, provenance
+from medssl import data, distributed, models, provenance
 from medssl.augment import MultiViewDataset
 from medssl.cli import json_arg, resolve_device, set_threads, setup_logging
 from medssl.codedeps import code_digest
 from medssl.methods import METHODS, build_method
 from medssl.seeding import seed_everything
 from medssl.trainer import NonFiniteLossError, train
+
+OPTIM_KEYS = frozenset(
+    {
+        "optimizer",
+        "lr",
+        "lr_scaling",
+        "weight_decay",
+        "weight_decay_end",
+        "momentum",
+        "warmup_epochs",
+        "final_lr_fraction",
+        "grad_clip",
+    }
+)
+"""Trainer keys a method's ``optim`` sub-section may set for that method alone."""
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +104,25 @@ def image_pool(path: str | Path, indices: np.ndarray) -> Dataset:
     return data.SliceDataset(path, indices)
 
 
+def split_method_settings(
+    method: str, settings: Mapping[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``pretrain.<method>`` without its ``optim`` key, and the trainer settings.
+
+    The trainer settings are the shared ``pretrain`` keys overridden by
+    ``pretrain.<method>.optim``; keys neither sets come from the method's
+    recipe of the original's optimiser (:attr:`medssl.methods.Method.optim_recipe`).
+    """
+    method_settings = dict(settings.get(method) or {})
+    optim = dict(method_settings.pop("optim", None) or {})
+    unknown = sorted(set(optim) - OPTIM_KEYS)
+    if unknown:
+        raise KeyError(
+            f"pretrain.{method}.optim has unknown keys {unknown}; allowed: {sorted(OPTIM_KEYS)}"
+        )
+    return method_settings, {**settings, **optim}
+
+
 def pretrain(
     method: str,
     data_path: str | Path,
@@ -104,7 +145,10 @@ def pretrain(
     if method not in METHODS:
         raise KeyError(f"unknown method {method!r}; registered: {sorted(METHODS)}")
     settings = dict(settings)
-    torch_device = resolve_device(device)
+    method_settings, train_settings = split_method_settings(method, settings)
+    ctx, torch_device = distributed.init(resolve_device(device))
+    # The same seed on every rank: identical initial weights (DDP also
+    # broadcasts rank 0's); the trainer gives each rank its own data streams.
     seed_everything(seed)
     backbone_name = settings.get("backbone", "resnet_small")
     indices = pool_indices(data_path, settings.get("max_samples"), seed)
@@ -116,7 +160,7 @@ def pretrain(
         backbone, start = start_from_encoder(init_encoder, channels)
         backbone_name = start["backbone"]
         settings["backbone"] = backbone_name
-    model = build_method(method, backbone, settings.get(method))
+    model = build_method(method, backbone, method_settings)
     augment = {**(settings.get("augment") or {}), **model.augment_overrides()}
     views = model.make_views(augment, seed)
     dataset = MultiViewDataset(image_pool(data_path, indices), views)
@@ -145,10 +189,20 @@ def pretrain(
         "code": code_digest("pretrain"),
         "init_encoder": None if init_encoder is None else _file_stamp(init_encoder),
     }
+    if ctx.world_size > 1:
+        # Another process count trains on other per-rank streams: not the same run.
+        fingerprint["world_size"] = ctx.world_size
+    if int(settings.get("gpus", ctx.world_size)) != ctx.world_size:
+        log.warning(
+            "pretrain.gpus is %s but this job runs %d process(es); pass --nproc %s",
+            settings["gpus"],
+            ctx.world_size,
+            settings["gpus"],
+        )
     result = train(
         model,
         dataset,
-        settings,
+        train_settings,
         checkpoint_dir=checkpoint_dir,
         seed=seed,
         device=torch_device,
@@ -164,8 +218,10 @@ def pretrain(
         "init_encoder": None if start is None else {"path": str(init_encoder), "sidecar": start},
         "provenance": provenance.record("pretrain", settings, seed),
     }
-    models.save_encoder(model.encoder().cpu(), out, backbone_name, info)
-    log.info("wrote %s (final loss %.4f)", out, result.final_loss)
+    if ctx.is_main:
+        models.save_encoder(model.encoder().cpu(), out, backbone_name, info)
+        log.info("wrote %s (final loss %.4f)", out, result.final_loss)
+    distributed.barrier()
     return info
 
 
@@ -200,14 +256,41 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--init-encoder", type=Path, default=None, help="encoder.pt to start the backbone from"
     )
+    parser.add_argument(
+        "--nproc",
+        "--gpus",
+        dest="nproc",
+        type=int,
+        default=1,
+        help="processes on this node (one per GPU; gloo processes on CPU); >1 starts torchrun",
+    )
     parser.add_argument("--verbose", action="store_true")
     return parser
+
+
+def without_nproc(argv: Sequence[str]) -> list[str]:
+    """``argv`` without ``--nproc N`` / ``--gpus N``, which torchrun would read as its own."""
+    kept: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--nproc", "--gpus"):
+            skip = True
+        elif not arg.startswith(("--nproc=", "--gpus=")):
+            kept.append(arg)
+    return kept
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; exits with a one-line error when the loss diverges."""
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    if args.nproc < 1:
+        raise SystemExit(f"error: --nproc must be at least 1, got {args.nproc}")
+    if args.nproc > 1 and not distributed.launched():
+        forwarded = without_nproc(sys.argv[1:] if argv is None else argv)
+        return distributed.relaunch("medssl.pretrain", forwarded, args.nproc)
     if args.threads is not None:
         set_threads(args.threads)
     try:
@@ -225,6 +308,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NonFiniteLossError as err:
         log.error("%s", err)
         raise SystemExit(f"error: {err}") from None
+    finally:
+        distributed.shutdown()
     return 0
 
 

@@ -7,10 +7,17 @@ resumption. A job killed by the cluster and rerun resumes from its last
 checkpoint and, on CPU, ends with the same weights bit for bit as an
 uninterrupted run, because
 
-* the data order and the augmentation streams of an epoch are derived from
-  (seed, epoch) alone, not from generators that ran during earlier epochs;
+* the data order, the augmentation streams and torch's global generator
+  (masks, shuffles) of an epoch are derived from (seed, epoch) alone, not
+  from generators that ran during earlier epochs;
 * model, optimiser and scheduler state and the global RNG states are saved
   together, atomically, after whole epochs.
+
+Under DDP (one process per GPU, :mod:`medssl.distributed`) ``batch_size`` is
+the global batch: every rank takes its share of each batch of the same
+(seed, epoch) permutation, so the ranks' batches at a step make up the
+batch one process would train on; rank 0 alone writes the checkpoint and
+the history.
 """
 
 from __future__ import annotations
@@ -20,7 +27,8 @@ import logging
 import math
 import random
 import time
-from collections.abc import Iterable, Mapping
+import warnings
+from collections.abc import Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,21 +37,30 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Dataset
 
+from medssl import distributed, optimizers, syncbn
 from medssl.augment import seed_worker
 from medssl.faults import fault_point
 from medssl.io import atomic_path, write_csv
-from medssl.lamb import LAMB
 from medssl.methods.base import Method
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 HISTORY_NAME = "history.csv"
-HISTORY_COLUMNS = ["epoch", "loss", "lr", "images_per_s", "seconds"]
+HISTORY_COLUMNS = [
+    "epoch",
+    "loss",
+    "lr",
+    "weight_decay",
+    "images_per_s",
+    "seconds",
+    "data_wait_fraction",
+]
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     "epochs": 100,
@@ -53,91 +70,47 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     "optimizer": "adamw",
     "momentum": 0.9,
     "weight_decay": 1e-6,
+    "weight_decay_end": None,
     "warmup_epochs": 10,
+    "final_lr_fraction": 0.0,
     "grad_clip": None,
     "checkpoint_every": 10,
+    "precision": "auto",
 }
-"""Values used for keys the ``pretrain`` settings leave out."""
+"""Values for keys that neither the ``pretrain`` settings nor the method's recipe set."""
+
+PRECISIONS = ("auto", "fp32", "bf16")
+"""``auto``: bf16 autocast and channels_last on CUDA, plain fp32 elsewhere."""
 
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; training stopped, nothing exported."""
 
 
-class LARS(Optimizer):
-    """Layer-wise Adaptive Rate Scaling (You et al., 2017) over SGD with momentum.
+def train_settings(
+    settings: Mapping[str, Any], recipe: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Trainer keys from ``settings``, else the method's ``recipe``, else the defaults.
 
-    torch ships no LARS, and SimCLR/BYOL's large-batch recipes depend on it, so
-    it is implemented here from the paper. For each parameter tensor ``w`` with
-    gradient ``g`` not in an excluded group::
-
-        d = g + weight_decay * w
-        d = d * trust_coefficient * ||w|| / ||d||     (when both norms are > 0)
-        v = momentum * v + d;  w = w - lr * v
-
-    Groups flagged ``lars_exclude`` (biases and BatchNorm parameters, see
-    :meth:`medssl.methods.base.Method.optimizer_groups`) get neither weight
-    decay nor the trust ratio: their norms say nothing about a sensible step
-    size, and SimCLR excludes them likewise. The trust coefficient 0.001 is
-    the paper's (and SimCLR's) value.
+    A key present in ``settings`` wins even when its value is null (e.g.
+    ``grad_clip: null`` switches off a recipe's clipping).
     """
-
-    def __init__(
-        self,
-        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        lr: float,
-        momentum: float = 0.9,
-        weight_decay: float = 0.0,
-        trust_coefficient: float = 0.001,
-    ) -> None:
-        if lr < 0 or momentum < 0 or weight_decay < 0 or trust_coefficient <= 0:
-            raise ValueError(
-                f"invalid LARS hyper-parameters lr={lr} momentum={momentum} "
-                f"weight_decay={weight_decay} trust_coefficient={trust_coefficient}"
-            )
-        defaults = {
-            "lr": lr,
-            "momentum": momentum,
-            "weight_decay": weight_decay,
-            "trust_coefficient": trust_coefficient,
-            "lars_exclude": False,
-        }
-        super().__init__(params, defaults)
-
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> torch.Tensor | None:
-        """One LARS update of every parameter that has a gradient."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                update = param.grad
-                if not group["lars_exclude"]:
-                    if group["weight_decay"]:
-                        update = update.add(param, alpha=group["weight_decay"])
-                    param_norm = torch.linalg.vector_norm(param)
-                    update_norm = torch.linalg.vector_norm(update)
-                    ratio = group["trust_coefficient"] * param_norm / update_norm
-                    usable = (param_norm > 0) & (update_norm > 0)
-                    update = update * torch.where(usable, ratio, torch.ones_like(ratio))
-                state = self.state[param]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = update.detach().clone()
-                else:
-                    state["momentum_buffer"].mul_(group["momentum"]).add_(update)
-                param.add_(state["momentum_buffer"], alpha=-group["lr"])
-        return loss
-
-
-def train_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
-    """The trainer's keys of ``settings``, with :data:`TRAINER_DEFAULTS` for missing ones."""
-    resolved = {key: settings.get(key, default) for key, default in TRAINER_DEFAULTS.items()}
+    recipe = recipe or {}
+    unknown = sorted(set(recipe) - set(TRAINER_DEFAULTS))
+    if unknown:
+        raise KeyError(f"recipe sets unknown trainer keys {unknown}")
+    resolved = {
+        key: settings[key] if key in settings else recipe.get(key, default)
+        for key, default in TRAINER_DEFAULTS.items()
+    }
     if resolved["lr_scaling"] not in ("linear", "none"):
         raise ValueError(f"lr_scaling must be 'linear' or 'none', got {resolved['lr_scaling']!r}")
+    if resolved["precision"] not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {resolved['precision']!r}")
+    if not 0.0 <= float(resolved["final_lr_fraction"]) <= 1.0:
+        raise ValueError(
+            f"final_lr_fraction must be in [0, 1], got {resolved['final_lr_fraction']}"
+        )
     if int(resolved["epochs"]) < 1 or int(resolved["batch_size"]) < 1:
         raise ValueError("epochs and batch_size must be at least 1")
     if int(resolved["checkpoint_every"]) < 1:
@@ -154,30 +127,18 @@ def scaled_lr(settings: Mapping[str, Any]) -> float:
 
 
 def build_optimizer(method: Method, settings: Mapping[str, Any]) -> Optimizer:
-    """The optimiser named by ``settings['optimizer']`` over the method's parameter groups."""
-    name = settings["optimizer"]
-    lr = scaled_lr(settings)
-    weight_decay = float(settings["weight_decay"])
-    groups = method.optimizer_groups()
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
-    if name == "sgd":
-        return torch.optim.SGD(
-            groups, lr=lr, momentum=float(settings["momentum"]), weight_decay=weight_decay
-        )
-    if name == "lars":
-        return LARS(groups, lr=lr, momentum=float(settings["momentum"]), weight_decay=weight_decay)
-    if name == "lamb":
-        # SparK's optimiser; torch has none, see medssl.lamb.
-        return LAMB(groups, lr=lr, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}; choose adamw, sgd, lars or lamb")
+    """The optimiser named by ``settings['optimizer']`` (:data:`medssl.optimizers.OPTIMIZERS`)."""
+    return optimizers.build(
+        settings["optimizer"], method.optimizer_groups(), scaled_lr(settings), settings
+    )
 
 
-def warmup_cosine(warmup_steps: int, total_steps: int) -> Any:
-    """LR multiplier per step: linear warm-up to 1, then cosine decay to 0 at ``total_steps``.
+def warmup_cosine(warmup_steps: int, total_steps: int, final_fraction: float = 0.0) -> Any:
+    """LR multiplier per step: linear warm-up to 1, then cosine decay to ``final_fraction``.
 
     Per step rather than per epoch so short runs with few epochs still get a
-    smooth schedule.
+    smooth schedule. ``final_fraction`` is where the cosine ends (0 for
+    SimCLR, MoCo and BYOL; 0.001 for SparK, SwAV and Barlow Twins).
     """
 
     def factor(step: int) -> float:
@@ -185,17 +146,39 @@ def warmup_cosine(warmup_steps: int, total_steps: int) -> Any:
             return (step + 1) / warmup_steps
         decay_steps = max(1, total_steps - warmup_steps)
         progress = min(1.0, (step - warmup_steps) / decay_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return final_fraction + (1.0 - final_fraction) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
 
 
-def epoch_seed(seed: int, epoch: int, stream: int) -> int:
-    """A well-mixed 63-bit seed for one (seed, epoch, stream) triple.
+def weight_decay_at(step: int, total_steps: int, start: float, end: float | None) -> float:
+    """Weight decay at 0-based ``step``: constant ``start``, or cosine from ``start`` to ``end``.
 
-    Streams: 0 = data order and worker base seeds, 1 = in-process augmentation.
+    SparK raises its decay from 0.04 to 0.2 this way over the whole run
+    (no warm-up), reaching ``end`` at the last step.
     """
-    return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(2, np.uint64)[0] >> 1)
+    if end is None:
+        return start
+    progress = min(1.0, step / max(1, total_steps - 1))
+    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_weight_decay(optimizer: Optimizer, value: float) -> None:
+    """Set the decay of every decaying group (those not flagged ``lars_exclude``)."""
+    for group in optimizer.param_groups:
+        if not group.get("lars_exclude", False):
+            group["weight_decay"] = value
+
+
+def epoch_seed(seed: int, epoch: int, stream: int, rank: int | None = None) -> int:
+    """A well-mixed 63-bit seed for one (seed, epoch, stream[, rank]) tuple.
+
+    Streams: 0 = data order and worker base seeds, 1 = in-process augmentation,
+    2 = torch's global generator (SparK's masks, MoCo's shuffles). ``rank``
+    (only under DDP) gives each process its own augmentation and mask stream.
+    """
+    entropy = [seed, epoch, stream] + ([] if rank is None else [rank])
+    return int(np.random.SeedSequence(entropy).generate_state(2, np.uint64)[0] >> 1)
 
 
 def rng_state() -> dict[str, Any]:
@@ -264,21 +247,54 @@ def _fingerprint_text(fingerprint: Mapping[str, Any] | None) -> str:
     return json.dumps(fingerprint or {}, sort_keys=True, default=str)
 
 
+def epoch_order(
+    n: int, global_batch: int, seed: int, epoch: int, rank: int = 0, world: int = 1
+) -> list[int]:
+    """This rank's sample indices for one epoch, in order.
+
+    One permutation from (seed, epoch), cut to whole global batches; rank
+    ``r`` takes the ``r``-th contiguous share of every global batch. Unlike
+    ``DistributedSampler``'s interleaving, concatenating the ranks' batches
+    in rank order (what :func:`medssl.distributed.gather` does) rebuilds the
+    single-process batch in its order, so queues (MoCo, SwAV) fill
+    identically whatever the number of ranks.
+    """
+    generator = torch.Generator().manual_seed(epoch_seed(seed, epoch, 0))
+    order = torch.randperm(n, generator=generator)
+    steps = n // global_batch
+    shares = order[: steps * global_batch].view(steps, world, global_batch // world)
+    return shares[:, rank].reshape(-1).tolist()
+
+
 def _epoch_loader(
-    dataset: Dataset, batch_size: int, seed: int, epoch: int, num_workers: int, pin: bool
+    dataset: Dataset,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    num_workers: int,
+    pin: bool,
+    rank: int = 0,
+    world: int = 1,
 ) -> tuple[DataLoader, torch.Generator]:
     """The DataLoader of one epoch, its order and augmentation seeded from (seed, epoch).
 
-    Rebuilt every epoch (workers are not persistent) so that a resumed run
-    starts each epoch from exactly the state an uninterrupted run had.
+    ``batch_size`` is the global batch; each of ``world`` ranks loads its
+    share. Rebuilt every epoch (workers are not persistent) so that a
+    resumed run starts each epoch from exactly the state an uninterrupted
+    run had.
     """
-    generator = torch.Generator().manual_seed(epoch_seed(seed, epoch, 0))
-    order = torch.randperm(len(dataset), generator=generator).tolist()
+    order = epoch_order(len(dataset), batch_size, seed, epoch, rank, world)
+    rank_key = rank if world > 1 else None
+    # Worker base seeds come from this generator; one process keeps the
+    # stream it always had (the order generator after its permutation).
+    generator = torch.Generator().manual_seed(epoch_seed(seed, epoch, 0, rank_key))
+    if world == 1:
+        torch.randperm(len(dataset), generator=generator)
     if num_workers == 0 and hasattr(dataset, "reseed"):
-        dataset.reseed(epoch_seed(seed, epoch, 1))
+        dataset.reseed(epoch_seed(seed, epoch, 1, rank_key))
     loader = DataLoader(
         dataset,
-        batch_size=batch_size,
+        batch_size=batch_size // world,
         sampler=order,
         drop_last=True,
         num_workers=num_workers,
@@ -290,7 +306,35 @@ def _epoch_loader(
 
 
 def _write_history(directory: Path, history: list[dict[str, float]]) -> None:
-    write_csv(directory / HISTORY_NAME, pd.DataFrame(history, columns=HISTORY_COLUMNS))
+    if distributed.rank() == 0:
+        write_csv(directory / HISTORY_NAME, pd.DataFrame(history, columns=HISTORY_COLUMNS))
+
+
+def _precision(config: Mapping[str, Any], device: torch.device) -> bool:
+    """True for bf16 autocast plus channels_last, False for plain fp32."""
+    precision = config["precision"]
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def _wrap(method: Method, device: torch.device) -> torch.nn.Module:
+    """``method`` itself in one process; under DDP with global BatchNorm statistics first."""
+    if not distributed.active():
+        return method
+    if method.sync_batch_norm:
+        syncbn.synchronize(method)
+    # Buffers are kept equal across ranks by the methods themselves (global
+    # BatchNorm statistics, queues filled from every rank's keys), so DDP need
+    # not copy rank 0's to all ranks before every forward.
+    with warnings.catch_warnings():
+        # torch 2.9+ suggests forward_sync_buffers, which still syncs at init
+        # and is not in older releases; broadcast_buffers=False is what is meant.
+        warnings.filterwarnings("ignore", message=".*broadcast_buffers", category=FutureWarning)
+        return DistributedDataParallel(
+            method,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False,
+            find_unused_parameters=method.ddp_find_unused_parameters,
+        )
 
 
 def train(
@@ -306,18 +350,24 @@ def train(
 ) -> TrainResult:
     """Train ``method`` on ``dataset`` (items: lists of views), resuming if a checkpoint exists.
 
-    ``fingerprint`` describes the run (method, settings, seed, data); a
-    checkpoint written under a different fingerprint is not resumed from,
-    because continuing another configuration's weights would silently mix two
-    experiments. Raises :class:`NonFiniteLossError` when the loss is NaN/inf.
+    ``settings`` are the trainer keys over the method's ``optim_recipe``
+    (:func:`train_settings`). ``fingerprint`` describes the run (method,
+    settings, seed, data); a checkpoint written under a different fingerprint
+    is not resumed from, because continuing another configuration's weights
+    would silently mix two experiments. Raises :class:`NonFiniteLossError`
+    when the loss is NaN/inf. Under DDP every rank calls this with the same
+    arguments; the process group must be initialised (:func:`medssl.distributed.init`).
     """
-    config = train_settings(settings)
+    config = train_settings(settings, method.optim_recipe)
     device = torch.device(device)
     directory = Path(checkpoint_dir)
     directory.mkdir(parents=True, exist_ok=True)
     checkpoint_path = directory / CHECKPOINT_NAME
     epochs = int(config["epochs"])
     batch_size = int(config["batch_size"])
+    world, rank = distributed.world_size(), distributed.rank()
+    if batch_size % world:
+        raise ValueError(f"batch_size {batch_size} is not divisible by the {world} processes")
     steps_per_epoch = len(dataset) // batch_size
     if steps_per_epoch < 1:
         raise ValueError(
@@ -327,12 +377,15 @@ def train(
     total_steps = epochs * steps_per_epoch
     warmup_steps = round(float(config["warmup_epochs"]) * steps_per_epoch)
     on_cuda = device.type == "cuda"
+    bf16 = _precision(config, device)
 
     method.to(device)
-    if on_cuda:
+    if bf16:
         method.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(method, config)
-    scheduler = LambdaLR(optimizer, warmup_cosine(warmup_steps, total_steps))
+    scheduler = LambdaLR(
+        optimizer, warmup_cosine(warmup_steps, total_steps, float(config["final_lr_fraction"]))
+    )
     fingerprint_text = _fingerprint_text(fingerprint)
 
     result = TrainResult()
@@ -353,60 +406,88 @@ def train(
             result.history = [dict(row) for row in state["history"]]
             result.resumed_from = start_epoch
             log.info("resuming from %s at epoch %d of %d", checkpoint_path, start_epoch, epochs)
+    model = _wrap(method, device)
 
     autocast = (
-        torch.autocast(device_type="cuda", dtype=torch.bfloat16) if on_cuda else nullcontext()
+        torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     )
     # A NaN check reads the loss back from the device; on CUDA do it every few
     # steps instead of every step so the GPU is not stalled each iteration.
     check_every = 25 if on_cuda else 1
     grad_clip = config["grad_clip"]
+    rank_key = rank if world > 1 else None
 
     for epoch in range(start_epoch, epochs):
         method.train()
         method.on_epoch_start(epoch)
-        loader, generator = _epoch_loader(dataset, batch_size, seed, epoch, num_workers, on_cuda)
+        torch.manual_seed(epoch_seed(seed, epoch, 2, rank_key))
+        loader, generator = _epoch_loader(
+            dataset, batch_size, seed, epoch, num_workers, on_cuda, rank, world
+        )
         started = time.perf_counter()
+        waited = 0.0
         loss_sum = torch.zeros((), device=device)
         steps = 0
-        for step_in_epoch, views in enumerate(loader):
+        batches = iter(loader)
+        for step_in_epoch in range(steps_per_epoch):
+            # Host time blocked on the loader; on a GPU an upper bound on the
+            # time the device starves, since the host usually runs ahead.
+            before = time.perf_counter()
+            views = next(batches)
+            waited += time.perf_counter() - before
             views = [view.to(device, non_blocking=True) for view in views]
-            if on_cuda:
+            if bf16:
                 views = [view.contiguous(memory_format=torch.channels_last) for view in views]
+            global_step = epoch * steps_per_epoch + step_in_epoch
+            set_weight_decay(
+                optimizer,
+                weight_decay_at(
+                    global_step,
+                    total_steps,
+                    float(config["weight_decay"]),
+                    config["weight_decay_end"],
+                ),
+            )
             with autocast:
-                loss = method(views)
+                loss = model(views)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(method.parameters(), float(grad_clip))
             optimizer.step()
             scheduler.step()
-            global_step = epoch * steps_per_epoch + step_in_epoch + 1
-            method.on_step_end(global_step, total_steps)
+            method.on_step_end(global_step + 1, total_steps)
             fault_point("pretrain.step")
             loss_sum += loss.detach().float()
             steps += 1
             if steps % check_every == 0 or steps == steps_per_epoch:
-                _check_finite(loss_sum, epoch + 1, step_in_epoch + 1, checkpoint_path)
+                _check_finite(distributed.mean(loss_sum), epoch + 1, steps, checkpoint_path)
         seconds = time.perf_counter() - started
-        mean_loss = float(loss_sum) / steps
+        mean_loss = float(distributed.mean(loss_sum)) / steps
+        wait_fraction = float(distributed.mean(torch.tensor(waited / seconds, device=device)))
+        decaying = [g for g in optimizer.param_groups if not g.get("lars_exclude", False)]
         row = {
             "epoch": epoch + 1,
             "loss": mean_loss,
             "lr": float(optimizer.param_groups[0]["lr"]),
+            "weight_decay": float(decaying[0]["weight_decay"]) if decaying else 0.0,
             "images_per_s": steps * batch_size / seconds,
             "seconds": seconds,
+            "data_wait_fraction": wait_fraction,
         }
         result.history.append(row)
         log.info(
-            "epoch %d/%d loss %.4f lr %.3g %.1f images/s",
+            "epoch %d/%d loss %.4f lr %.3g %.1f images/s, %.1f %% waiting for data",
             epoch + 1,
             epochs,
             mean_loss,
             row["lr"],
             row["images_per_s"],
+            100 * wait_fraction,
         )
-        if (epoch + 1) % int(config["checkpoint_every"]) == 0 or epoch + 1 == epochs:
+        if rank == 0 and (
+            (epoch + 1) % int(config["checkpoint_every"]) == 0 or epoch + 1 == epochs
+        ):
             save_checkpoint(
                 checkpoint_path,
                 {
@@ -425,6 +506,7 @@ def train(
         _write_history(directory, result.history)
     if result.resumed_from == epochs:
         _write_history(directory, result.history)
+    distributed.barrier()
     return result
 
 

@@ -18,7 +18,8 @@ rule pretrain:
         "../../envs/medssl.yaml"
     threads: THREADS["pretrain"]
     resources:
-        gpu=1,
+        # pretrain.gpus > 1: DDP over that many GPUs of one node (torchrun, --nproc).
+        gpu=config["pretrain"]["gpus"],
     params:
         code=code_version("pretrain"),
         method=pretrain_method,
@@ -31,4 +32,5 @@ rule pretrain:
         "python -m medssl.pretrain --method {params.method} --data {input.h5} {params.start}"
         " --settings {params.settings:q} --seed {params.seed} --out {output.encoder}"
         " --checkpoint-dir {params.checkpoints} --threads {threads} --device {params.device}"
+        " --nproc {resources.gpu}"
         " > {log} 2>&1"

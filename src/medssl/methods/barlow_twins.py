@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from medssl import distributed
 from medssl.methods.base import Method, register
 from medssl.methods.heads import mlp
 from medssl.methods.losses import barlow_twins
@@ -27,6 +28,19 @@ class BarlowTwins(Method):
         "proj_dims": [8192, 8192, 8192],
         "lambda": 0.0051,
     }
+    # facebookresearch/barlowtwins: LARS, lr 0.2 x batch/256 for weights and
+    # 0.0048 x batch/256 for biases and BN (no decay, no adaptation), weight
+    # decay 1.5e-6, 10 warm-up epochs, cosine down to 0.001 of the peak.
+    optim_recipe: ClassVar[dict[str, Any]] = {
+        "optimizer": "lars",
+        "lr": 0.2,
+        "lr_scaling": "linear",
+        "weight_decay": 1.5e-6,
+        "momentum": 0.9,
+        "warmup_epochs": 10,
+        "final_lr_fraction": 0.001,
+    }
+    no_decay_lr_scale: ClassVar[float] = 0.0048 / 0.2
 
     def __init__(self, backbone: nn.Module, settings: dict[str, Any] | None = None) -> None:
         super().__init__(backbone, settings)
@@ -44,5 +58,7 @@ class BarlowTwins(Method):
         """
         if len(views) != 2:
             raise ValueError(f"Barlow Twins needs 2 views per sample, got {len(views)}")
-        z1, z2 = (self.projector(self.backbone(view)) for view in views)
+        z1, z2 = (distributed.gather(self.projector(self.backbone(view))) for view in views)
+        # Under DDP the standardisation and the cross-correlation cover the
+        # global batch, as the official code's synchronised BN and all_reduce do.
         return barlow_twins(z1, z2, float(self.settings["lambda"]))

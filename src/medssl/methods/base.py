@@ -58,6 +58,22 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
     name: ClassVar[str] = ""
     views_per_sample: ClassVar[int] = 2
     default_settings: ClassVar[dict[str, Any]] = {}
+    optim_recipe: ClassVar[dict[str, Any]] = {}
+    """The original's optimiser, learning rate (per 256 images when ``lr_scaling``
+    is linear), weight decay and schedule: trainer keys that apply unless the
+    ``pretrain`` section or ``pretrain.<method>.optim`` sets them."""
+    sync_batch_norm: ClassVar[bool] = True
+    """Normalise over the global batch of all DDP ranks, as the originals do
+    (MoCo, which uses shuffle BN instead, turns it off)."""
+    ddp_find_unused_parameters: ClassVar[bool] = False
+    """Whether some trainable parameters may get no gradient in a step (SwAV's
+    frozen prototypes); DDP must then look for them, which costs a graph walk."""
+    no_decay_lr_scale: ClassVar[float] = 1.0
+    """Learning rate of biases and normalisation parameters relative to the weights'."""
+    exclude_bias_and_norm: ClassVar[bool] = True
+    """Whether biases and normalisation parameters escape weight decay and LARS/LAMB's
+    trust ratio (SimCLR, BYOL, Barlow Twins, SparK); MoCo's SGD and SwAV's LARC
+    treat every parameter alike."""
 
     def __init__(self, backbone: ResNet, settings: Mapping[str, Any] | None = None) -> None:
         super().__init__()
@@ -95,16 +111,26 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
         Biases and BatchNorm scales/shifts (every parameter with at most one
         dimension) get no weight decay and are excluded from LARS's layer-wise
         adaptation, as in SimCLR and BYOL: decaying a BN scale towards zero
-        only fights the normalisation. ``lars_exclude`` marks the group.
+        only fights the normalisation. ``lars_exclude`` marks the group. Methods
+        whose originals treat every parameter alike set ``exclude_bias_and_norm``
+        to False and get one group.
         """
         decay, no_decay = [], []
         for parameter in self.parameters():
             if not parameter.requires_grad:
                 continue
-            (no_decay if parameter.ndim <= 1 else decay).append(parameter)
+            excluded = self.exclude_bias_and_norm and parameter.ndim <= 1
+            (no_decay if excluded else decay).append(parameter)
         groups: list[dict[str, Any]] = [{"params": decay, "lars_exclude": False}]
         if no_decay:
-            groups.append({"params": no_decay, "weight_decay": 0.0, "lars_exclude": True})
+            groups.append(
+                {
+                    "params": no_decay,
+                    "weight_decay": 0.0,
+                    "lars_exclude": True,
+                    "lr_scale": self.no_decay_lr_scale,
+                }
+            )
         return groups
 
     def make_views(self, augment: Mapping[str, Any] | None, seed: int) -> MultiView | MultiCrop:

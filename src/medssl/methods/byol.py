@@ -40,6 +40,18 @@ class BYOL(Method):
         "proj_dim": 256,
         "base_momentum": 0.996,
     }
+    # deepmind-research/byol: LARS, lr 0.2 x batch/256, weight decay 1.5e-6,
+    # 10 warm-up epochs, cosine to 0; biases and BN excluded from both.
+    # (lucidrains/byol-pytorch's Adam 3e-4 is ``optim: {optimizer: adam, lr: 3e-4}``.)
+    optim_recipe: ClassVar[dict[str, Any]] = {
+        "optimizer": "lars",
+        "lr": 0.2,
+        "lr_scaling": "linear",
+        "weight_decay": 1.5e-6,
+        "momentum": 0.9,
+        "warmup_epochs": 10,
+        "final_lr_fraction": 0.0,
+    }
 
     def __init__(self, backbone: nn.Module, settings: dict[str, Any] | None = None) -> None:
         super().__init__(backbone, settings)

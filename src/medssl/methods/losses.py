@@ -12,6 +12,16 @@ import torch
 import torch.nn.functional as F
 
 
+def wide(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32, or float64 if it already is.
+
+    The losses run in float32 under autocast because log-sum-exps and
+    batch standardisation lose too much in bfloat16; float64 input stays
+    float64 so precise comparisons (the DDP test) are not capped at float32.
+    """
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
     """SimCLR's normalized temperature-scaled cross entropy (Chen et al., 2020, eq. 1).
 
@@ -36,7 +46,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
     n = z1.shape[0]
     # Autocast would run the matmul in bfloat16 even on float32 inputs; opt out here.
     with torch.autocast(device_type=z1.device.type, enabled=False):
-        z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
+        z = F.normalize(wide(torch.cat([z1, z2])), dim=1)
         logits = z @ z.T / temperature
         self_mask = torch.eye(2 * n, dtype=torch.bool, device=z.device)
         logits = logits.masked_fill(self_mask, float("-inf"))
@@ -67,7 +77,7 @@ def sinkhorn_knopp(scores: torch.Tensor, epsilon: float, iterations: int) -> tor
     if epsilon <= 0 or iterations < 0:
         raise ValueError(f"need epsilon > 0 and iterations >= 0, got {epsilon}, {iterations}")
     with torch.autocast(device_type=scores.device.type, enabled=False):
-        logits = scores.float().T / epsilon
+        logits = wide(scores).T / epsilon
         q = torch.exp(logits - logits.max())
         q /= q.sum()
         n_prototypes, n_samples = q.shape
@@ -100,7 +110,7 @@ def swapped_prediction(
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
     with torch.autocast(device_type=scores[0].device.type, enabled=False):
-        log_probs = [F.log_softmax(s.float() / temperature, dim=1) for s in scores]
+        log_probs = [F.log_softmax(wide(s) / temperature, dim=1) for s in scores]
         total = scores[0].new_zeros((), dtype=torch.float32)
         for i, code in enumerate(codes):
             cross = [-(code * log_probs[v]).sum(dim=1).mean() for v in range(len(scores)) if v != i]
@@ -128,10 +138,10 @@ def info_nce(
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
     with torch.autocast(device_type=query.device.type, enabled=False):
-        q = F.normalize(query.float(), dim=1)
-        k = F.normalize(key.detach().float(), dim=1)
+        q = F.normalize(wide(query), dim=1)
+        k = F.normalize(wide(key.detach()), dim=1)
         positive = (q * k).sum(dim=1, keepdim=True)
-        negative = q @ queue.detach().float().T
+        negative = q @ wide(queue.detach()).T
         logits = torch.cat([positive, negative], dim=1) / temperature
         target = torch.zeros(len(q), dtype=torch.long, device=q.device)
         return F.cross_entropy(logits, target)
@@ -146,7 +156,7 @@ def byol_regression(prediction: torch.Tensor, target: torch.Tensor) -> torch.Ten
     """
     _check_pair("byol_regression", prediction, target)
     with torch.autocast(device_type=prediction.device.type, enabled=False):
-        cosine = F.cosine_similarity(prediction.float(), target.detach().float(), dim=1)
+        cosine = F.cosine_similarity(wide(prediction), wide(target.detach()), dim=1)
         return (2 - 2 * cosine).mean()
 
 
@@ -168,7 +178,7 @@ def barlow_twins(
     if z1.shape[0] < 2:
         raise ValueError("barlow_twins needs a batch of at least 2 to standardise over")
     with torch.autocast(device_type=z1.device.type, enabled=False):
-        a, b = (F.batch_norm(z.float(), None, None, training=True, eps=eps) for z in (z1, z2))
+        a, b = (F.batch_norm(wide(z), None, None, training=True, eps=eps) for z in (z1, z2))
         correlation = a.T @ b / z1.shape[0]
         diagonal = torch.diagonal(correlation)
         on_diagonal = (diagonal - 1).pow(2).sum()

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medssl import distributed
 from medssl.methods.base import Method, register
 from medssl.methods.heads import ema_update, frozen_copy, mlp
 from medssl.methods.losses import info_nce
@@ -27,7 +28,8 @@ class MoCoV2(Method):
     Shuffle BN. With several GPUs the official code shuffles the key batch
     across devices so that the key encoder's BatchNorm statistics come from
     other samples than the query's, which stops the model from using batch
-    statistics to find its positive. In one process, shuffling alone changes
+    statistics to find its positive; so does this class under DDP (BatchNorm
+    stays per rank, and the queue takes every rank's keys). In one process, shuffling alone changes
     nothing (BatchNorm over the whole batch is permutation invariant). The
     substitute here, as in the MoCo authors' single-GPU demo, is
     ``key_bn_splits`` > 1: the key batch is shuffled, split into that many
@@ -43,6 +45,19 @@ class MoCoV2(Method):
         "momentum": 0.999,
         "key_bn_splits": 1,
     }
+    # facebookresearch/moco (v2, 200 epochs): SGD, lr 0.03 per 256 images,
+    # momentum 0.9, weight decay 1e-4, cosine schedule without warm-up.
+    optim_recipe: ClassVar[dict[str, Any]] = {
+        "optimizer": "sgd",
+        "lr": 0.03,
+        "lr_scaling": "linear",
+        "weight_decay": 1e-4,
+        "momentum": 0.9,
+        "warmup_epochs": 0,
+        "final_lr_fraction": 0.0,
+    }
+    sync_batch_norm: ClassVar[bool] = False
+    exclude_bias_and_norm: ClassVar[bool] = False
 
     def __init__(self, backbone: nn.Module, settings: dict[str, Any] | None = None) -> None:
         super().__init__(backbone, settings)
@@ -65,7 +80,12 @@ class MoCoV2(Method):
 
     @torch.no_grad()
     def keys(self, images: torch.Tensor) -> torch.Tensor:
-        """Normalised keys, with per-group BatchNorm statistics when ``key_bn_splits`` > 1."""
+        """Normalised keys, with per-group BatchNorm statistics when ``key_bn_splits`` > 1.
+
+        Under DDP the groups are the ranks (``key_bn_splits`` is then unused).
+        """
+        if distributed.active():
+            return self.shuffled_keys(images)
         splits = int(self.settings["key_bn_splits"])
         if splits == 1:
             return F.normalize(self.key_encoder(images), dim=1)
@@ -76,6 +96,23 @@ class MoCoV2(Method):
         keys = torch.empty_like(shuffled)
         keys[order] = shuffled
         return F.normalize(keys, dim=1)
+
+    @torch.no_grad()
+    def shuffled_keys(self, images: torch.Tensor) -> torch.Tensor:
+        """Keys of this rank's ``images``, computed on a random share of the global batch.
+
+        Rank 0 draws the permutation of the gathered images; each rank encodes
+        its slice of it (BatchNorm over other samples than its queries'), and
+        the gathered keys are put back in order.
+        """
+        n, world, rank = len(images), distributed.world_size(), distributed.rank()
+        everything = distributed.gather_detached(images)
+        order = distributed.broadcast(torch.randperm(len(everything), device=images.device))
+        mine = order.view(world, n)[rank]
+        shuffled = distributed.gather_detached(self.key_encoder(everything[mine]))
+        keys = torch.empty_like(shuffled)
+        keys[order] = shuffled
+        return F.normalize(keys[rank * n : (rank + 1) * n], dim=1)
 
     def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
         """InfoNCE of the queries against their keys and the queue.
@@ -88,7 +125,7 @@ class MoCoV2(Method):
         query = self.head(self.backbone(views[0]))
         key = self.keys(views[1])
         if self.training:
-            self._pending_keys = key.detach()
+            self._pending_keys = distributed.gather_detached(key.detach())
         return info_nce(query, key, self.queue, float(self.settings["temperature"]))
 
     @torch.no_grad()

@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from medssl import distributed
 from medssl.methods.base import Method, register
 from medssl.methods.losses import nt_xent
 
@@ -19,10 +20,22 @@ class SimCLR(Method):
     backbone's feature width; the loss is computed on its output while the
     backbone's features are what transfers (the paper shows the representation
     before the head is better). ``temperature`` 0.1 is the paper's default
-    for its LARS / large-batch setting.
+    for its LARS / large-batch setting. Under DDP the negatives are the
+    whole global batch, gathered from every rank, as in the official code.
     """
 
     default_settings: ClassVar[dict[str, Any]] = {"temperature": 0.1, "proj_dim": 128}
+    # google-research/simclr: LARS, lr 0.3 x batch/256, weight decay 1e-6,
+    # 10 warm-up epochs, cosine decay to 0; biases and BN excluded from both.
+    optim_recipe: ClassVar[dict[str, Any]] = {
+        "optimizer": "lars",
+        "lr": 0.3,
+        "lr_scaling": "linear",
+        "weight_decay": 1e-6,
+        "momentum": 0.9,
+        "warmup_epochs": 10,
+        "final_lr_fraction": 0.0,
+    }
 
     def __init__(self, backbone: nn.Module, settings: dict[str, Any] | None = None) -> None:
         super().__init__(backbone, settings)
@@ -42,4 +55,5 @@ class SimCLR(Method):
         # 2N images the loss contrasts, and it is faster than two passes.
         n = views[0].shape[0]
         projections = self.projector(self.backbone(torch.cat(views)))
-        return nt_xent(projections[:n], projections[n:], float(self.settings["temperature"]))
+        z1, z2 = distributed.gather(projections[:n]), distributed.gather(projections[n:])
+        return nt_xent(z1, z2, float(self.settings["temperature"]))

@@ -12,9 +12,10 @@ against per-patch normalised pixels.
 Defaults follow the official code for ResNets: ratio 0.6, decoder width 768
 halving per scale, densify norm = sparse BatchNorm, a 1x1 projection at the
 coarsest scale (identity when the widths already match) and 3x3 elsewhere.
-Its optimiser recipe (LAMB, base lr 2e-4 x batch/256, 40 warm-up epochs,
-gradient clipping at 5) lives in the shared ``pretrain`` settings; see the
-``pretrain.spark`` schema entry.
+Its optimiser recipe (:attr:`SparK.optim_recipe`) is the official one:
+LAMB (betas 0.9/0.95), base lr 2e-4 x batch/256, 40 warm-up epochs, cosine
+to 0.001 of the peak, weight decay rising from 0.04 to 0.2 by a cosine,
+gradient clipping at 5.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from torch import nn
 from torchvision.models.resnet import ResNet
 
 from medssl.methods.base import Method, register
+from medssl.methods.losses import wide
 from medssl.methods.sparse import MaskState, SparseBatchNorm2d, sparsify
 
 DOWNSAMPLE = 32
@@ -177,6 +179,17 @@ class SparK(Method):
         "decoder_width": 768,
         "augment": {},
     }
+    # keyu-tian/SparK pretrain/utils/arg_util.py and lr_control.py.
+    optim_recipe: ClassVar[dict[str, Any]] = {
+        "optimizer": "lamb",
+        "lr": 2e-4,
+        "lr_scaling": "linear",
+        "weight_decay": 0.04,
+        "weight_decay_end": 0.2,
+        "warmup_epochs": 40,
+        "final_lr_fraction": 0.001,
+        "grad_clip": 5.0,
+    }
 
     def __init__(self, backbone: ResNet, settings: Mapping[str, Any] | None = None) -> None:
         super().__init__(backbone, settings)
@@ -241,4 +254,4 @@ class SparK(Method):
             visible_pixels = self.mask_state.at(height, width)
             features = stage_features(self.backbone, images * visible_pixels)
         reconstruction = self.decoder(self.densify(features, active))
-        return masked_patch_loss(images, reconstruction.float(), active, DOWNSAMPLE)
+        return masked_patch_loss(images, wide(reconstruction), active, DOWNSAMPLE)

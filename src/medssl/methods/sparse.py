@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from medssl import syncbn
+
 SPARSE_HOOKED = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
 """Layers whose output is zeroed at masked positions by a forward hook."""
 
@@ -87,13 +89,15 @@ def sparse_batch_norm(module: nn.BatchNorm2d, state: MaskState, x: torch.Tensor)
     passed through the layer's own :class:`~torch.nn.BatchNorm2d` computation,
     so batch statistics, running-statistic updates (momentum or cumulative),
     ``num_batches_tracked`` and eval mode all behave as torch defines them,
-    only over the M visible positions instead of all N*H*W.
+    only over the M visible positions instead of all N*H*W. Under DDP with
+    synchronised BatchNorm (:mod:`medssl.syncbn`) the M positions are those of
+    every rank, as in the official code's sparse sync BatchNorm.
     """
     if state.active is None:
-        return nn.BatchNorm2d.forward(module, x)
+        return syncbn.batch_norm(module, x)
     visible = state.at(x.shape[-2], x.shape[-1])[:, 0]
     channels_last = x.permute(0, 2, 3, 1)
-    normed = nn.BatchNorm2d.forward(module, channels_last[visible][:, :, None, None])
+    normed = syncbn.batch_norm(module, channels_last[visible][:, :, None, None])
     out = torch.zeros_like(channels_last)
     out[visible] = normed[:, :, 0, 0].to(out.dtype)
     return out.permute(0, 3, 1, 2)

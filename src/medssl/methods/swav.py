@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medssl import distributed
 from medssl.augment import MultiCrop
 from medssl.methods.base import Method, register
 from medssl.methods.heads import mlp
@@ -35,6 +36,10 @@ class SwAV(Method):
       crop; once full, their scores join the batch's before Sinkhorn, so
       the equipartition constraint is enforced over more samples than a
       small batch holds. The official code uses 3,840 for batches of 256.
+    * Under DDP, Sinkhorn runs over the global batch (the official code
+      all-reduces its sums) and the queue holds every rank's embeddings, so
+      ``queue_length`` is the global queue, as the official per-rank queues
+      of ``queue_length / world_size`` add up to.
     """
 
     default_settings: ClassVar[dict[str, Any]] = {
@@ -53,6 +58,22 @@ class SwAV(Method):
         "queue_length": 0,
         "queue_start_epoch": 15,
     }
+    # facebookresearch/swav (800-epoch, batch 4096 recipe): LARC over SGD,
+    # lr 4.8 = 0.3 x batch/256, weight decay 1e-6, 10 warm-up epochs, cosine
+    # down to final_lr 0.0048 = 0.001 of the peak.
+    optim_recipe: ClassVar[dict[str, Any]] = {
+        "optimizer": "lars",
+        "lr": 0.3,
+        "lr_scaling": "linear",
+        "weight_decay": 1e-6,
+        "momentum": 0.9,
+        "warmup_epochs": 10,
+        "final_lr_fraction": 0.001,
+    }
+    # LARC decays and adapts every parameter, biases and BatchNorm included.
+    exclude_bias_and_norm: ClassVar[bool] = False
+    # The prototypes get no gradient while frozen.
+    ddp_find_unused_parameters: ClassVar[bool] = True
 
     def __init__(self, backbone: nn.Module, settings: dict[str, Any] | None = None) -> None:
         super().__init__(backbone, settings)
@@ -113,25 +134,32 @@ class SwAV(Method):
 
     @torch.no_grad()
     def codes(self, scores: torch.Tensor, embeddings: torch.Tensor, crop: int) -> torch.Tensor:
-        """Sinkhorn codes of one global crop, over the queue too when it is full.
+        """Sinkhorn codes of one global crop, over all ranks and the queue when it is full.
 
-        The crop's embeddings then enter the queue (newest first), as the
-        official code does within the same step.
+        The crop's embeddings (of every rank) then enter the queue (newest
+        first), as the official code does within the same step. Returns this
+        rank's rows.
         """
         batch = scores.shape[0]
+        offset = distributed.rank() * batch
+        scores = distributed.gather_detached(scores)
         s = self.settings
         if self.queue_active and self.training:
-            if batch > self.queue.shape[1]:
+            embeddings = distributed.gather_detached(embeddings)
+            global_batch = embeddings.shape[0]
+            if global_batch > self.queue.shape[1]:
                 raise ValueError(
-                    f"swav.queue_length {self.queue.shape[1]} is shorter than a batch of {batch}"
+                    f"swav.queue_length {self.queue.shape[1]} is shorter than a batch "
+                    f"of {global_batch}"
                 )
             if int(self.queue_filled) >= self.queue.shape[1]:
                 queued = self.queue[crop] @ self.prototypes.weight.T
                 scores = torch.cat([scores, queued.to(scores.dtype)])
             self.queue[crop] = torch.cat(
-                [embeddings.to(self.queue.dtype), self.queue[crop, :-batch]]
+                [embeddings.to(self.queue.dtype), self.queue[crop, :-global_batch]]
             )
-        return sinkhorn_knopp(scores, float(s["epsilon"]), int(s["sinkhorn_iterations"]))[:batch]
+        codes = sinkhorn_knopp(scores, float(s["epsilon"]), int(s["sinkhorn_iterations"]))
+        return codes[offset : offset + batch]
 
     def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
         """Swapped prediction of every crop's scores against the global crops' codes."""
@@ -148,7 +176,8 @@ class SwAV(Method):
             for i in range(n_global)
         ]
         if self.queue_active and self.training:
-            self.queue_filled.add_(batch).clamp_(max=self.queue.shape[1])
+            global_batch = batch * distributed.world_size()
+            self.queue_filled.add_(global_batch).clamp_(max=self.queue.shape[1])
         return swapped_prediction(scores, codes, float(self.settings["temperature"]))
 
     def on_step_end(self, step: int, total_steps: int) -> None:
