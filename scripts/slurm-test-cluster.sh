@@ -73,7 +73,8 @@ node_memory_mb() {
 
 write_configs() {
     local cpus mem
-    cpus=$(nproc)
+    # nproc obeys OMP_NUM_THREADS; the node must advertise the CPUs it really has.
+    cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
     mem=$(node_memory_mb)
     mkdir -p "$STATE/etc" "$STATE/ctld" "$STATE/spool" "$STATE/run" "$STATE/log"
     cat > "$CONF" << EOF

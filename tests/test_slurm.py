@@ -32,7 +32,7 @@ GROUP_SIZE = 4
 LOCAL_RULES = {"aggregate", "stats", "tables", "plots", "all"}
 GPU_RULES = {"pretrain", "finetune"}
 LIMIT_S = 1200
-PRETRAIN_CPUS = min(2, os.cpu_count() or 1)
+PRETRAIN_CPUS = min(2, len(os.sched_getaffinity(0)))
 
 pytestmark = [pytest.mark.slurm, pytest.mark.workflow]
 
