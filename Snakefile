@@ -17,6 +17,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/imports.smk"
+include: "workflow/rules/supervised.smk"
 include: "workflow/rules/finetune.smk"
 include: "workflow/rules/report.smk"
 

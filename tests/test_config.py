@@ -109,6 +109,10 @@ INIT_MUTATIONS = [
     ({"source": "pretrain", "method": "spork", "from": "imagenet"}, "inits.new.method"),
     ({"source": "pretrain", "checkpoint": "CKPT"}, "inits.new.checkpoint"),
     ({"source": "scratch", "from": "imagenet"}, "inits.new.from"),
+    ({"source": "supervised"}, "inits.new"),  # no task
+    ({"source": "supervised", "task": "no_such_task"}, "inits.new.task"),
+    ({"source": "supervised", "task": "region", "from": "scratch"}, "inits.new.from"),
+    ({"source": "supervised", "task": "region", "method": "simclr"}, "inits.new.method"),
 ]
 
 

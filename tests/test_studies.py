@@ -14,7 +14,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from medssl.config import encoder_name, import_jobs, load_schema, pretrain_jobs, validate_config
+from medssl.config import (
+    encoder_name,
+    import_jobs,
+    load_schema,
+    pretrain_jobs,
+    supervised_jobs,
+    validate_config,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 STUDIES = REPO / "workflow" / "studies"
@@ -74,15 +81,18 @@ def test_study_dry_run_lists_the_expected_jobs(study: str, tmp_path: Path) -> No
     assert counts.get("pretrain", 0) == len(pretrain_jobs(resolved))
     assert counts["convert"] == len(resolved["data"]["datasets"])
     encoders = {encoder_name(resolved, init) for init in resolved["inits"]} - {None}
-    assert len(encoders) == counts.get("import_init", 0) + counts.get("pretrain", 0)
+    assert len(encoders) == sum(
+        counts.get(rule, 0) for rule in ("import_init", "pretrain", "supervised_init")
+    )
     if study == "wolf2023":
         assert sorted(resolved["pretrain"]["methods"]) == ["byol", "moco_v2", "spark", "swav"]
         assert len(resolved["inits"]) == 5 and resolved["finetune"]["epochs"] == 70
     else:
-        assert len(import_jobs(resolved)) == 16 and counts["pretrain"] == 1
-        assert len(resolved["seeds"]) == 10 and len(resolved["inits"]) == 18
-        assert n_finetunes == 18 * 7 * 1 * 10
-        assert per_job == 10 and counts["finetune"] == 18 * 7
+        assert len(import_jobs(resolved)) == 16 and counts.get("pretrain", 0) == 0
+        assert counts["supervised_init"] == len(supervised_jobs(resolved)) == 4
+        assert len(resolved["seeds"]) == 10 and len(resolved["inits"]) == 21
+        assert n_finetunes == 21 * 7 * 1 * 10
+        assert per_job == 10 and counts["finetune"] == 21 * 7
 
 
 def test_study_placeholders_are_marked() -> None:

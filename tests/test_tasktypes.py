@@ -284,3 +284,34 @@ def test_several_seeds_in_one_process_equal_one_process_per_seed(
     argv += ["--device", "cpu", "--out", str(argv_out)]
     assert ft.main(argv) == 1
     assert not argv_out.exists()
+
+
+def test_supervised_init_exports_the_trained_backbone(prepared, tmp_path: Path, one_thread) -> None:
+    """--export-encoder (inits with source supervised): the selected model's backbone
+    becomes an encoder file that a fine-tune then starts from."""
+    root, name = prepared["root"], "region"
+    encoder = tmp_path / "init" / "sup_region" / "encoder.pt"
+    argv = ["--data", str(prepared["h5"]), "--partition", str(root / f"{name}.csv")]
+    argv += ["--subsets", str(root / f"{name}.seed0.csv"), "--fraction", "1.0", "--seed", "0"]
+    argv += ["--task", json.dumps(prepared[name]["task"]), "--settings", json.dumps(SETTINGS)]
+    argv += ["--init", "sup_region", "--device", "cpu"]
+    metrics_out = tmp_path / "init" / "sup_region" / "metrics.json"
+    assert ft.main([*argv, "--out", str(metrics_out), "--export-encoder", str(encoder)]) == 0
+    info = json.loads(encoder.with_suffix(".json").read_text())
+    assert info["method"] == "supervised:region" and info["backbone"] == "resnet_small"
+    assert info["test"] == json.loads(metrics_out.read_text())["test"]
+    state = torch.load(encoder, weights_only=True)
+    assert state and not any(k.startswith("fc.") for k in state)
+    fresh = ft.build_backbone("resnet_small", 1).state_dict()
+    assert any(not torch.equal(state[k], fresh[k]) for k in state)  # it trained
+    # A fine-tune starts from it: the backbone before training equals the file.
+    model, backbone, _ = ft.build_model("binary", 1, 1, encoder, None, SETTINGS)
+    assert backbone == "resnet_small"
+    loaded = model.backbone.state_dict()
+    assert all(torch.equal(loaded[k], state[k]) for k in state)
+    # Several seeds cannot export one encoder.
+    subsets = str(root / f"{name}.seed0.csv")
+    bad = [*argv[:5], subsets, subsets, *argv[6:9], "0", "1", *argv[10:]]
+    out = tmp_path / "x.json"
+    assert ft.main([*bad, "--out", str(out), "--export-encoder", str(tmp_path / "e.pt")]) == 1
+    assert not out.exists() and not (tmp_path / "e.pt").exists()

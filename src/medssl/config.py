@@ -179,6 +179,7 @@ INIT_KEYS = {
     "scratch": set(),
     "pretrain": {"method", "from"},
     "import": {"checkpoint", "format", "backbone", "stem"},
+    "supervised": {"task", "from", "seed"},
 }
 """Keys each init source takes besides ``source``."""
 
@@ -218,6 +219,12 @@ def import_jobs(config: dict) -> list[str]:
     return [name for name, spec in config["inits"].items() if spec["source"] == "import"]
 
 
+def supervised_jobs(config: dict) -> list[str]:
+    """Inits trained with labels on a task (one supervised job each), e.g. ImageNet
+    then ChestX-ray14: study B's domain-adaptive initialisations."""
+    return [name for name, spec in config["inits"].items() if spec["source"] == "supervised"]
+
+
 def data_channels(config: dict) -> int:
     """Channels of the converted images: one per HU window, else one."""
     intensity = config["data"]["convert"]["intensity"]
@@ -246,6 +253,19 @@ def _check_inits(config: dict) -> Iterator[str]:
                 yield (
                     f"inits.{name}.method: {method!r} is not pre-trained; "
                     f"pretrain.methods is {methods}"
+                )
+        elif source == "supervised":
+            if init["task"] not in config["tasks"]:
+                yield (
+                    f"inits.{name}.task: {init['task']!r} is not a task; "
+                    f"choose one of {sorted(config['tasks'])}"
+                )
+            if "from" in init:
+                yield from _check_from(inits, name)
+            if name in methods:
+                yield (
+                    f"inits.{name}: supervised training writes results/init/{name}/, "
+                    f"which pretrain.methods' {name!r} writes too; rename the init"
                 )
         elif source == "import":
             checkpoint = Path(init["checkpoint"])

@@ -46,7 +46,7 @@ from medssl.directions import HIGHER_IS_BETTER
 from medssl.faults import fault_point
 from medssl.io import write_json
 from medssl.maskio import load_masks
-from medssl.models import BACKBONES, build_backbone, load_encoder
+from medssl.models import BACKBONES, build_backbone, load_encoder, save_encoder
 from medssl.protocols import PROTOCOLS, Protocol, make_protocol
 from medssl.provenance import record
 from medssl.seeding import seed_everything
@@ -147,6 +147,7 @@ class FinetuneResult:
 
     metrics: dict[str, Any]
     model: nn.Module
+    backbone: str = DEFAULT_BACKBONE
 
 
 def augment_batch(
@@ -553,7 +554,7 @@ def finetune(
         metrics["test_auc_per_label"] = dict(
             zip(task["columns"], test["auc_per_label"], strict=True)
         )
-    return FinetuneResult(metrics=metrics, model=model)
+    return FinetuneResult(metrics=metrics, model=model, backbone=backbone_name)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -595,6 +596,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument("--out", required=True, help="metrics.json to write")
+    parser.add_argument(
+        "--export-encoder",
+        help="also save the selected model's backbone as an encoder.pt (supervised "
+        "initialisation, e.g. ImageNet then a labelled medical task); one seed only",
+    )
     parser.add_argument("--verbose", action="store_true")
     return parser
 
@@ -616,6 +622,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         if len(set(args.seed)) != len(args.seed):
             raise ValueError(f"--seed lists a seed twice: {args.seed}")
+        if args.export_encoder and len(args.seed) != 1:
+            raise ValueError("--export-encoder takes one --seed: the run whose backbone it saves")
         partition = read_partition(args.partition)
         runs = []
         for seed, subsets in zip(args.seed, args.subsets, strict=True):
@@ -637,6 +645,18 @@ def main(argv: list[str] | None = None) -> int:
     except (FinetuneError, ValueError, OSError, KeyError) as err:
         log.error("%s: %s", args.out, err)
         return 1
+    if args.export_encoder:
+        info = {
+            "method": f"supervised:{args.task['name']}",
+            "init": args.init,
+            "start_encoder": args.encoder,
+            "task": args.task,
+            "best_epoch": runs[0]["best_epoch"],
+            "test": runs[0]["test"],
+            "provenance": runs[0]["provenance"],
+        }
+        save_encoder(result.model.backbone, args.export_encoder, result.backbone, info)
+        log.info("wrote %s", args.export_encoder)
     # One seed: the run itself; several (compute.seeds_per_job): the list of runs.
     write_json(args.out, runs[0] if len(runs) == 1 else runs)
     log.info("wrote %s (%d run%s)", args.out, len(runs), "" if len(runs) == 1 else "s")

@@ -7,6 +7,7 @@ import json
 import shlex
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 SRC = Path(workflow.basedir) / "src"
 # Jobs and this file import medssl from the checkout being run, so the code
@@ -20,6 +21,7 @@ from medssl.config import (
     import_jobs,
     method_names,
     pretrain_jobs,
+    supervised_jobs,
     validate_config,
 )
 
@@ -45,6 +47,7 @@ INITS = sorted(config["inits"])
 PRETRAIN_JOBS = pretrain_jobs(config)
 METHODS = sorted(PRETRAIN_JOBS)
 IMPORTS = sorted(import_jobs(config))
+SUPERVISED = sorted(supervised_jobs(config))
 METHOD_NAMES = method_names()
 FRACTIONS = [fraction_label(f) for f in config["fractions"]]
 SEEDS = [str(s) for s in config["seeds"]]
@@ -75,6 +78,7 @@ wildcard_constraints:
     init=alternatives(INITS),
     method=alternatives(METHODS),
     imported=alternatives(IMPORTS),
+    supervised=alternatives(SUPERVISED),
     fraction=r"[0-9.e-]+",
     seed=r"[0-9]+",
     run=alternatives(SEED_BLOCKS),
@@ -255,6 +259,42 @@ def import_settings(wildcards):
 
 
 # --- fine-tuning --------------------------------------------------------------
+
+
+# --- supervised initialisations -------------------------------------------------
+
+
+def supervised_wildcards(wildcards):
+    """The wildcards of the task a supervised init trains on, for the task helpers."""
+    spec = config["inits"][wildcards.supervised]
+    return SimpleNamespace(task=spec["task"], seed=str(spec["seed"]))
+
+
+def supervised_h5(wildcards):
+    return task_dataset_h5(supervised_wildcards(wildcards))
+
+
+def supervised_partition(wildcards):
+    return f"results/splits/{supervised_wildcards(wildcards).task}.csv"
+
+
+def supervised_subsets(wildcards):
+    task = supervised_wildcards(wildcards)
+    return f"results/splits/{task.task}/seed{task.seed}.csv"
+
+
+def supervised_masks(wildcards):
+    return task_masks(supervised_wildcards(wildcards))
+
+
+def supervised_task_settings(wildcards):
+    return task_settings(supervised_wildcards(wildcards))
+
+
+def supervised_start(wildcards):
+    """The encoder supervised training starts from; none from random weights."""
+    start = config["inits"][wildcards.supervised].get("from")
+    return [] if start is None else [encoder_path(start)]
 
 
 def init_encoder(wildcards):
