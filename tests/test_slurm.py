@@ -26,9 +26,15 @@ from workflow_tree import REPO, copy_workflow
 
 SCRIPT = REPO / "scripts" / "slurm-test-cluster.sh"
 PROFILE = Path("slurm") / "config.v8+.yaml"
-# The tiny config, one seed: 8 fine-tunes, in two groups of four.
+# The tiny config (merged on config.yaml), one seed; fine-tunes in groups of four.
 OVERLAY = {"seeds": [0]}
 GROUP_SIZE = 4
+_DEFAULT = yaml.safe_load((REPO / "config.yaml").read_text())
+_TINY = yaml.safe_load((REPO / "tests" / "configs" / "tiny.yaml").read_text())
+TASKS = _DEFAULT["tasks"]
+SEGMENTATION_TASKS = [name for name, task in TASKS.items() if task["type"] == "segmentation"]
+FINETUNES = len(_DEFAULT["inits"]) * len(TASKS) * len(_TINY["fractions"]) * len(OVERLAY["seeds"])
+GROUPS = -(-FINETUNES // GROUP_SIZE)
 LOCAL_RULES = {"aggregate", "stats", "tables", "plots", "all"}
 GPU_RULES = {"pretrain", "finetune"}
 LIMIT_S = 1200
@@ -171,8 +177,10 @@ def job_info(slurm_id: str, env: dict) -> dict[str, str]:
 def test_every_cluster_job_went_through_sbatch_and_completed(slurm_run: dict) -> None:
     log = slurm_run["log"]
     jobs = submitted(log)
-    # synthesize, convert, 2 splits, 1 subsample per task, pretrain, 2 fine-tune groups
-    assert len(jobs) == 1 + 1 + 2 + 2 + 1 + 2, log
+    # synthesize, convert, a mask job per segmentation task, a split and a
+    # subsample per task, pretrain, the fine-tune groups
+    expected = 1 + 1 + len(SEGMENTATION_TASKS) + 2 * len(TASKS) + 1 + GROUPS
+    assert len(jobs) == expected, log
     rules_run = set(re.findall(r"^\s*(?:local)?rule (\w+):", log, flags=re.MULTILINE))
     local_submitted = {rule for rule in LOCAL_RULES if f"rule_{rule}" in log}
     assert not local_submitted, f"local rules were submitted: {local_submitted}"
@@ -203,16 +211,16 @@ def test_gpu_jobs_asked_for_one_gpu_and_their_cpus(slurm_run: dict) -> None:
 def test_grouped_finetunes_ran_in_one_job_per_group(slurm_run: dict) -> None:
     logs = sorted((slurm_run["workdir"] / ".snakemake/slurm_logs").rglob("*.log"))
     group_logs = [path for path in logs if "group_finetunes" in str(path)]
-    assert len(group_logs) == 8 // GROUP_SIZE
-    for path in group_logs:
-        assert path.read_text().count("Finished jobid") >= GROUP_SIZE
+    assert len(group_logs) == GROUPS
+    finished = [path.read_text().count("Finished jobid") for path in group_logs]
+    assert sum(min(count, GROUP_SIZE) for count in finished) == FINETUNES, finished
 
 
 def test_outputs_equal_a_local_run(slurm_run: dict, local_run: Path) -> None:
     key = ["init", "task", "fraction", "seed", "metric"]
     on_slurm = pd.read_csv(slurm_run["workdir"] / "results/tables/runs.csv").sort_values(key)
     local = pd.read_csv(local_run / "results/tables/runs.csv").sort_values(key)
-    assert on_slurm.groupby(["init", "task", "fraction", "seed"]).ngroups == 8
+    assert on_slurm.groupby(["init", "task", "fraction", "seed"]).ngroups == FINETUNES
     pd.testing.assert_frame_equal(
         on_slurm.reset_index(drop=True), local.reset_index(drop=True), rtol=1e-6
     )
