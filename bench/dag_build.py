@@ -40,12 +40,14 @@ def grid_config(scale: int, seeds_per_job: int) -> dict:
     """A config with study B's grid shape (seeds times ``scale``).
 
     Snakemake merges config files key by key, so the default config's inits
-    (scratch, simclr) and tasks (nodule, region) stay and count towards the grid.
+    and tasks stay and count towards the grid.
     """
-    inits = {f"init{i:02d}": {"source": "scratch"} for i in range(INITS - 2)}
+    default = yaml.safe_load((REPO / "config.yaml").read_text())
+    extra_inits = INITS - len(default["inits"])
+    inits = {f"init{i:02d}": {"source": "scratch"} for i in range(extra_inits)}
     columns = [("nodule", "binary"), ("region", "multiclass")]
     tasks = {}
-    for t in range(TASKS - 2):
+    for t in range(TASKS - len(default["tasks"])):
         column, kind = columns[t % 2]
         tasks[f"task{t}"] = {
             "dataset": "synthct",
