@@ -1,10 +1,10 @@
-"""Conversion and read throughput of :mod:`medssl.convert`, against dcm2niix and pydicom.
+"""Conversion and read throughput of :mod:`medssl.datasets.conversion`, against dcm2niix and pydicom.
 
-One run, one machine, one synthetic cohort (``medssl.synth`` at 512 x 512):
+One run, one machine, one synthetic cohort (``medssl.datasets.synthetic`` at 512 x 512):
 
 1. conversion slices/s with 1 and 2 workers (raw HU, native size), and
    ``dcm2niix`` converting the same folder in the same run (if installed);
-2. random single-slice reads from the HDF5 (:class:`medssl.data.SliceReader`)
+2. random single-slice reads from the HDF5 (:class:`medssl.datasets.hdf5.SliceReader`)
    versus ``pydicom.dcmread`` + ``pixel_array`` + rescale of the same slices,
    in one process, as a ratio;
 3. a shuffled ``DataLoader`` with workers over the HDF5 (whole batches in the
@@ -33,7 +33,8 @@ import numpy as np
 import pydicom
 from pydicom.uid import generate_uid
 
-from medssl import convert, synth
+from medssl.datasets import conversion as convert
+from medssl.datasets import synthetic as synth
 
 HU_NATIVE = {"intensity": {"policy": "hu"}, "image_size": None}
 TRAINING = {
@@ -63,7 +64,7 @@ def bench_convert(dicom: Path, work: Path) -> int:
         out = work / f"convert_t{threads}.h5"
         out.unlink(missing_ok=True)  # renaming over an old file makes ext4 flush it first
         summary, seconds = _timed(
-            f"medssl.convert threads={threads} ({_load()})",
+            f"medssl.datasets.conversion threads={threads} ({_load()})",
             convert.convert,
             dicom,
             out,
@@ -92,7 +93,7 @@ def bench_convert(dicom: Path, work: Path) -> int:
     reference = n / seconds
     print(f"  {n} slices (same series) -> {reference:.0f} slices/s", flush=True)
     for threads, rate in rates.items():
-        print(f"  medssl.convert {threads} worker(s) / dcm2niix = {rate / reference:.2f}")
+        print(f"  medssl.datasets.conversion {threads} worker(s) / dcm2niix = {rate / reference:.2f}")
     return n
 
 
@@ -104,7 +105,7 @@ def _dicom_hu(path: Path) -> np.ndarray:
 
 def bench_reads(h5: Path, dicom: Path, count: int, seed: int = 0) -> None:
     """Random single-slice reads in one process: HDF5 versus one DICOM file per slice."""
-    from medssl.data import SliceReader, open_h5
+    from medssl.datasets.hdf5 import SliceReader, open_h5
 
     with h5py.File(h5) as handle:
         files = handle["meta/source_file"].asstr()[...]
@@ -129,7 +130,7 @@ def bench_reads(h5: Path, dicom: Path, count: int, seed: int = 0) -> None:
 
 
 class _DicomSlices:
-    """The per-file alternative to :class:`medssl.data.SliceDataset`: one dcmread per item."""
+    """The per-file alternative to :class:`medssl.datasets.hdf5.SliceDataset`: one dcmread per item."""
 
     def __init__(self, files: list[Path]) -> None:
         self.files = files
@@ -148,7 +149,7 @@ def _steady_rate(loader, batches: int) -> float:  # noqa: ANN001 - a DataLoader
     training), at most ``batches`` batches of one epoch.
 
     Batches in the stored dtype are timed as delivered: their conversion to
-    float (:func:`medssl.data.to_model_input`) runs on the GPU in training,
+    float (:func:`medssl.datasets.hdf5.to_model_input`) runs on the GPU in training,
     and on this CPU it would time the main process, not the loader.
     """
     iterator = iter(loader)
@@ -164,7 +165,7 @@ def bench_loader(h5: Path, dicom: Path, batches: int, workers: int, seed: int = 
     import torch
     from torch.utils.data import DataLoader
 
-    from medssl.data import SliceBatchDataset, SliceDataset, batch_loader
+    from medssl.datasets.hdf5 import SliceBatchDataset, SliceDataset, batch_loader
 
     with h5py.File(h5) as handle:
         files = [dicom / f for f in handle["meta/source_file"].asstr()[...]]
@@ -210,7 +211,7 @@ def _filters() -> dict[str, dict]:
 
 def bench_compression(h5: Path, count: int, reads: int, seed: int = 0) -> None:
     """Size, write and random-read speed of the same slices under each filter."""
-    from medssl.data import SliceReader, open_h5
+    from medssl.datasets.hdf5 import SliceReader, open_h5
 
     with h5py.File(h5) as handle:
         stack = handle["images"][:count]
@@ -298,7 +299,7 @@ def main() -> None:
     training = args.work / "training_u8.h5"
     if not training.exists():
         _timed(
-            f"medssl.convert {TRAINING}",
+            f"medssl.datasets.conversion {TRAINING}",
             convert.convert,
             base,
             training,

@@ -5,7 +5,7 @@ Two loops (``--loop``):
 * ``step`` (default) times what the trainer does per step (forward,
   backward, optimiser step, ``on_step_end``) on views made once before
   timing, so the figure is the model's speed, not the augmentation's.
-* ``trainer`` runs :func:`medssl.trainer.train` itself for two epochs of
+* ``trainer`` runs :func:`medssl.pretraining.loop.train` itself for two epochs of
   ``--steps`` steps on a random in-memory pool, with the real augmentation,
   DataLoader (``--num-workers``), optimiser recipe and schedule, and reports
   the second epoch's images/s and ``data_wait_fraction`` (host time blocked
@@ -34,11 +34,11 @@ from typing import Any
 
 import torch
 
-from medssl.augment import MultiViewDataset
-from medssl.methods import METHODS, build_method
-from medssl.models import build_backbone
-from medssl.pretrain import TensorImages
-from medssl.trainer import train
+from medssl.pretraining.augment import MultiViewDataset
+from medssl.pretraining.methods import METHODS, build_method
+from medssl.models.backbones import build_backbone
+from medssl.pretraining.recipes import TensorImages
+from medssl.pretraining.loop import train
 
 NARROW_HEADS: dict[str, dict[str, Any]] = {
     "barlow_twins": {"proj_dims": [512, 512, 512]},

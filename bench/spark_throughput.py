@@ -13,9 +13,9 @@ import time
 
 import torch
 
-from medssl import models
-from medssl.methods import build_method
-from medssl.trainer import build_optimizer, train_settings
+from medssl.models import backbones as models
+from medssl.pretraining.methods import build_method
+from medssl.pretraining.loop import build_optimizer, train_settings
 
 
 def main() -> None:

@@ -28,8 +28,8 @@ def converted_cohort(tmp_path_factory: pytest.TempPathFactory) -> dict:
     8 patients x 2 series x 8 slices of 32 x 32, converted at 32 x 32 (the
     U-Net needs multiples of 32); shared by the task, protocol and mask tests.
     """
-    from medssl.convert import convert
-    from medssl.synth import synthesize
+    from medssl.datasets.conversion import convert
+    from medssl.datasets.synthetic import synthesize
 
     root = tmp_path_factory.mktemp("converted_cohort")
     settings = {"patients": 8, "series_per_patient": 2, "slices": 8, "matrix": 32, "scout": False}

@@ -1,7 +1,7 @@
 """A tiny synthetic cohort run through the real stages, shared by the fault tests.
 
 Not a test module: ``tests/test_faults_*.py`` import it. The cohort comes
-from the project's own generator (:mod:`medssl.synth`) and conversion, so the
+from the project's own generator (:mod:`medssl.datasets.synthetic`) and conversion, so the
 fault tests exercise the files a real run produces, at a size that trains in
 a second on one CPU thread.
 """
@@ -15,11 +15,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from medssl import convert, faults
-from medssl.data import read_meta
-from medssl.io import write_csv
-from medssl.split import make_partition, make_subsets, read_label_table
-from medssl.synth import synthesize
+from medssl.datasets import conversion as convert
+from medssl.core import faults
+from medssl.datasets.hdf5 import read_meta
+from medssl.core.files import write_csv
+from medssl.datasets.splits import make_partition, make_subsets, read_label_table
+from medssl.datasets.synthetic import synthesize
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 SYNTH = {"patients": 8, "series_per_patient": 1, "slices": 8, "matrix": 32, "seed": 0}
@@ -56,7 +57,7 @@ def build_cohort(root: Path) -> dict[str, Path]:
 
 
 def convert_args(cohort: dict[str, Path], out: Path) -> list[str]:
-    """``medssl.convert`` arguments writing ``out`` and its rejects table beside it."""
+    """``medssl.datasets.conversion`` arguments writing ``out`` and its rejects table beside it."""
     rejects = out.with_name(out.stem + ".rejects.csv")
     return [
         "--dicom-dir",
@@ -73,7 +74,7 @@ def convert_args(cohort: dict[str, Path], out: Path) -> list[str]:
 
 
 def pretrain_args(cohort: dict[str, Path], out: Path, checkpoints: Path) -> list[str]:
-    """``medssl.pretrain`` arguments (SimCLR, seed 3, CPU, one thread)."""
+    """``medssl.pretraining.recipes`` arguments (SimCLR, seed 3, CPU, one thread)."""
     return [
         "--method",
         "simclr",
@@ -97,7 +98,7 @@ def pretrain_args(cohort: dict[str, Path], out: Path, checkpoints: Path) -> list
 def finetune_args(
     cohort: dict[str, Path], out: Path, settings: dict | None = None, seed: int = 0
 ) -> list[str]:
-    """``medssl.finetune`` arguments (scratch init, fraction 1, CPU, one thread)."""
+    """``medssl.finetuning.loop`` arguments (scratch init, fraction 1, CPU, one thread)."""
     return [
         "--data",
         str(cohort["h5"]),

@@ -9,8 +9,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from medssl import aggregate
-from medssl.aggregate import COLUMNS, MetricsError, build_runs, main
+from medssl.analysis import runs as aggregate
+from medssl.analysis.runs import COLUMNS, MetricsError, build_runs, main
 
 
 def _payload(init: str, task: str, fraction: float, seed: int, **test: float) -> dict:
@@ -42,7 +42,7 @@ def _write(root: Path, payload: dict) -> Path:
         / "metrics.json"
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Plain json.dumps: a test may write what medssl.io.write_json never would (NaN).
+    # Plain json.dumps: a test may write what medssl.core.files.write_json never would (NaN).
     path.write_text(json.dumps(payload))
     return path
 
@@ -111,7 +111,7 @@ def test_partial_mode_globs_the_root(sweep: list[Path], tmp_path: Path) -> None:
 
 
 def test_nan_metric_is_kept(tmp_path: Path) -> None:
-    # An undefined metric is null in the file: medssl.io.write_json writes a NaN so.
+    # An undefined metric is null in the file: medssl.core.files.write_json writes a NaN so.
     path = _write(tmp_path, _payload("scratch", "nodule", 0.1, 0, auc=None, accuracy=0.5))
     runs = build_runs([path])
     assert math.isnan(runs.loc[runs["metric"] == "auc", "value"].iloc[0])

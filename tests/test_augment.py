@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from medssl.augment import (
+from medssl.pretraining.augment import (
     DEFAULT_AUGMENT,
     CTAugment,
     MultiView,

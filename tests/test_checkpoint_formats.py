@@ -11,10 +11,10 @@ import pytest
 import torch
 from torchvision.models import resnet18, resnet50
 
-from medssl import models
-from medssl.checkpoint_formats import FORMATS, format_names, map_state_dict
-from medssl.config import load_schema
-from medssl.import_init import CheckpointImportError, import_encoder, main, read_checkpoint
+from medssl.models import backbones as models
+from medssl.models.checkpoint_formats import FORMATS, format_names, map_state_dict
+from medssl.pipeline.config import load_schema
+from medssl.models.importing import CheckpointImportError, import_encoder, main, read_checkpoint
 
 State = dict[str, torch.Tensor]
 
@@ -118,7 +118,7 @@ def test_publisher_layout_fills_the_backbone(name: str, reference: State, tmp_pa
 
 
 def test_renames_apply_after_stripping(monkeypatch) -> None:
-    from medssl.checkpoint_formats import CheckpointFormat
+    from medssl.models.checkpoint_formats import CheckpointFormat
 
     monkeypatch.setitem(
         FORMATS,

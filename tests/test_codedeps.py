@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from medssl.codedeps import module_sources
+from medssl.pipeline.codedeps import module_sources
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "medssl"
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from medssl.config import ConfigError, validate_config
+from medssl.pipeline.config import ConfigError, validate_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -149,7 +149,7 @@ def test_continual_cycle_and_name_clash_are_refused(config: dict, checkpoint: Pa
 
 
 def test_import_and_continual_inits_resolve(config: dict, checkpoint: Path) -> None:
-    from medssl.config import encoder_name, import_jobs, pretrain_jobs
+    from medssl.pipeline.config import encoder_name, import_jobs, pretrain_jobs
 
     config["inits"]["imagenet"] = {
         "source": "import",
@@ -215,9 +215,9 @@ def test_snakemake_refuses_bad_config_before_any_job(tmp_path: Path) -> None:
 
 def test_schema_names_match_the_registries() -> None:
     """The schema lists methods and backbones so parsing never imports torch."""
-    from medssl.config import backbone_names, method_names
-    from medssl.methods import METHODS
-    from medssl.models import BACKBONES
+    from medssl.pipeline.config import backbone_names, method_names
+    from medssl.pretraining.methods import METHODS
+    from medssl.models.backbones import BACKBONES
 
     assert sorted(method_names()) == sorted(METHODS)
     assert sorted(backbone_names()) == sorted(BACKBONES)

@@ -16,8 +16,10 @@ import pytest
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import BasicTextSRStorage, ExplicitVRLittleEndian, RLELossless, generate_uid
 
-from medssl import convert, data, synth
-from medssl.dicom import slice_position
+from medssl.datasets import conversion as convert
+from medssl.datasets import hdf5 as data
+from medssl.datasets import synthetic as synth
+from medssl.dicom.reading import slice_position
 
 COHORT = {"patients": 3, "slices": 8, "matrix": 32, "seed": 1}
 HU_NATIVE = {"intensity": {"policy": "hu"}, "image_size": None}
@@ -360,7 +362,7 @@ def test_cli_empty_folder_exits_nonzero(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "medssl.convert",
+            "medssl.datasets.conversion",
             "--dicom-dir",
             str(empty),
             "--out",

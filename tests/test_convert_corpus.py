@@ -30,7 +30,9 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from medssl import convert, data, synth
+from medssl.datasets import conversion as convert
+from medssl.datasets import hdf5 as data
+from medssl.datasets import synthetic as synth
 
 COHORT = {"patients": 2, "series_per_patient": 1, "slices": 8, "matrix": 32, "seed": 3}
 HU_NATIVE = {"intensity": {"policy": "hu"}, "image_size": None}
@@ -322,7 +324,7 @@ def test_pseudonymised_patient_ids(cohort: dict, monkeypatch: pytest.MonkeyPatch
 
 
 def test_monochrome1_inverted_outside_ct() -> None:
-    from medssl.dicom import invert_monochrome1
+    from medssl.dicom.reading import invert_monochrome1
 
     ds = pydicom.Dataset()
     ds.BitsStored, ds.PixelRepresentation = 12, 0

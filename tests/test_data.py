@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from medssl import convert, data, synth
+from medssl.datasets import conversion as convert
+from medssl.datasets import hdf5 as data
+from medssl.datasets import synthetic as synth
 
 COHORT = {"patients": 2, "series_per_patient": 1, "slices": 6, "matrix": 32, "seed": 11}
 

@@ -31,10 +31,13 @@ import torch.multiprocessing as mp
 from test_pretrain import make_h5
 from torch.utils.data import Dataset
 
-from medssl import distributed, models, syncbn, synth
-from medssl.methods import build_method
-from medssl.methods.sparse import MaskState, sparse_batch_norm
-from medssl.trainer import train
+from medssl.pretraining import distributed
+from medssl.models import backbones as models
+from medssl.pretraining import syncbn
+from medssl.datasets import synthetic as synth
+from medssl.pretraining.methods import build_method
+from medssl.pretraining.methods.sparse import MaskState, sparse_batch_norm
+from medssl.pretraining.loop import train
 
 WORLD = 2
 BATCH = 8
@@ -212,7 +215,7 @@ def test_cli_relaunches_under_torchrun_and_rank_zero_writes(tmp_path: Path) -> N
     command = [
         sys.executable,
         "-m",
-        "medssl.pretrain",
+        "medssl.pretraining.recipes",
         "--method",
         "simclr",
         "--data",

@@ -10,7 +10,7 @@ import pytest
 import statsmodels.formula.api as smf
 from scipy.integrate import trapezoid
 
-from medssl.efficiency import label_efficiency, normalised_auc, relative_drops, task_efficiency
+from medssl.analysis.efficiency import label_efficiency, normalised_auc, relative_drops, task_efficiency
 
 FRACTIONS = (0.05, 0.1, 0.25, 0.5, 1.0)
 SEEDS = range(8)

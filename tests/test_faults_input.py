@@ -23,11 +23,14 @@ import torch
 import yaml
 from faults_cohort import SRC, leftover_parts
 
-from medssl import aggregate, io, paths, trainer
-from medssl.config import ConfigError, check_references, validate_config
-from medssl.data import load_images, open_h5
-from medssl.models import build_backbone, load_encoder, save_encoder
-from medssl.synth import synthesize
+from medssl.analysis import runs as aggregate
+from medssl.core import files as io
+from medssl.pipeline import paths
+from medssl.pretraining import loop as trainer
+from medssl.pipeline.config import ConfigError, check_references, validate_config
+from medssl.datasets.hdf5 import load_images, open_h5
+from medssl.models.backbones import build_backbone, load_encoder, save_encoder
+from medssl.datasets.synthetic import synthesize
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -101,7 +104,7 @@ def test_truncated_hdf5_error_names_the_file(tmp_path: Path) -> None:
 
 
 def test_broken_dicom_files_are_rejected_by_name(tmp_path: Path) -> None:
-    from medssl.convert import convert
+    from medssl.datasets.conversion import convert
 
     dicom = tmp_path / "dicom"
     synthesize(dicom, tmp_path / "labels.csv", {"patients": 1, "slices": 4, "matrix": 16})

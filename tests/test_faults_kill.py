@@ -1,7 +1,7 @@
 """Killed jobs: SIGKILL each stage at named points, rerun, and get the uninterrupted result.
 
 Every stage's command line runs in a forked process that kills itself at a
-fault point (``MEDSSL_FAULT_AT``, see :mod:`medssl.faults`), exactly as a
+fault point (``MEDSSL_FAULT_AT``, see :mod:`medssl.core.faults`), exactly as a
 cluster's time limit or the OOM killer would; one test does the same with
 a fresh ``python -m medssl.convert`` process. After the kill no
 output may look complete, and a rerun must finish with the same bytes (or, for
@@ -31,8 +31,11 @@ from faults_cohort import (
     run_stage,
 )
 
-from medssl import convert, finetune, pretrain, trainer
-from medssl.models import sidecar_path
+from medssl.datasets import conversion as convert
+from medssl.finetuning import loop as finetune
+from medssl.pretraining import recipes as pretrain
+from medssl.pretraining import loop as trainer
+from medssl.models.backbones import sidecar_path
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +141,7 @@ def test_killed_pretraining_resumes_to_identical_encoder(
     else:
         assert not checkpoint.exists()
 
-    with caplog.at_level("INFO", logger="medssl.trainer"):
+    with caplog.at_level("INFO", logger="medssl.pretraining.loop"):
         assert pretrain.main(pretrain_args(cohort, out, checkpoints)) == 0
     resumed = [r.getMessage() for r in caplog.records if "resuming from" in r.getMessage()]
     if resume_at:

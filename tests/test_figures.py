@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 from matplotlib.colors import to_hex
 
-from medssl.figures import bars_figure, forest_figure, heatmap_figure, main
-from medssl.plots import init_styles
+from medssl.analysis.figures import bars_figure, forest_figure, heatmap_figure, main
+from medssl.analysis.curves import init_styles
 
 
 def _summary() -> pd.DataFrame:

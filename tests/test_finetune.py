@@ -12,11 +12,11 @@ import pandas as pd
 import pytest
 import torch
 
-from medssl import finetune as ft
-from medssl.data import read_meta
-from medssl.io import write_csv
-from medssl.models import build_backbone, save_encoder
-from medssl.split import make_partition, make_subsets, read_label_table
+from medssl.finetuning import loop as ft
+from medssl.datasets.hdf5 import read_meta
+from medssl.core.files import write_csv
+from medssl.models.backbones import build_backbone, save_encoder
+from medssl.datasets.splits import make_partition, make_subsets, read_label_table
 
 SETTINGS = {"epochs": 2, "batch_size": 16, "lr": 1e-3, "augment": True}
 TOP_KEYS = {
@@ -247,7 +247,7 @@ def test_augment_batch_is_seeded_and_keeps_shape() -> None:
 
 
 def test_balanced_class_weights_equalise_class_totals() -> None:
-    from medssl.finetune import balanced_class_weights
+    from medssl.finetuning.loop import balanced_class_weights
 
     binary = torch.tensor([0, 0, 0, 1])
     assert balanced_class_weights(binary, "binary", 1).tolist() == [3.0]

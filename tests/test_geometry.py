@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from medssl.dicom import slice_normal
-from medssl.geometry import GAP_POLICIES, find_gaps, split_runs, tilt_degrees
+from medssl.dicom.reading import slice_normal
+from medssl.dicom.geometry import GAP_POLICIES, find_gaps, split_runs, tilt_degrees
 
 
 def test_gaps_are_relative_to_the_median_step() -> None:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from medssl.methods.losses import nt_xent
+from medssl.pretraining.methods.losses import nt_xent
 
 
 def reference_nt_xent(z1: np.ndarray, z2: np.ndarray, temperature: float) -> float:

@@ -14,9 +14,9 @@ from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from medssl import masks as mk
-from medssl.data import read_meta
-from medssl.dicom import iter_files
+from medssl.datasets import mask_sources as mk
+from medssl.datasets.hdf5 import read_meta
+from medssl.dicom.reading import iter_files
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medssl.methods import METHODS, Method, build_method
-from medssl.models import build_backbone
+from medssl.pretraining.methods import METHODS, Method, build_method
+from medssl.models.backbones import build_backbone
 
 SMALL_HEADS: dict[str, dict] = {
     "barlow_twins": {"proj_dims": [64, 64, 64]},

@@ -1,4 +1,4 @@
-"""medssl.metrics must agree with scikit-learn's definitions, and never invent an AUC."""
+"""medssl.finetuning.metrics must agree with scikit-learn's definitions, and never invent an AUC."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
-from medssl.metrics import classification_metrics
+from medssl.finetuning.metrics import classification_metrics
 
 
 @pytest.mark.parametrize("seed", range(5))

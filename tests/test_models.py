@@ -8,7 +8,7 @@ import pytest
 import torch
 from torchvision.models import resnet18
 
-from medssl import models
+from medssl.models import backbones as models
 
 
 def _rgb_backbone() -> torch.nn.Module:

@@ -7,9 +7,11 @@ import math
 import pytest
 import torch
 
-from medssl import models, optimizers, trainer
-from medssl.methods import METHODS, build_method
-from medssl.pretrain import split_method_settings
+from medssl.models import backbones as models
+from medssl.pretraining import optimizers
+from medssl.pretraining import loop as trainer
+from medssl.pretraining.methods import METHODS, build_method
+from medssl.pretraining.recipes import split_method_settings
 
 SMALL = {
     "barlow_twins": {"proj_dims": [16, 16, 16]},

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from matplotlib.colors import to_hex
 
-from medssl.plots import PALETTE, init_styles, label_efficiency_figure, main, save_figure
+from medssl.analysis.curves import PALETTE, init_styles, label_efficiency_figure, main, save_figure
 
 
 def _summary() -> pd.DataFrame:

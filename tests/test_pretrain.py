@@ -17,13 +17,14 @@ import pandas as pd
 import pytest
 import torch
 
-from medssl import models, trainer
-from medssl import pretrain as pretrain_module
-from medssl.data import SliceDataset
-from medssl.methods import build_method
-from medssl.optimizers import LARS
-from medssl.pretrain import main, pretrain
-from medssl.trainer import NonFiniteLossError, warmup_cosine
+from medssl.models import backbones as models
+from medssl.pretraining import loop as trainer
+from medssl.pretraining import recipes as pretrain_module
+from medssl.datasets.hdf5 import SliceDataset
+from medssl.pretraining.methods import build_method
+from medssl.pretraining.optimizers import LARS
+from medssl.pretraining.recipes import main, pretrain
+from medssl.pretraining.loop import NonFiniteLossError, warmup_cosine
 
 SETTINGS = {
     "backbone": "resnet_small",
@@ -41,7 +42,7 @@ SETTINGS = {
 
 
 def make_h5(path: Path, n: int = 32, channels: int = 1, size: int = 32, seed: int = 0) -> Path:
-    """A tiny dataset in medssl.data's layout: uint8 slices, model input = stored / 255."""
+    """A tiny dataset in medssl.datasets.hdf5's layout: uint8 slices, model input = stored / 255."""
     rng = np.random.default_rng(seed)
     with h5py.File(path, "w") as handle:
         stored = rng.integers(0, 256, size=(n, channels, size, size), dtype=np.uint8)
@@ -129,7 +130,7 @@ def test_lazy_pool_with_workers_matches_in_memory(
 
 _KILLABLE = """
 import sys, time
-import medssl.trainer as trainer
+import medssl.pretraining.loop as trainer
 save = trainer.save_checkpoint
 
 def save_then_wait(path, payload):
@@ -137,7 +138,7 @@ def save_then_wait(path, payload):
     time.sleep(600)  # keep the job alive after its first checkpoint until the test kills it
 
 trainer.save_checkpoint = save_then_wait
-from medssl.pretrain import main
+from medssl.pretraining.recipes import main
 main(sys.argv[1:])
 """
 
@@ -195,7 +196,7 @@ def test_changed_settings_do_not_resume(pool: Path, tmp_path: Path, one_thread, 
 def test_nan_loss_stops_without_encoder(
     pool: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_thread
 ) -> None:
-    import medssl.methods.simclr as simclr
+    import medssl.pretraining.methods.simclr as simclr
 
     monkeypatch.setattr(simclr, "nt_xent", lambda z1, z2, t: (z1.sum() + z2.sum()) * float("nan"))
     out = tmp_path / "encoder.pt"

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medssl import finetune as ft
-from medssl.data import read_meta
-from medssl.models import build_backbone, load_encoder, save_encoder
-from medssl.protocols import make_protocol
-from medssl.split import make_partition, make_subsets, read_label_table
+from medssl.finetuning import loop as ft
+from medssl.datasets.hdf5 import read_meta
+from medssl.models.backbones import build_backbone, load_encoder, save_encoder
+from medssl.finetuning.protocols import make_protocol
+from medssl.datasets.splits import make_partition, make_subsets, read_label_table
 
 SETTINGS = {"batch_size": 32, "lr": 1e-3, "augment": False}
 

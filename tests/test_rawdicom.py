@@ -12,8 +12,9 @@ from pydicom.data import get_testdata_file
 from pydicom.sequence import Sequence
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
 
-from medssl import dicom, synth
-from medssl.rawdicom import read_raw_header, read_raw_pixels
+from medssl.dicom import reading as dicom
+from medssl.datasets import synthetic as synth
+from medssl.dicom.rawheader import read_raw_header, read_raw_pixels
 
 COHORT = {"patients": 1, "series_per_patient": 1, "slices": 4, "matrix": 32, "seed": 7}
 

@@ -13,13 +13,13 @@ from test_pretrain import make_h5
 from torch import nn
 from torchvision.models import resnet18
 
-from medssl import models
-from medssl.methods import build_method
-from medssl.methods.spark import SPARK_AUGMENT, masked_patch_loss, random_mask, stage_features
-from medssl.methods.sparse import SPARSE_HOOKED, MaskState, sparsify
-from medssl.optimizers import LAMB
-from medssl.pretrain import main
-from medssl.trainer import build_optimizer, train_settings
+from medssl.models import backbones as models
+from medssl.pretraining.methods import build_method
+from medssl.pretraining.methods.spark import SPARK_AUGMENT, masked_patch_loss, random_mask, stage_features
+from medssl.pretraining.methods.sparse import SPARSE_HOOKED, MaskState, sparsify
+from medssl.pretraining.optimizers import LAMB
+from medssl.pretraining.recipes import main
+from medssl.pretraining.loop import build_optimizer, train_settings
 
 SMALL = {"decoder_width": 32}
 

@@ -10,9 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from medssl import split, subsample
-from medssl.data import read_meta
-from medssl.split import (
+from medssl.datasets import splits as split
+from medssl import subsample
+from medssl.datasets.hdf5 import read_meta
+from medssl.datasets.splits import (
     SplitError,
     make_partition,
     make_subsets,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from medssl.methods.losses import (
+from medssl.pretraining.methods.losses import (
     barlow_twins,
     byol_regression,
     info_nce,

@@ -8,13 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from medssl import models, synth, trainer
-from medssl.augment import MultiCrop, MultiViewDataset
-from medssl.methods import build_method
-from medssl.methods.byol import target_momentum
-from medssl.methods.heads import ema_update
-from medssl.methods.losses import sinkhorn_knopp
-from medssl.trainer import train
+from medssl.models import backbones as models
+from medssl.datasets import synthetic as synth
+from medssl.pretraining import loop as trainer
+from medssl.pretraining.augment import MultiCrop, MultiViewDataset
+from medssl.pretraining.methods import build_method
+from medssl.pretraining.methods.byol import target_momentum
+from medssl.pretraining.methods.heads import ema_update
+from medssl.pretraining.methods.losses import sinkhorn_knopp
+from medssl.pretraining.loop import train
 
 SMALL: dict[str, dict] = {
     "barlow_twins": {"proj_dims": [64, 64, 64]},

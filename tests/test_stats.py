@@ -11,7 +11,7 @@ import pytest
 from scipy import stats as sps
 from statsmodels.stats.multitest import multipletests
 
-from medssl.stats import (
+from medssl.analysis.statistics import (
     SUMMARY_COLUMNS,
     adjust,
     main,
@@ -245,7 +245,7 @@ def test_reference_p_values_are_corrected_and_starred() -> None:
 
 
 def test_stars_thresholds() -> None:
-    from medssl.stats import stars
+    from medssl.analysis.statistics import stars
 
     assert [stars(p) for p in (0.0005, 0.005, 0.03, 0.2, math.nan)] == [
         "***",

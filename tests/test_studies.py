@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from medssl.config import (
+from medssl.pipeline.config import (
     encoder_name,
     import_jobs,
     load_schema,

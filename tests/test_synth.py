@@ -11,7 +11,7 @@ import pytest
 from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian
 from scipy import ndimage
 
-from medssl import synth
+from medssl.datasets import synthetic as synth
 
 SMALL = {"patients": 6, "slices": 8, "matrix": 32, "seed": 0}
 

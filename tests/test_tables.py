@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from medssl.tables import decimals_for, fraction_label, main, markdown_table
+from medssl.analysis.tables import decimals_for, fraction_label, main, markdown_table
 
 
 def _summary() -> pd.DataFrame:
@@ -99,7 +99,7 @@ def _with_stars() -> pd.DataFrame:
 
 
 def test_csv_table_matches_markdown_numbers_and_marks() -> None:
-    from medssl.tables import task_csv
+    from medssl.analysis.tables import task_csv
 
     table = task_csv(_with_stars(), "nodule", init_order=["scratch", "simclr", "byol"])
     assert list(table.columns) == ["metric", "init", "10%", "50%"]
@@ -112,7 +112,7 @@ def test_csv_table_matches_markdown_numbers_and_marks() -> None:
 
 
 def test_latex_table_is_booktabs_with_bold_dagger_and_caption() -> None:
-    from medssl.tables import task_latex
+    from medssl.analysis.tables import task_latex
 
     text = task_latex(
         _with_stars().replace({"init": {"byol": "byol_v2"}}),

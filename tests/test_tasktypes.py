@@ -13,17 +13,17 @@ import torch
 import yaml
 from sklearn.metrics import roc_auc_score
 
-from medssl import finetune as ft
-from medssl import masks as mk
-from medssl.config import SCHEMA_PATH, TASK_METRICS, check_references, load_config
-from medssl.data import load_images, read_meta
-from medssl.io import write_csv
-from medssl.metrics import multilabel_metrics, segmentation_metrics
-from medssl.protocols import PROTOCOLS
-from medssl.split import TASK_TYPES as SPLIT_TYPES
-from medssl.split import label_columns, make_partition, make_subsets, read_label_table
-from medssl.tasktypes import TASK_TYPES
-from medssl.tta import TTA_MODES, predict_with_tta, ten_crop_views
+from medssl.finetuning import loop as ft
+from medssl.datasets import mask_sources as mk
+from medssl.pipeline.config import SCHEMA_PATH, TASK_METRICS, check_references, load_config
+from medssl.datasets.hdf5 import load_images, read_meta
+from medssl.core.files import write_csv
+from medssl.finetuning.metrics import multilabel_metrics, segmentation_metrics
+from medssl.finetuning.protocols import PROTOCOLS
+from medssl.datasets.splits import TASK_TYPES as SPLIT_TYPES
+from medssl.datasets.splits import label_columns, make_partition, make_subsets, read_label_table
+from medssl.finetuning.tasktypes import TASK_TYPES
+from medssl.finetuning.tta import TTA_MODES, predict_with_tta, ten_crop_views
 
 SETTINGS = {"epochs": 2, "batch_size": 32, "lr": 1e-3, "decoder_channels": [32, 16, 16, 8, 8]}
 

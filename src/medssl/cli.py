@@ -1,8 +1,18 @@
-"""Small helpers shared by the stage command lines.
+"""The one stage runner: every ``python -m medssl.<stage>`` goes through :func:`run_stage`.
 
-Each stage is ``python -m medssl.<stage>``; Snakemake passes settings as one
-JSON argument (the resolved config section), so the job's params are exactly
-what the code sees.
+A stage module declares a :class:`Stage`: its arguments and a ``run`` function
+that reads, calls the library and writes. The runner owns everything the stages
+share, so they cannot drift apart:
+
+* the shared options: ``-v/--verbose`` always, ``--threads`` and ``--device``
+  for stages that run torch, ``--settings`` (one JSON object) where asked for;
+* one logging set-up (stderr, which Snakemake's ``log:`` captures);
+* one exit policy: a failure prints one line, ``error: <stage>: <message>``,
+  and the stage exits 1 without a traceback (``--verbose`` adds it); argparse's
+  usage errors exit 2 as usual; 0 means every output was written.
+
+Snakemake passes each stage its settings as one JSON argument (the resolved
+config section), so a job's params are exactly what the code sees.
 """
 
 from __future__ import annotations
@@ -11,10 +21,36 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
+
+log = logging.getLogger("medssl")
+
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, LookupError, OSError, RuntimeError)
+"""Failures caused by the input (bad file, bad setting, full disk, diverged training):
+reported as one line. Anything else is a bug and says so, still in one line."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    """What a stage module tells the runner.
+
+    ``add_arguments`` adds the stage's own options; ``run`` does the work and
+    raises on failure (the runner turns the exception into the exit status).
+    """
+
+    name: str
+    description: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], None]
+    uses_torch: bool = False
+    epilog: str | None = None
+    raw_help: bool = False
+    fromfile_prefix_chars: str | None = None
 
 
 def json_arg(text: str) -> Any:
@@ -25,6 +61,43 @@ def json_arg(text: str) -> Any:
         raise argparse.ArgumentTypeError(f"not valid JSON: {text[:80]!r} ({err})") from err
 
 
+def json_object(text: str) -> dict[str, Any]:
+    """argparse type of every ``--settings``: a JSON object (a config section)."""
+    value = json_arg(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text[:80]!r}")
+    return value
+
+
+def add_settings_argument(
+    parser: argparse.ArgumentParser, help: str, *, required: bool = False
+) -> None:
+    """``--settings '<json object>'``: the resolved config section the stage reads."""
+    kwargs: dict[str, Any] = {"required": True} if required else {"default": {}}
+    parser.add_argument("--settings", type=json_object, help=help, **kwargs)
+
+
+def build_parser(stage: Stage) -> argparse.ArgumentParser:
+    """The stage's parser: its own options plus the shared ones."""
+    parser = argparse.ArgumentParser(
+        prog=f"python -m medssl.{stage.name}",
+        description=stage.description,
+        epilog=stage.epilog,
+        formatter_class=(
+            argparse.RawDescriptionHelpFormatter if stage.raw_help else argparse.HelpFormatter
+        ),
+        fromfile_prefix_chars=stage.fromfile_prefix_chars,
+    )
+    stage.add_arguments(parser)
+    if stage.uses_torch:
+        parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+        parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logging; tracebacks on failure"
+    )
+    return parser
+
+
 def setup_logging(verbose: bool = False) -> None:
     """Log to stderr (Snakemake's ``log:`` captures it)."""
     logging.basicConfig(
@@ -32,6 +105,31 @@ def setup_logging(verbose: bool = False) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+
+
+def error_line(stage: str, err: BaseException) -> str:
+    """The one line a failure prints; an unexpected exception type is named as such."""
+    message = str(err) or type(err).__name__
+    if not isinstance(err, EXPECTED_ERRORS):
+        message = f"{type(err).__name__}: {message} (an internal error; --verbose shows where)"
+    return f"error: {stage}: {message}"
+
+
+def run_stage(stage: Stage, argv: Sequence[str] | None = None) -> int:
+    """Parse, set up logging and threads, run; returns the exit status."""
+    parser = build_parser(stage)
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        if stage.uses_torch:
+            set_threads(args.threads)
+        stage.run(args)
+    except Exception as err:  # the exit policy: every failure becomes one line and status 1
+        if args.verbose:
+            log.exception("%s failed", stage.name)
+        log.error("%s", error_line(stage.name, err))
+        return 1
+    return 0
 
 
 def set_threads(threads: int) -> None:

@@ -3,7 +3,7 @@
 ``python -m medssl.subsample --partition CSV --seed N --out results/splits/TASK/seedN.csv``
 
 The file ranks every training patient inside its stratum; the subset for a
-fraction is read off it by :func:`medssl.split.select_training`. Keeping the
+fraction is read off it by :func:`medssl.datasets.splits.select_training`. Keeping the
 fractions out of this file means adding a fraction reruns nothing that exists,
 and the subsets of one seed are nested by construction.
 """
@@ -15,8 +15,8 @@ import logging
 import sys
 
 from medssl.cli import setup_logging
-from medssl.io import write_csv
-from medssl.split import make_subsets, read_partition
+from medssl.core.files import write_csv
+from medssl.datasets.splits import make_subsets, read_partition
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m medssl.subsample",
         description="Rank the training patients of a partition for nested subsets.",
     )
-    parser.add_argument("--partition", required=True, help="partition CSV from medssl.split")
+    parser.add_argument("--partition", required=True, help="partition CSV from medssl.datasets.splits")
     parser.add_argument("--seed", required=True, type=int, help="subset seed (a fine-tuning seed)")
     parser.add_argument("--out", required=True, help="subsets CSV to write")
     parser.add_argument("--verbose", action="store_true")

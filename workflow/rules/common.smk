@@ -14,8 +14,8 @@ SRC = Path(workflow.basedir) / "src"
 # Snakemake tracks as input is exactly the code that runs.
 sys.path.insert(0, str(SRC))
 
-from medssl.codedeps import code_digest
-from medssl.config import (
+from medssl.pipeline.codedeps import code_digest
+from medssl.pipeline.config import (
     data_channels,
     encoder_name,
     import_jobs,

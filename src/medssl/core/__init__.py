@@ -1,0 +1,1 @@
+"""What every stage shares: atomic files, provenance, fault points, seeding, registries."""

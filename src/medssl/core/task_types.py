@@ -1,0 +1,59 @@
+"""The one table of task types: what each type means for labels, splits and metrics.
+
+The config check, the workflow's input functions, the split and the
+fine-tuning loop all need to know something about a task type, and none of
+them may branch on its name: they ask this table. It is free of torch so that
+the workflow can read it at parse time; the training behaviour of each type
+(outputs, loss, probabilities) is in :mod:`medssl.finetuning.tasktypes`,
+registered under the same names and checked against this table by a test.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from medssl.core.registry import Registry
+
+
+@dataclass(frozen=True)
+class TaskTypeSpec:
+    """The facts of one task type that do not need torch.
+
+    ``label_encoding``: how label-table rows become one integer per slice
+    (``single``: a class code; ``bits``: one bit per column; ``foreground``:
+    1 when the slice's mask shows the structure). ``stratum``: how a patient's
+    stratum for the split is formed (``any_positive``, ``majority_class``,
+    ``rarest_label``). ``labels_from_masks``: the task's labels are its mask
+    file, not a label table.
+    """
+
+    name: str
+    metrics: tuple[str, ...]
+    label_encoding: str
+    stratum: str
+    labels_from_masks: bool = False
+    multiple_columns: bool = False
+
+    @property
+    def default_metric(self) -> str:
+        """The metric a task of this type is reported in unless the config says otherwise."""
+        return self.metrics[0]
+
+
+TASK_TYPES: Registry[TaskTypeSpec] = Registry("task type")
+for _spec in (
+    TaskTypeSpec("binary", ("auc", "accuracy", "f1"), "single", "any_positive"),
+    TaskTypeSpec("multiclass", ("auc", "accuracy", "f1"), "single", "majority_class"),
+    TaskTypeSpec(
+        "multilabel", ("auc", "accuracy", "f1"), "bits", "rarest_label", multiple_columns=True
+    ),
+    TaskTypeSpec(
+        "segmentation", ("dice", "iou"), "foreground", "any_positive", labels_from_masks=True
+    ),
+):
+    TASK_TYPES.add(_spec.name, _spec)
+
+
+def task_type_spec(name: str) -> TaskTypeSpec:
+    """The spec of a task type; an unknown name raises with the known ones."""
+    return TASK_TYPES[name]

@@ -1,0 +1,460 @@
+"""Patient-level, stratified train/val/test partition and nested training subsets.
+
+``python -m medssl.split --data H5 --labels CSV --task JSON --out results/splits/TASK.csv``
+
+The partition is the one place where labels meet images: the label table is
+joined to the HDF5 metadata on the task's ``labels_key`` and every labelled
+slice gets an integer label code, a split and its patient's stratum. Whole
+patients go to one split, because slices of one patient are strongly
+correlated and splitting them would leak test information into training.
+
+Val and test depend only on the task's ``split`` settings, never on the
+fine-tuning seeds or fractions, so every run of a task is scored on the same
+patients. Training subsets (``make_subsets``/``select_training``) are drawn
+from the training patients only; see docs/architecture.md for the contract.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from medssl.cli import json_arg, setup_logging
+from medssl.datasets.hdf5 import read_meta
+from medssl.core.files import write_csv
+from medssl.datasets.maskfile import mask_labels
+
+log = logging.getLogger(__name__)
+
+PARTITION_COLUMNS = ("index", "patient_id", "label", "label_name", "split", "stratum")
+SUBSET_COLUMNS = ("patient_id", "stratum", "rank")
+SPLITS = ("train", "val", "test")
+DEFAULT_SPLIT = {"val": 0.2, "test": 0.2, "seed": 0}
+
+
+class SplitError(ValueError):
+    """Labels or settings that cannot be partitioned; the message names the file and column."""
+
+
+def round_half_up(value: float) -> int:
+    """Round halves up (0.5 -> 1), unlike Python's banker's ``round``.
+
+    Subset sizes such as ``0.25 * 10`` must not shrink to 2 just because 2 is
+    even; the tiny epsilon absorbs float error such as ``0.35 * 10 = 3.4999...``.
+    """
+    return int(math.floor(value + 0.5 + 1e-9))
+
+
+# ----------------------------------------------------------------------------- labels
+
+
+def label_columns(task: dict) -> list[str]:
+    """The label-table columns a task reads: ``columns`` (multilabel), ``foreground``
+    (segmentation, from the mask file) or ``column``."""
+    if task["type"] == "multilabel":
+        columns = list(task.get("columns") or [])
+        if not columns:
+            raise SplitError(f"task {task.get('name')!r}: multilabel needs 'columns'")
+        return columns
+    if task["type"] == "segmentation":
+        return ["foreground"]
+    if "column" not in task:
+        raise SplitError(f"task {task.get('name')!r}: {task['type']} needs 'column'")
+    return [task["column"]]
+
+
+def read_label_table(path: str | Path, key: str, column: str | list[str]) -> pd.DataFrame:
+    """Read ``key`` and the label column(s) of a CSV, checking they exist and are complete.
+
+    The key is read as text: UIDs such as ``1.2`` or patient ids such as
+    ``007`` must not be turned into numbers and then fail to match.
+    """
+    path = Path(path)
+    columns = [column] if isinstance(column, str) else list(column)
+    if not path.is_file():
+        raise SplitError(f"{path}: label table not found")
+    header = pd.read_csv(path, nrows=0).columns
+    for name, role in ((key, "labels_key"), *((c, "label column") for c in columns)):
+        if name not in header:
+            raise SplitError(f"{path}: no column {name!r} ({role}); columns are {list(header)}")
+    table = pd.read_csv(path, usecols=[key, *columns], dtype={key: str})
+    missing_key = table[key].isna()
+    if missing_key.any():
+        raise SplitError(
+            f"{path}: column {key!r} (labels_key) is empty in {int(missing_key.sum())} rows"
+        )
+    for name in columns:
+        missing = table[name].isna()
+        if missing.any():
+            rows = (np.flatnonzero(missing.to_numpy())[:5] + 2).tolist()  # +2: header, 1-based
+            raise SplitError(
+                f"{path}: label column {name!r} has {int(missing.sum())} missing values "
+                f"(first at lines {rows})"
+            )
+    table = table.drop_duplicates()
+    conflicting = table[key].duplicated(keep=False)
+    if conflicting.any():
+        examples = sorted(table.loc[conflicting, key].unique())[:5]
+        raise SplitError(f"{path}: {key!r} values with conflicting {columns} labels: {examples}")
+    return table.reset_index(drop=True)
+
+
+def encode_labels(values: pd.Series, task_type: str, source: str, column: str) -> pd.Series:
+    """Integer codes 0..K-1 in sorted order of the distinct values.
+
+    Sorting makes the code of a value independent of row order, so 0/1 labels
+    keep their meaning and the positive class of a binary task is the larger value.
+    """
+    classes = sorted(values.unique().tolist())
+    if task_type == "binary" and len(classes) != 2:
+        raise SplitError(
+            f"{source}: binary task needs exactly two values in column {column!r}, "
+            f"found {len(classes)}: {classes[:10]}"
+        )
+    if task_type == "multiclass" and len(classes) < 2:
+        raise SplitError(
+            f"{source}: multiclass task needs at least two values in column {column!r}, "
+            f"found {classes}"
+        )
+    codes = {value: code for code, value in enumerate(classes)}
+    return values.map(codes).astype(np.int64)
+
+
+def _encode_single(frame: pd.DataFrame, task: dict, source: str) -> tuple[pd.Series, pd.Series]:
+    column = task["column"]
+    codes = encode_labels(frame[column], task["type"], source, column)
+    return codes, frame[column].astype(str)
+
+
+def _encode_multilabel(frame: pd.DataFrame, task: dict, source: str) -> tuple[pd.Series, pd.Series]:
+    """Labels as a bit mask (bit j = ``columns[j]``), names as ``a|c`` ('' for none).
+
+    One integer column keeps the partition file's layout the same for every
+    task type; 62 labels fit, far more than any benchmark in the field uses.
+    """
+    columns = label_columns(task)
+    if len(columns) > 62:
+        raise SplitError(f"task {task.get('name')!r}: at most 62 multilabel columns")
+    codes = pd.Series(0, index=frame.index, dtype=np.int64)
+    names = pd.Series("", index=frame.index, dtype=object)
+    for bit, column in enumerate(columns):
+        values = frame[column]
+        bad = ~values.isin([0, 1])
+        if bad.any():
+            raise SplitError(
+                f"{source}: multilabel column {column!r} must hold 0/1, found "
+                f"{sorted(map(str, values[bad].unique()))[:5]}"
+            )
+        positive = values.astype(np.int64).to_numpy() == 1
+        codes += positive.astype(np.int64) << bit
+        names = names.where(~positive, names + np.where(names == "", "", "|") + column)
+    return codes, names.astype(str)
+
+
+def _encode_foreground(frame: pd.DataFrame, task: dict, source: str) -> tuple[pd.Series, pd.Series]:
+    """Segmentation: 1 when the slice shows the structure (only stratifies the split)."""
+    codes = frame["foreground"].astype(np.int64)
+    return codes, codes.map({0: "background", 1: "foreground"}).astype(str)
+
+
+LABEL_ENCODERS = {
+    "binary": _encode_single,
+    "multiclass": _encode_single,
+    "multilabel": _encode_multilabel,
+    "segmentation": _encode_foreground,
+}
+"""Per task type: label-table rows -> (integer codes, readable names)."""
+TASK_TYPES = tuple(LABEL_ENCODERS)
+
+
+# -------------------------------------------------------------------------- partition
+
+
+def patient_strata(frame: pd.DataFrame, task_type: str) -> pd.Series:
+    """The stratum of each patient (index: patient_id).
+
+    Binary and segmentation: 1 if any slice is positive. Multi-class: the most
+    frequent class, the smallest code on ties, so the result does not depend on
+    row order. Multi-label: 1 + the rarest label (fewest positive patients) the
+    patient has, 0 for none: a stratum per label combination would leave most
+    strata with one patient, while this keeps every label represented in each
+    split as far as the rarest labels allow.
+    """
+    if task_type in ("binary", "segmentation"):
+        return frame.groupby("patient_id")["label"].max().astype(np.int64)
+    if task_type == "multilabel":
+        bits = frame.groupby("patient_id")["label"].agg(
+            lambda codes: int(np.bitwise_or.reduce(codes))
+        )
+        n_bits = max(int(bits.max()).bit_length(), 1)
+        has = np.array([[(b >> j) & 1 for j in range(n_bits)] for b in bits], dtype=bool)
+        rarity = np.argsort(has.sum(0), kind="stable")  # rarest label first
+        strata = np.zeros(len(bits), dtype=np.int64)
+        for j in rarity[::-1]:  # rarest written last, so it wins
+            strata[has[:, j]] = j + 1
+        return pd.Series(strata, index=bits.index)
+    counts = frame.groupby(["patient_id", "label"]).size().rename("n").reset_index()
+    counts = counts.sort_values(["patient_id", "n", "label"], ascending=[True, False, True])
+    return counts.drop_duplicates("patient_id").set_index("patient_id")["label"].astype(np.int64)
+
+
+def assign_splits(strata: pd.Series, val: float, test: float, seed: int) -> pd.Series:
+    """Map each patient (index of ``strata``) to train/val/test, stratified.
+
+    Inside each stratum the patients (sorted, then shuffled with ``seed``) take
+    val, then test, then train places by the configured fractions. If a split
+    ends up empty overall it takes a patient from the largest split, so every
+    split exists whenever there are at least three patients.
+    """
+    if not (0 < val < 1 and 0 < test < 1 and val + test < 1):
+        raise SplitError(
+            f"split fractions val={val}, test={test} must be in (0, 1) and leave room for train"
+        )
+    n_patients = len(strata)
+    if n_patients < 3:
+        raise SplitError(f"{n_patients} labelled patients: a train/val/test split needs at least 3")
+    rng = np.random.default_rng(seed)
+    split: dict[Any, str] = {}
+    members: dict[str, dict[int, list]] = {name: {} for name in SPLITS}
+    for stratum in sorted(strata.unique()):
+        patients = sorted(strata.index[strata == stratum])
+        order = [patients[i] for i in rng.permutation(len(patients))]
+        n = len(order)
+        n_val = round_half_up(val * n)
+        n_test = min(round_half_up(test * n), n - n_val)
+        parts = {
+            "val": order[:n_val],
+            "test": order[n_val : n_val + n_test],
+            "train": order[n_val + n_test :],
+        }
+        for name, chosen in parts.items():
+            members[name][stratum] = list(chosen)
+            split.update(dict.fromkeys(chosen, name))
+    for empty in SPLITS:
+        if any(members[empty].values()):
+            continue
+        donor = max(SPLITS, key=lambda s: (sum(map(len, members[s].values())), s == "train"))
+        stratum = max(members[donor], key=lambda k: (len(members[donor][k]), -k))
+        patient = members[donor][stratum].pop()
+        members[empty].setdefault(stratum, []).append(patient)
+        split[patient] = empty
+        log.info("split %r was empty: moved patient %s from %r", empty, patient, donor)
+    return pd.Series(split, name="split").reindex(strata.index)
+
+
+def make_partition(
+    meta: pd.DataFrame,
+    labels: pd.DataFrame,
+    task: dict,
+    data_name: str = "<data>",
+    labels_name: str = "<labels>",
+) -> pd.DataFrame:
+    """Join labels to the HDF5 metadata and partition the labelled slices.
+
+    ``meta`` is :func:`medssl.datasets.hdf5.read_meta`'s frame (index = HDF5 row);
+    ``labels`` holds ``task['labels_key']`` and ``task['column']``. The names
+    are only used in error messages.
+    """
+    key = task.get("labels_key", "sop_uid")
+    task_type = task["type"]
+    if task_type not in TASK_TYPES:
+        raise SplitError(
+            f"task {task.get('name')!r}: type {task_type!r} is not one of {TASK_TYPES}"
+        )
+    split_cfg = {**DEFAULT_SPLIT, **(task.get("split") or {})}
+    for name, where, frame in ((key, data_name, meta), ("patient_id", data_name, meta)):
+        if name not in frame.columns:
+            raise SplitError(f"{where}: metadata has no column {name!r}; has {list(frame.columns)}")
+    columns = label_columns(task)
+    for name in (key, *columns):
+        if name not in labels.columns:
+            raise SplitError(
+                f"{labels_name}: no column {name!r}; columns are {list(labels.columns)}"
+            )
+
+    rows = pd.DataFrame(
+        {
+            "index": np.arange(len(meta), dtype=np.int64),
+            "patient_id": meta["patient_id"].astype(str),
+        }
+    )
+    rows["key"] = meta[key].astype(str).to_numpy()
+    label_of = labels.set_index(labels[key].astype(str))[columns]
+    if label_of.index.duplicated().any():
+        raise SplitError(f"{labels_name}: duplicated {key!r} values in the label table")
+    # Filter before mapping so integer labels keep their dtype (no NaN-induced floats).
+    unlabelled = ~rows["key"].isin(label_of.index)
+    if unlabelled.any():
+        log.info(
+            "%s: %d of %d slices have no label in %s; skipped",
+            data_name,
+            int(unlabelled.sum()),
+            len(rows),
+            labels_name,
+        )
+    unused = ~label_of.index.isin(rows["key"])
+    if unused.any():
+        keys = sorted(label_of.index[unused])
+        message = (
+            f"{labels_name}: {len(keys)} of {len(label_of)} {key!r} values match no slice of "
+            f"{data_name} (first: {keys[:5]})"
+        )
+        if task.get("unmatched_labels", "error") == "error":
+            raise SplitError(
+                message + "; check labels_key, or set the task's unmatched_labels: warn "
+                "when the table also lists images that were not converted"
+            )
+        log.warning("%s", message)
+    rows = rows.loc[~unlabelled].reset_index(drop=True)
+    if rows.empty:
+        raise SplitError(f"{labels_name}: no {key!r} value matches a slice of {data_name}")
+    joined = label_of.loc[rows["key"]].reset_index(drop=True)
+    rows["label"], rows["label_name"] = LABEL_ENCODERS[task_type](joined, task, labels_name)
+    strata = patient_strata(rows, task_type)
+    splits = assign_splits(
+        strata, float(split_cfg["val"]), float(split_cfg["test"]), int(split_cfg["seed"])
+    )
+    rows["split"] = rows["patient_id"].map(splits)
+    rows["stratum"] = rows["patient_id"].map(strata).astype(np.int64)
+    partition = rows[list(PARTITION_COLUMNS)].sort_values("index").reset_index(drop=True)
+    counts = partition.drop_duplicates("patient_id")["split"].value_counts()
+    log.info(
+        "task %s: %d slices of %d patients; patients per split %s",
+        task.get("name"),
+        len(partition),
+        len(strata),
+        {name: int(counts.get(name, 0)) for name in SPLITS},
+    )
+    return partition
+
+
+def read_partition(path: str | Path) -> pd.DataFrame:
+    """Read a partition CSV with the dtypes its writer meant (patient ids stay text)."""
+    frame = pd.read_csv(path, dtype={"patient_id": str, "label_name": str, "split": str})
+    missing = [c for c in PARTITION_COLUMNS if c not in frame.columns]
+    if missing:
+        raise SplitError(f"{path}: not a partition file, missing columns {missing}")
+    return frame
+
+
+# ---------------------------------------------------------------------------- subsets
+
+
+def make_subsets(partition: pd.DataFrame, seed: int) -> pd.DataFrame:
+    """A random rank for every training patient inside its stratum.
+
+    Patients are sorted by id before ranking, so the ranks depend only on the
+    set of training patients and ``seed``. One file serves every fraction:
+    taking the lowest ranks is what makes the subsets nested.
+    """
+    train = partition.loc[partition["split"] == "train", ["patient_id", "stratum"]]
+    patients = train.drop_duplicates()
+    if patients["patient_id"].duplicated().any():
+        raise SplitError("partition: a training patient appears in two strata")
+    rng = np.random.default_rng(seed)
+    parts = []
+    for stratum in sorted(patients["stratum"].unique()):
+        ids = sorted(patients.loc[patients["stratum"] == stratum, "patient_id"].astype(str))
+        parts.append(
+            pd.DataFrame({"patient_id": ids, "stratum": stratum, "rank": rng.permutation(len(ids))})
+        )
+    if not parts:
+        raise SplitError("partition has no training patients")
+    subsets = pd.concat(parts, ignore_index=True)
+    subsets = subsets.astype({"stratum": np.int64, "rank": np.int64})
+    return subsets.sort_values(["stratum", "rank"]).reset_index(drop=True)
+
+
+def read_subsets(path: str | Path) -> pd.DataFrame:
+    """Read a subsets CSV (patient ids stay text)."""
+    frame = pd.read_csv(path, dtype={"patient_id": str})
+    missing = [c for c in SUBSET_COLUMNS if c not in frame.columns]
+    if missing:
+        raise SplitError(f"{path}: not a subsets file, missing columns {missing}")
+    return frame
+
+
+def select_training(partition: pd.DataFrame, subsets: pd.DataFrame, fraction: float) -> np.ndarray:
+    """HDF5 indices of the training slices for ``fraction`` (sorted).
+
+    A training patient is in the subset when its rank is below
+    ``max(1, round(fraction * n_stratum))`` (halves round up), so every stratum
+    keeps at least one patient and smaller fractions are subsets of larger ones.
+    """
+    if not 0 < fraction <= 1:
+        raise SplitError(f"fraction {fraction} must be in (0, 1]")
+    train = partition.loc[partition["split"] == "train"]
+    train_ids = set(train["patient_id"].astype(str))
+    ranked_ids = set(subsets["patient_id"].astype(str))
+    if train_ids != ranked_ids:
+        raise SplitError(
+            "subsets do not match the partition's training patients "
+            f"({len(train_ids - ranked_ids)} unranked, "
+            f"{len(ranked_ids - train_ids)} not in train); regenerate them from this partition"
+        )
+    n_stratum = subsets.groupby("stratum")["patient_id"].transform("size")
+    keep = [max(1, round_half_up(fraction * n)) for n in n_stratum]
+    chosen = set(
+        subsets.loc[subsets["rank"].to_numpy() < np.asarray(keep), "patient_id"].astype(str)
+    )
+    mask = train["patient_id"].astype(str).isin(chosen)
+    return np.sort(train.loc[mask, "index"].to_numpy(dtype=np.int64))
+
+
+# -------------------------------------------------------------------------------- CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m medssl.split",
+        description="Join labels to a converted dataset and write the patient-level partition.",
+    )
+    parser.add_argument("--data", required=True, help="converted dataset (.h5)")
+    parser.add_argument(
+        "--labels", required=True, help="label table (.csv); the mask file for segmentation"
+    )
+    parser.add_argument(
+        "--task",
+        required=True,
+        type=json_arg,
+        help="task JSON: name, dataset, column, type, labels_key, split {val, test, seed}",
+    )
+    parser.add_argument("--out", required=True, help="partition CSV to write")
+    parser.add_argument("--verbose", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry point; returns the exit status."""
+    args = _parser().parse_args(argv)
+    setup_logging(args.verbose)
+    task = args.task
+    try:
+        if not isinstance(task, dict) or "type" not in task:
+            raise SplitError(f"--task must be a JSON object with 'type', got {task!r}")
+        if task["type"] == "segmentation":
+            # The labels of a segmentation task are its mask file: foreground per slice.
+            task = {**task, "labels_key": "sop_uid"}
+            labels = mask_labels(args.labels, args.data)
+        else:
+            key = task.get("labels_key", "sop_uid")
+            labels = read_label_table(args.labels, key, label_columns(task))
+        meta = read_meta(args.data)
+        partition = make_partition(meta, labels, task, str(args.data), str(args.labels))
+    except (ValueError, OSError) as err:
+        log.error("%s", err)
+        return 1
+    write_csv(args.out, partition)
+    log.info("wrote %s", args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Fine-tuning: the loop, task types, protocols, test-time augmentation and metrics."""

@@ -1,0 +1,1 @@
+"""Networks and weights: backbones, encoder files, the U-Net, published checkpoint formats."""

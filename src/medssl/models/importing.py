@@ -1,0 +1,227 @@
+"""Stage ``import_init``: a published checkpoint to a medssl encoder file.
+
+::
+
+    python -m medssl.import_init --checkpoint moco_v2_800ep_pretrain.pth.tar \\
+        --format moco_v2 --backbone resnet50 --stem sum --in-channels 1 \\
+        --out results/init/moco_v2_in/encoder.pt
+
+The checkpoint is read with ``torch.load(weights_only=True)``: tensors and
+plain containers only, so a file carrying pickled code is refused before
+anything in it runs. Its keys are mapped to torchvision's by the format's row
+in :mod:`medssl.models.checkpoint_formats` and loaded into a torchvision ResNet; every
+missing and unexpected key is logged, and a missing key other than the
+classifier stops the import (a silently random layer would poison every
+result downstream). The stem is then adapted to the data's channels by the
+chosen policy (:func:`medssl.models.backbones.adapt_stem`) and the encoder written by
+:func:`medssl.models.backbones.save_encoder`, the same file every pre-training writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import pickle
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medssl.models import backbones as models
+from medssl.core import provenance
+from medssl.models.checkpoint_formats import (
+    FORMATS,
+    CheckpointFormatError,
+    format_names,
+    map_state_dict,
+)
+from medssl.cli import setup_logging
+
+log = logging.getLogger(__name__)
+
+SAFE_GLOBALS: list[Any] = [argparse.Namespace]
+"""Non-tensor objects allowed in a checkpoint besides what ``weights_only`` allows.
+
+PyContrast and other research code save their ``argparse`` options next to
+the weights; a Namespace only holds attributes and runs no code when unpickled.
+"""
+
+
+class CheckpointImportError(ValueError):
+    """The checkpoint cannot become an encoder; the message names the file."""
+
+
+def read_checkpoint(path: str | Path) -> Any:
+    """The checkpoint's content, loaded without executing pickled code.
+
+    Raises :class:`CheckpointImportError` naming the file for a file with pickled code
+    (or any object outside tensors, containers and :data:`SAFE_GLOBALS`), and
+    for a file that is not a torch checkpoint at all.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointImportError(f"{path}: checkpoint file does not exist")
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        # torch's message spans many lines; the one naming the refused global is the useful one.
+        refused = next((ln for ln in lines if "global" in ln.lower()), None)
+        if refused is None:
+            detail = next((ln for ln in lines if "unpickler error" in ln.lower()), lines[-1:])
+            raise CheckpointImportError(
+                f"{path}: not a readable torch checkpoint ({detail})"
+            ) from None
+        raise CheckpointImportError(
+            f"{path}: refused: the file holds pickled objects other than tensors and plain "
+            "containers, which could run code when loaded; only weights are imported "
+            "(torch.load weights_only=True). If you trust the file, re-save its state dict "
+            f"with torch.save(state_dict, ...). Detail: {refused}"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise CheckpointImportError(f"{path}: not a readable torch checkpoint ({err})") from None
+
+
+def import_encoder(
+    checkpoint: str | Path,
+    fmt: str,
+    backbone: str = "resnet50",
+    stem: str = "sum",
+    in_channels: int = 1,
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Load ``checkpoint`` of format ``fmt`` into a ``backbone`` adapted to ``in_channels``.
+
+    Returns the network and a report (container, ignored, dropped, missing and
+    unexpected keys). Raises :class:`CheckpointImportError` when anything but the
+    classifier is missing, or a key is unexpected or has the wrong shape.
+    """
+    if fmt not in FORMATS:
+        raise CheckpointImportError(
+            f"{checkpoint}: unknown format {fmt!r}; choose one of {format_names()}"
+        )
+    spec = FORMATS[fmt]
+    if backbone not in spec.architectures:
+        raise CheckpointImportError(
+            f"{checkpoint}: format {fmt!r} is released for {list(spec.architectures)}, "
+            f"not {backbone!r}"
+        )
+    raw = read_checkpoint(checkpoint)
+    try:
+        mapped = map_state_dict(raw, fmt)
+    except CheckpointFormatError as err:
+        raise CheckpointImportError(f"{checkpoint}: {err}") from None
+    rgb_channels = (
+        int(mapped.state["conv1.weight"].shape[1]) if "conv1.weight" in mapped.state else 3
+    )
+    model = models.build_backbone(backbone, rgb_channels)
+    model.fc = torch.nn.Linear(model.feature_dim, 1)  # a classifier slot, so fc.* reads as missing
+    expected = model.state_dict()
+    wrong_shape = [
+        f"{key} {tuple(value.shape)} != {tuple(expected[key].shape)}"
+        for key, value in mapped.state.items()
+        if key in expected and value.shape != expected[key].shape
+    ]
+    if wrong_shape:
+        raise CheckpointImportError(
+            f"{checkpoint}: {len(wrong_shape)} tensor(s) do not fit a {backbone}: {wrong_shape[:5]}"
+        )
+    result = model.load_state_dict(mapped.state, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith("fc.")]
+    report = {
+        "format": fmt,
+        "container": mapped.container,
+        "n_tensors": len(mapped.state),
+        "ignored": mapped.ignored,
+        "dropped": mapped.dropped,
+        "missing": list(result.missing_keys),
+        "unexpected": list(result.unexpected_keys),
+    }
+    log.info(
+        "%s: %d tensors from %s; ignored %d keys, dropped %d head keys; missing %s; unexpected %s",
+        checkpoint,
+        len(mapped.state),
+        f"container {mapped.container!r}" if mapped.container else "the top level",
+        len(mapped.ignored),
+        len(mapped.dropped),
+        result.missing_keys,
+        result.unexpected_keys,
+    )
+    if missing or result.unexpected_keys:
+        raise CheckpointImportError(
+            f"{checkpoint}: does not fill a {backbone} as format {fmt!r}: "
+            f"{len(missing)} missing key(s) besides the classifier {missing[:8]}, "
+            f"{len(result.unexpected_keys)} unexpected {result.unexpected_keys[:8]}"
+        )
+    model.fc = torch.nn.Identity()
+    models.adapt_stem(model, in_channels, stem)
+    return model, report
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def run(
+    checkpoint: str | Path,
+    fmt: str,
+    out: str | Path,
+    backbone: str = "resnet50",
+    stem: str = "sum",
+    in_channels: int = 1,
+) -> dict[str, Any]:
+    """Import ``checkpoint`` and write the encoder and its sidecar to ``out``."""
+    checkpoint = Path(checkpoint)
+    model, report = import_encoder(checkpoint, fmt, backbone, stem, in_channels)
+    settings = {"format": fmt, "backbone": backbone, "stem": stem, "in_channels": in_channels}
+    info = {
+        "method": f"import:{fmt}",
+        "source": {"checkpoint": str(checkpoint), "sha256": _sha256(checkpoint)},
+        "import_report": {k: v for k, v in report.items() if k not in ("ignored", "dropped")}
+        | {"n_ignored": len(report["ignored"]), "n_dropped": len(report["dropped"])},
+        "provenance": provenance.record("import_init", settings),
+    }
+    models.save_encoder(model, out, backbone, info)
+    log.info("wrote %s (%s, stem %s, %d input channel(s))", out, backbone, stem, in_channels)
+    return info
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The stage's command line."""
+    parser = argparse.ArgumentParser(
+        prog="python -m medssl.import_init",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--checkpoint", required=True, type=Path, help="the publisher's file")
+    parser.add_argument("--format", required=True, choices=format_names())
+    parser.add_argument("--backbone", default="resnet50", help="architecture of the checkpoint")
+    parser.add_argument(
+        "--stem", default="sum", choices=sorted(models.STEM_POLICIES), help="RGB stem on CT"
+    )
+    parser.add_argument("--in-channels", type=int, default=1, help="channels of the data")
+    parser.add_argument("--out", required=True, type=Path, help="encoder file to write")
+    parser.add_argument("--verbose", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; exits with a one-line error naming the file when the import fails."""
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        run(args.checkpoint, args.format, args.out, args.backbone, args.stem, args.in_channels)
+    except (CheckpointImportError, ValueError) as err:
+        log.error("%s", err)
+        raise SystemExit(f"error: {err}") from None
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,360 @@
+"""Configuration checking: the schema, its defaults, and cross-references.
+
+The workflow calls :func:`validate_config` at parse time, before any job
+starts, so a typo stops the run with one message naming the key instead of
+failing hours later inside a SLURM job. The JSON schema covers types, ranges
+and enums; :func:`check_references` covers what a schema cannot express
+(a task naming a dataset that does not exist, and so on).
+
+Run ``python -m medssl.config config.yaml`` to check a file by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from medssl.pipeline.paths import check_outputs
+
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the key."""
+
+
+def load_schema(path: str | Path = SCHEMA_PATH) -> dict:
+    """The config JSON schema (YAML on disk)."""
+    return yaml.safe_load(Path(path).read_text())
+
+
+def method_names(schema_path: str | Path = SCHEMA_PATH) -> list[str]:
+    """Pre-training methods the schema accepts (kept equal to the registry by a test)."""
+    schema = load_schema(schema_path)
+    return list(schema["properties"]["pretrain"]["properties"]["methods"]["items"]["enum"])
+
+
+def backbone_names(schema_path: str | Path = SCHEMA_PATH) -> list[str]:
+    """Backbones the schema accepts (kept equal to the registry by a test)."""
+    schema = load_schema(schema_path)
+    return list(schema["properties"]["pretrain"]["properties"]["backbone"]["enum"])
+
+
+def _with_defaults(validator_class: type) -> type:
+    """A validator class that fills in ``default`` values while it validates.
+
+    jsonschema validates but never fills defaults; this is the extension its
+    documentation describes, so that jobs see fully resolved sections.
+    """
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema) -> Iterator:
+        if isinstance(instance, dict):
+            for name, subschema in properties.items():
+                if "default" in subschema and name not in instance:
+                    instance[name] = _copy(subschema["default"])
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+
+
+def _copy(value: Any) -> Any:
+    """Deep copy of plain YAML data, so defaults are never shared between keys."""
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy(v) for v in value]
+    return value
+
+
+def _key_path(error: jsonschema.ValidationError) -> str:
+    parts = [str(p) for p in error.absolute_path]
+    return ".".join(parts) if parts else "(top level)"
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    """One line: the key, the offending value and what is allowed."""
+    key = _key_path(error)
+    if error.validator == "enum":
+        return f"{key}: {error.instance!r} is not allowed; choose one of {error.validator_value}"
+    if error.validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        extra = sorted(set(error.instance) - set(allowed))
+        return f"{key}: unknown key(s) {extra}; allowed keys are {allowed}"
+    if error.validator == "propertyNames":
+        return f"{key}: {error.message}; names use letters, digits, '_' and '-'"
+    return f"{key}: {error.message}"
+
+
+def validate_config(config: dict, schema_path: str | Path = SCHEMA_PATH) -> dict:
+    """Check ``config`` in place against the schema, fill defaults, check references.
+
+    Raises :class:`ConfigError` listing every problem found, one per line.
+    """
+    schema = load_schema(schema_path)
+    validator_class = _with_defaults(jsonschema.validators.validator_for(schema))
+    validator = validator_class(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))
+    if errors:
+        lines = "\n".join(f"  - {_describe(e)}" for e in errors)
+        raise ConfigError(f"invalid configuration:\n{lines}")
+    problems = list(check_references(config))
+    if problems:
+        lines = "\n".join(f"  - {p}" for p in problems)
+        raise ConfigError(f"invalid configuration:\n{lines}")
+    return config
+
+
+TASK_METRICS: dict[str, tuple[str, ...]] = {
+    "binary": ("auc", "accuracy", "f1"),
+    "multiclass": ("auc", "accuracy", "f1"),
+    "multilabel": ("auc", "accuracy", "f1"),
+    "segmentation": ("dice", "iou"),
+}
+"""Test metrics per task type, kept equal to ``medssl.finetuning.tasktypes`` by a test (no torch here)."""
+
+
+def check_references(config: dict) -> Iterator[str]:
+    """Yield one message per cross-reference the schema cannot check."""
+    yield from check_outputs(config)
+    datasets = config["data"]["datasets"]
+    for name, dataset in datasets.items():
+        if dataset["source"] == "dicom":
+            folder = Path(dataset["dicom_dir"])
+            if not folder.is_dir():
+                yield f"data.datasets.{name}.dicom_dir: folder {str(folder)!r} does not exist"
+            labels = Path(dataset["labels"])
+            if not labels.is_file():
+                yield f"data.datasets.{name}.labels: file {str(labels)!r} does not exist"
+    for name, task in config["tasks"].items():
+        if task["dataset"] not in datasets:
+            yield (
+                f"tasks.{name}.dataset: {task['dataset']!r} is not a dataset; "
+                f"choose one of {sorted(datasets)}"
+            )
+        allowed = TASK_METRICS[task["type"]]
+        if task["metric"] not in allowed:
+            kind = task["type"]
+            yield f"tasks.{name}.metric: {task['metric']!r} is not a {kind} metric {allowed}"
+        select = config["finetune"]["select_metric"]
+        if select not in ("auto", "loss", *allowed):
+            yield (
+                f"finetune.select_metric: {select!r} is not a metric of task {name!r} "
+                f"({task['type']}: {allowed}); use auto"
+            )
+        masks = task.get("masks")
+        if (
+            masks
+            and "path" not in masks
+            and datasets.get(task["dataset"], {}).get("source") != ("synthetic")
+        ):
+            yield f"tasks.{name}.masks.path: required for a dataset of source dicom"
+        size = config["data"].get("convert", {}).get("image_size")
+        if task["type"] == "segmentation" and size is not None and size % 32:
+            yield (
+                f"tasks.{name}: the U-Net needs slices a multiple of 32 pixels wide; "
+                f"data.convert.image_size is {size}"
+            )
+        if config["finetune"]["tta"] == "ten_crop" and task["type"] == "segmentation":
+            yield f"finetune.tta: ten_crop is for classification, task {name!r} is segmentation"
+        split = task["split"]
+        if split["val"] + split["test"] >= 1:
+            yield f"tasks.{name}.split: val + test must leave patients for training (< 1)"
+    pretrain = config["pretrain"]
+    if pretrain["dataset"] not in datasets:
+        yield (
+            f"pretrain.dataset: {pretrain['dataset']!r} is not a dataset; "
+            f"choose one of {sorted(datasets)}"
+        )
+    yield from _check_inits(config)
+
+
+INIT_KEYS = {
+    "scratch": set(),
+    "pretrain": {"method", "from"},
+    "import": {"checkpoint", "format", "backbone", "stem"},
+    "supervised": {"task", "from", "seed"},
+}
+"""Keys each init source takes besides ``source``."""
+
+
+def encoder_name(config: dict, init: str) -> str | None:
+    """The folder ``results/init/<name>/`` holding the encoder ``init`` starts from.
+
+    None for scratch. A plain pre-trained init shares its method's encoder
+    (``results/init/<method>``); an imported or continually pre-trained init
+    has its own (``results/init/<init>``).
+    """
+    spec = config["inits"][init]
+    if spec["source"] == "scratch":
+        return None
+    if spec["source"] == "pretrain" and "from" not in spec:
+        return spec.get("method", init)
+    return init
+
+
+def pretrain_jobs(config: dict) -> dict[str, dict[str, str | None]]:
+    """Every pre-training job by its encoder name: ``{method, from}``.
+
+    One per ``pretrain.methods`` entry (from random weights), plus one per
+    init with ``from`` (continual pre-training from that init's encoder).
+    """
+    jobs: dict[str, dict[str, str | None]] = {
+        method: {"method": method, "from": None} for method in config["pretrain"]["methods"]
+    }
+    for name, spec in config["inits"].items():
+        if spec["source"] == "pretrain" and "from" in spec:
+            jobs[name] = {"method": spec.get("method", name), "from": spec["from"]}
+    return jobs
+
+
+def import_jobs(config: dict) -> list[str]:
+    """Inits read from a published checkpoint (one import job each)."""
+    return [name for name, spec in config["inits"].items() if spec["source"] == "import"]
+
+
+def supervised_jobs(config: dict) -> list[str]:
+    """Inits trained with labels on a task (one supervised job each), e.g. ImageNet
+    then ChestX-ray14: study B's domain-adaptive initialisations."""
+    return [name for name, spec in config["inits"].items() if spec["source"] == "supervised"]
+
+
+def data_channels(config: dict) -> int:
+    """Channels of the converted images: one per HU window, else one."""
+    intensity = config["data"]["convert"]["intensity"]
+    return len(intensity["windows"]) if intensity["policy"] == "window" else 1
+
+
+def _check_inits(config: dict) -> Iterator[str]:
+    from medssl.models.checkpoint_formats import FORMATS  # torch-free at import
+
+    inits = config["inits"]
+    methods = config["pretrain"]["methods"]
+    for name, init in inits.items():
+        source = init["source"]
+        for key in sorted(set(init) - {"source"} - INIT_KEYS[source]):
+            yield f"inits.{name}.{key}: an init with source {source!r} takes no {key!r}"
+        if source == "pretrain":
+            method = init.get("method", name)
+            if "from" in init:
+                yield from _check_from(inits, name)
+                if name in methods:
+                    yield (
+                        f"inits.{name}: continual pre-training writes results/init/{name}/, "
+                        f"which pretrain.methods' {name!r} writes too; rename the init"
+                    )
+            elif method not in methods:
+                yield (
+                    f"inits.{name}.method: {method!r} is not pre-trained; "
+                    f"pretrain.methods is {methods}"
+                )
+        elif source == "supervised":
+            if init["task"] not in config["tasks"]:
+                yield (
+                    f"inits.{name}.task: {init['task']!r} is not a task; "
+                    f"choose one of {sorted(config['tasks'])}"
+                )
+            if "from" in init:
+                yield from _check_from(inits, name)
+            if name in methods:
+                yield (
+                    f"inits.{name}: supervised training writes results/init/{name}/, "
+                    f"which pretrain.methods' {name!r} writes too; rename the init"
+                )
+        elif source == "import":
+            checkpoint = Path(init["checkpoint"])
+            if not checkpoint.is_file():
+                yield f"inits.{name}.checkpoint: file {str(checkpoint)!r} does not exist"
+            released = FORMATS[init["format"]].architectures
+            if init["backbone"] not in released:
+                yield (
+                    f"inits.{name}.backbone: format {init['format']!r} is released for "
+                    f"{list(released)}, not {init['backbone']!r}"
+                )
+            if name in methods:
+                yield (
+                    f"inits.{name}: an import writes results/init/{name}/, which "
+                    f"pretrain.methods' {name!r} writes too; rename the init"
+                )
+
+
+def _check_from(inits: dict, name: str) -> Iterator[str]:
+    """``from`` names an init with an encoder, and following ``from`` never loops."""
+    start = inits[name]["from"]
+    if start not in inits:
+        yield f"inits.{name}.from: {start!r} is not an init; choose one of {sorted(inits)}"
+        return
+    if inits[start]["source"] == "scratch":
+        yield (
+            f"inits.{name}.from: {start!r} is scratch, which has no encoder; "
+            "drop 'from' to pre-train from random weights"
+        )
+        return
+    seen = [name]
+    current = start
+    while current in inits and "from" in inits[current]:
+        if current in seen:
+            chain = " -> ".join([*seen, current])
+            yield f"inits.{name}.from: continual pre-training loops: {chain}"
+            return
+        seen.append(current)
+        current = inits[current]["from"]
+
+
+def load_config(path: str | Path, overrides: list[str | Path] = ()) -> dict:
+    """Read a YAML config (and override files merged on top) and validate it."""
+    config = _read_yaml(path)
+    for extra in overrides:
+        config = merge(config, _read_yaml(extra))
+    return validate_config(config)
+
+
+def merge(base: dict, update: dict) -> dict:
+    """Recursive dict merge, as Snakemake merges ``--configfile`` files."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_yaml(path: str | Path) -> dict:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return data
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m medssl.config", description="Check a medssl config file."
+    )
+    parser.add_argument("config", help="config YAML")
+    parser.add_argument("overrides", nargs="*", help="further YAML files merged on top")
+    parser.add_argument("--print", action="store_true", help="print the resolved config")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return 1
+    if args.print:
+        yaml.safe_dump(config, sys.stdout, sort_keys=False)
+    else:
+        print(f"{args.config}: valid")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Self-supervised pre-training: the shared loop, optimisers, augmentation, DDP and the methods."""

@@ -1,0 +1,170 @@
+"""The self-supervised method interface and its registry.
+
+A method owns a backbone (a torchvision ResNet whose ``fc`` is ``Identity``,
+from :func:`medssl.models.backbones.build_backbone`) plus whatever heads it trains, and
+turns a list of augmented views into a scalar loss. The one training loop in
+:mod:`medssl.pretraining.loop` drives every method through this interface, so methods
+differ only in what the paper differs in.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torchvision.models.resnet import ResNet
+
+from medssl.pretraining.augment import MultiCrop, MultiView
+from medssl.models.backbones import feature_dim
+
+METHODS: dict[str, type[Method]] = {}
+"""Registered methods by name, filled by :func:`register` as method modules are imported."""
+
+
+def register(name: str) -> Callable[[type[Method]], type[Method]]:
+    """Class decorator adding a method to :data:`METHODS` under ``name``."""
+
+    def decorate(cls: type[Method]) -> type[Method]:
+        if name in METHODS and METHODS[name] is not cls:
+            raise ValueError(f"method name {name!r} is already registered by {METHODS[name]}")
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+
+    return decorate
+
+
+def build_method(name: str, backbone: ResNet, settings: Mapping[str, Any] | None = None) -> Method:
+    """Instantiate the method registered as ``name`` around ``backbone``.
+
+    ``settings`` overrides the method's ``default_settings`` (the config's
+    ``pretrain.<name>`` sub-dict).
+    """
+    if name not in METHODS:
+        raise KeyError(f"unknown method {name!r}; registered: {sorted(METHODS)}")
+    return METHODS[name](backbone, settings)
+
+
+class Method(nn.Module, metaclass=abc.ABCMeta):
+    """Base class of self-supervised methods.
+
+    Subclasses set ``default_settings`` and implement :meth:`forward`; EMA
+    methods (BYOL, DINO...) also override :meth:`on_step_end`.
+    """
+
+    name: ClassVar[str] = ""
+    views_per_sample: ClassVar[int] = 2
+    default_settings: ClassVar[dict[str, Any]] = {}
+    optim_recipe: ClassVar[dict[str, Any]] = {}
+    """The original's optimiser, learning rate (per 256 images when ``lr_scaling``
+    is linear), weight decay and schedule: trainer keys that apply unless the
+    ``pretrain`` section or ``pretrain.<method>.optim`` sets them."""
+    sync_batch_norm: ClassVar[bool] = True
+    """Normalise over the global batch of all DDP ranks, as the originals do
+    (MoCo, which uses shuffle BN instead, turns it off)."""
+    ddp_find_unused_parameters: ClassVar[bool] = False
+    """Whether some trainable parameters may get no gradient in a step (SwAV's
+    frozen prototypes); DDP must then look for them, which costs a graph walk."""
+    no_decay_lr_scale: ClassVar[float] = 1.0
+    """Learning rate of biases and normalisation parameters relative to the weights'."""
+    exclude_bias_and_norm: ClassVar[bool] = True
+    """Whether biases and normalisation parameters escape weight decay and LARS/LAMB's
+    trust ratio (SimCLR, BYOL, Barlow Twins, SparK); MoCo's SGD and SwAV's LARC
+    treat every parameter alike."""
+
+    def __init__(self, backbone: ResNet, settings: Mapping[str, Any] | None = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.settings = self.resolve_settings(settings)
+
+    @classmethod
+    def resolve_settings(cls, settings: Mapping[str, Any] | None) -> dict[str, Any]:
+        """``default_settings`` overridden by ``settings``; unknown keys are an error.
+
+        A misspelt key silently ignored would leave a default in force while the
+        config claims otherwise.
+        """
+        settings = dict(settings or {})
+        unknown = sorted(set(settings) - set(cls.default_settings))
+        if unknown:
+            raise KeyError(
+                f"unknown settings {unknown} for method {cls.name!r}; "
+                f"known: {sorted(cls.default_settings)}"
+            )
+        return {**cls.default_settings, **settings}
+
+    @property
+    def feature_dim(self) -> int:
+        """Width of the backbone's pooled features."""
+        return feature_dim(self.backbone)
+
+    @abc.abstractmethod
+    def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
+        """Scalar loss for a batch given as ``views_per_sample`` tensors (N, C, H, W)."""
+
+    def optimizer_groups(self) -> list[dict[str, Any]]:
+        """Parameter groups: weights, and biases/normalisation parameters.
+
+        Biases and BatchNorm scales/shifts (every parameter with at most one
+        dimension) get no weight decay and are excluded from LARS's layer-wise
+        adaptation, as in SimCLR and BYOL: decaying a BN scale towards zero
+        only fights the normalisation. ``lars_exclude`` marks the group. Methods
+        whose originals treat every parameter alike set ``exclude_bias_and_norm``
+        to False and get one group.
+        """
+        decay, no_decay = [], []
+        for parameter in self.parameters():
+            if not parameter.requires_grad:
+                continue
+            excluded = self.exclude_bias_and_norm and parameter.ndim <= 1
+            (no_decay if excluded else decay).append(parameter)
+        groups: list[dict[str, Any]] = [{"params": decay, "lars_exclude": False}]
+        if no_decay:
+            groups.append(
+                {
+                    "params": no_decay,
+                    "weight_decay": 0.0,
+                    "lars_exclude": True,
+                    "lr_scale": self.no_decay_lr_scale,
+                }
+            )
+        return groups
+
+    def make_views(self, augment: Mapping[str, Any] | None, seed: int) -> MultiView | MultiCrop:
+        """The transform turning an image into this method's list of views.
+
+        ``views_per_sample`` identical-size views by default; a method with
+        views of several resolutions (SwAV's multi-crop) overrides this.
+        """
+        return MultiView(augment, n_views=self.views_per_sample, seed=seed)
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Called before every epoch (0-based ``epoch``); the base method does nothing.
+
+        Exists for state that switches on at an epoch, such as SwAV's queue.
+        """
+        del epoch
+
+    def on_step_end(self, step: int, total_steps: int) -> None:
+        """Called after every optimiser step (1-based ``step``); the base method does nothing.
+
+        Exists so that momentum-encoder methods can update their target
+        network with a schedule that depends on training progress.
+        """
+        del step, total_steps
+
+    def augment_overrides(self) -> dict[str, Any]:
+        """Augmentation keys the method's paper fixes, applied over the shared ``pretrain.augment``.
+
+        The base method fixes none. Masked image modelling (SparK) trains on
+        crops and flips only, whereas the contrastive methods need the full
+        set of views; one shared ``augment`` section cannot serve both.
+        """
+        return {}
+
+    def encoder(self) -> ResNet:
+        """The network exported for fine-tuning: the backbone, without any head."""
+        return self.backbone

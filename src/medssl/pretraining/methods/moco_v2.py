@@ -1,0 +1,147 @@
+"""MoCo v2 (He et al., 2020; Chen et al., 2020): contrast queries with a queue of momentum keys."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medssl.pretraining import distributed
+from medssl.pretraining.methods.base import Method, register
+from medssl.pretraining.methods.heads import ema_update, frozen_copy, mlp
+from medssl.pretraining.methods.losses import info_nce
+
+
+@register("moco_v2")
+class MoCoV2(Method):
+    """Query encoder (backbone + 2-layer MLP head), momentum key encoder and a key queue.
+
+    The head is Linear(d, d) - ReLU - Linear(d, 128) without BatchNorm (the
+    v2 paper's). Keys come from a copy of the query encoder whose parameters
+    follow it by ``momentum`` 0.999 after every optimiser step; the queue
+    holds the last ``queue_size`` keys (65,536 in the paper) as negatives,
+    temperature 0.2. As in the official code the loss is one-directional:
+    view 0 is the query, view 1 the key.
+
+    Shuffle BN. With several GPUs the official code shuffles the key batch
+    across devices so that the key encoder's BatchNorm statistics come from
+    other samples than the query's, which stops the model from using batch
+    statistics to find its positive; so does this class under DDP (BatchNorm
+    stays per rank, and the queue takes every rank's keys). In one process, shuffling alone changes
+    nothing (BatchNorm over the whole batch is permutation invariant). The
+    substitute here, as in the MoCo authors' single-GPU demo, is
+    ``key_bn_splits`` > 1: the key batch is shuffled, split into that many
+    groups, each normalised by its own statistics, and unshuffled. The
+    default 1 keeps plain BatchNorm, which for small CPU batches is the
+    better-conditioned choice.
+    """
+
+    default_settings: ClassVar[dict[str, Any]] = {
+        "proj_dim": 128,
+        "queue_size": 65536,
+        "temperature": 0.2,
+        "momentum": 0.999,
+        "key_bn_splits": 1,
+    }
+    # facebookresearch/moco (v2, 200 epochs): SGD, lr 0.03 per 256 images,
+    # momentum 0.9, weight decay 1e-4, cosine schedule without warm-up.
+    optim_recipe: ClassVar[dict[str, Any]] = {
+        "optimizer": "sgd",
+        "lr": 0.03,
+        "lr_scaling": "linear",
+        "weight_decay": 1e-4,
+        "momentum": 0.9,
+        "warmup_epochs": 0,
+        "final_lr_fraction": 0.0,
+    }
+    sync_batch_norm: ClassVar[bool] = False
+    exclude_bias_and_norm: ClassVar[bool] = False
+
+    def __init__(self, backbone: nn.Module, settings: dict[str, Any] | None = None) -> None:
+        super().__init__(backbone, settings)
+        width, dim = self.feature_dim, int(self.settings["proj_dim"])
+        queue_size = int(self.settings["queue_size"])
+        if queue_size < 1 or int(self.settings["key_bn_splits"]) < 1:
+            raise ValueError("moco_v2.queue_size and moco_v2.key_bn_splits must be at least 1")
+        if not 0.0 <= float(self.settings["momentum"]) <= 1.0:
+            raise ValueError(f"moco_v2.momentum must be in [0, 1], got {self.settings['momentum']}")
+        self.head = mlp([width, width, dim], batch_norm=False)
+        self.key_encoder = frozen_copy(nn.Sequential(self.backbone, self.head))
+        # Random unit vectors until real keys replace them, as in the official code.
+        self.register_buffer("queue", F.normalize(torch.randn(queue_size, dim), dim=1))
+        self.register_buffer("queue_pointer", torch.zeros((), dtype=torch.long))
+        self._pending_keys: torch.Tensor | None = None
+
+    def query_encoder(self) -> nn.Sequential:
+        """Backbone and head in the order their parameters pair with the key encoder's."""
+        return nn.Sequential(self.backbone, self.head)
+
+    @torch.no_grad()
+    def keys(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised keys, with per-group BatchNorm statistics when ``key_bn_splits`` > 1.
+
+        Under DDP the groups are the ranks (``key_bn_splits`` is then unused).
+        """
+        if distributed.active():
+            return self.shuffled_keys(images)
+        splits = int(self.settings["key_bn_splits"])
+        if splits == 1:
+            return F.normalize(self.key_encoder(images), dim=1)
+        if len(images) % splits:
+            raise ValueError(f"batch {len(images)} is not divisible by key_bn_splits {splits}")
+        order = torch.randperm(len(images), device=images.device)
+        shuffled = torch.cat([self.key_encoder(chunk) for chunk in images[order].chunk(splits)])
+        keys = torch.empty_like(shuffled)
+        keys[order] = shuffled
+        return F.normalize(keys, dim=1)
+
+    @torch.no_grad()
+    def shuffled_keys(self, images: torch.Tensor) -> torch.Tensor:
+        """Keys of this rank's ``images``, computed on a random share of the global batch.
+
+        Rank 0 draws the permutation of the gathered images; each rank encodes
+        its slice of it (BatchNorm over other samples than its queries'), and
+        the gathered keys are put back in order.
+        """
+        n, world, rank = len(images), distributed.world_size(), distributed.rank()
+        everything = distributed.gather_detached(images)
+        order = distributed.broadcast(torch.randperm(len(everything), device=images.device))
+        mine = order.view(world, n)[rank]
+        shuffled = distributed.gather_detached(self.key_encoder(everything[mine]))
+        keys = torch.empty_like(shuffled)
+        keys[order] = shuffled
+        return F.normalize(keys[rank * n : (rank + 1) * n], dim=1)
+
+    def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
+        """InfoNCE of the queries against their keys and the queue.
+
+        The keys are queued only in :meth:`on_step_end`, after the optimiser
+        step, so the negatives of a step never include its own positives.
+        """
+        if len(views) != 2:
+            raise ValueError(f"MoCo v2 needs 2 views per sample, got {len(views)}")
+        query = self.head(self.backbone(views[0]))
+        key = self.keys(views[1])
+        if self.training:
+            self._pending_keys = distributed.gather_detached(key.detach())
+        return info_nce(query, key, self.queue, float(self.settings["temperature"]))
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor) -> None:
+        """Overwrite the oldest queue entries with ``keys`` (a ring buffer)."""
+        size = self.queue.shape[0]
+        if len(keys) > size:
+            raise ValueError(f"a batch of {len(keys)} keys does not fit a queue of {size}")
+        slots = (self.queue_pointer + torch.arange(len(keys), device=keys.device)) % size
+        self.queue[slots] = keys.to(self.queue.dtype)
+        self.queue_pointer.copy_((self.queue_pointer + len(keys)) % size)
+
+    def on_step_end(self, step: int, total_steps: int) -> None:
+        """Momentum update of the key encoder, then queue this step's keys."""
+        del step, total_steps
+        ema_update(self.key_encoder, self.query_encoder(), float(self.settings["momentum"]))
+        if self._pending_keys is not None:
+            self.enqueue(self._pending_keys)
+            self._pending_keys = None

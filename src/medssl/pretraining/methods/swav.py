@@ -1,0 +1,187 @@
+"""SwAV (Caron et al., 2020): predict one crop's Sinkhorn cluster codes from another crop."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medssl.pretraining import distributed
+from medssl.pretraining.augment import MultiCrop
+from medssl.pretraining.methods.base import Method, register
+from medssl.pretraining.methods.heads import mlp
+from medssl.pretraining.methods.losses import sinkhorn_knopp, swapped_prediction
+
+
+@register("swav")
+class SwAV(Method):
+    """Backbone, projection head, L2-normalised prototypes and swapped prediction.
+
+    Defaults are the official ImageNet recipe: head Linear(d, 2048) - BN -
+    ReLU - Linear(2048, 128), 3,000 prototypes, temperature 0.1, Sinkhorn
+    epsilon 0.05 with 3 iterations, 2 global + 6 local crops (local crops
+    96/224 of the size, area 0.05-0.14; global area 0.14-1), codes computed
+    for the two global crops, prototypes frozen for the first 313 steps.
+
+    * Prototypes are re-normalised to unit length after every optimiser step
+      (and at construction), so scores are cosine similarities.
+    * While frozen, the prototypes enter the loss detached: they get no
+      gradient, so no optimiser (momentum, weight decay) moves them, which is
+      what zeroing their gradient does in the official code.
+    * Queue (``queue_length`` > 0): from epoch ``queue_start_epoch`` the
+      embeddings of the global crops of past batches are kept per global
+      crop; once full, their scores join the batch's before Sinkhorn, so
+      the equipartition constraint is enforced over more samples than a
+      small batch holds. The official code uses 3,840 for batches of 256.
+    * Under DDP, Sinkhorn runs over the global batch (the official code
+      all-reduces its sums) and the queue holds every rank's embeddings, so
+      ``queue_length`` is the global queue, as the official per-rank queues
+      of ``queue_length / world_size`` add up to.
+    """
+
+    default_settings: ClassVar[dict[str, Any]] = {
+        "hidden_dim": 2048,
+        "proj_dim": 128,
+        "n_prototypes": 3000,
+        "temperature": 0.1,
+        "epsilon": 0.05,
+        "sinkhorn_iterations": 3,
+        "freeze_prototypes_iters": 313,
+        "n_global_crops": 2,
+        "n_local_crops": 6,
+        "local_size": 96 / 224,
+        "global_crop_scale": [0.14, 1.0],
+        "local_crop_scale": [0.05, 0.14],
+        "queue_length": 0,
+        "queue_start_epoch": 15,
+    }
+    # facebookresearch/swav (800-epoch, batch 4096 recipe): LARC over SGD,
+    # lr 4.8 = 0.3 x batch/256, weight decay 1e-6, 10 warm-up epochs, cosine
+    # down to final_lr 0.0048 = 0.001 of the peak.
+    optim_recipe: ClassVar[dict[str, Any]] = {
+        "optimizer": "lars",
+        "lr": 0.3,
+        "lr_scaling": "linear",
+        "weight_decay": 1e-6,
+        "momentum": 0.9,
+        "warmup_epochs": 10,
+        "final_lr_fraction": 0.001,
+    }
+    # LARC decays and adapts every parameter, biases and BatchNorm included.
+    exclude_bias_and_norm: ClassVar[bool] = False
+    # The prototypes get no gradient while frozen.
+    ddp_find_unused_parameters: ClassVar[bool] = True
+
+    def __init__(self, backbone: nn.Module, settings: dict[str, Any] | None = None) -> None:
+        super().__init__(backbone, settings)
+        s = self.settings
+        dim = int(s["proj_dim"])
+        if int(s["n_global_crops"]) < 2:
+            raise ValueError(f"swav.n_global_crops must be at least 2, got {s['n_global_crops']}")
+        self.projector = mlp([self.feature_dim, int(s["hidden_dim"]), dim], batch_norm=True)
+        self.prototypes = nn.Linear(dim, int(s["n_prototypes"]), bias=False)
+        self.normalize_prototypes()
+        queue_length = int(s["queue_length"])
+        if queue_length < 0:
+            raise ValueError(f"swav.queue_length must be >= 0, got {queue_length}")
+        self.register_buffer("queue", torch.zeros(int(s["n_global_crops"]), queue_length, dim))
+        self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))
+        self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
+        self.queue_active = False
+
+    @property
+    def views_per_sample(self) -> int:  # type: ignore[override]
+        """Global plus local crops."""
+        return int(self.settings["n_global_crops"]) + int(self.settings["n_local_crops"])
+
+    def make_views(self, augment: Mapping[str, Any] | None, seed: int) -> MultiCrop:
+        """Multi-crop views: the global crops first, then the local ones."""
+        s = self.settings
+        return MultiCrop(
+            augment,
+            n_global=int(s["n_global_crops"]),
+            n_local=int(s["n_local_crops"]),
+            local_size=float(s["local_size"]),
+            global_crop_scale=s["global_crop_scale"],
+            local_crop_scale=s["local_crop_scale"],
+            seed=seed,
+        )
+
+    @torch.no_grad()
+    def normalize_prototypes(self) -> None:
+        """Rescale each prototype to unit L2 norm."""
+        self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Switch the queue on from ``queue_start_epoch`` (when it has a length)."""
+        self.queue_active = self.queue.shape[1] > 0 and epoch >= int(
+            self.settings["queue_start_epoch"]
+        )
+
+    def embed(self, views: list[torch.Tensor]) -> torch.Tensor:
+        """Normalised embeddings of all crops, one backbone pass per crop resolution."""
+        embeddings, start = [], 0
+        while start < len(views):
+            end = start
+            while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
+                end += 1
+            embeddings.append(self.projector(self.backbone(torch.cat(views[start:end]))))
+            start = end
+        return F.normalize(torch.cat(embeddings), dim=1)
+
+    @torch.no_grad()
+    def codes(self, scores: torch.Tensor, embeddings: torch.Tensor, crop: int) -> torch.Tensor:
+        """Sinkhorn codes of one global crop, over all ranks and the queue when it is full.
+
+        The crop's embeddings (of every rank) then enter the queue (newest
+        first), as the official code does within the same step. Returns this
+        rank's rows.
+        """
+        batch = scores.shape[0]
+        offset = distributed.rank() * batch
+        scores = distributed.gather_detached(scores)
+        s = self.settings
+        if self.queue_active and self.training:
+            embeddings = distributed.gather_detached(embeddings)
+            global_batch = embeddings.shape[0]
+            if global_batch > self.queue.shape[1]:
+                raise ValueError(
+                    f"swav.queue_length {self.queue.shape[1]} is shorter than a batch "
+                    f"of {global_batch}"
+                )
+            if int(self.queue_filled) >= self.queue.shape[1]:
+                queued = self.queue[crop] @ self.prototypes.weight.T
+                scores = torch.cat([scores, queued.to(scores.dtype)])
+            self.queue[crop] = torch.cat(
+                [embeddings.to(self.queue.dtype), self.queue[crop, :-global_batch]]
+            )
+        codes = sinkhorn_knopp(scores, float(s["epsilon"]), int(s["sinkhorn_iterations"]))
+        return codes[offset : offset + batch]
+
+    def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
+        """Swapped prediction of every crop's scores against the global crops' codes."""
+        if len(views) != self.views_per_sample:
+            raise ValueError(f"SwAV expects {self.views_per_sample} crops, got {len(views)}")
+        batch = views[0].shape[0]
+        embeddings = self.embed(views)
+        frozen = int(self.steps_done) < int(self.settings["freeze_prototypes_iters"])
+        weight = self.prototypes.weight.detach() if frozen else self.prototypes.weight
+        scores = (embeddings @ weight.T).split(batch)
+        n_global = int(self.settings["n_global_crops"])
+        codes = [
+            self.codes(scores[i].detach(), embeddings[i * batch : (i + 1) * batch].detach(), i)
+            for i in range(n_global)
+        ]
+        if self.queue_active and self.training:
+            global_batch = batch * distributed.world_size()
+            self.queue_filled.add_(global_batch).clamp_(max=self.queue.shape[1])
+        return swapped_prediction(scores, codes, float(self.settings["temperature"]))
+
+    def on_step_end(self, step: int, total_steps: int) -> None:
+        """Count the step (for the prototype freeze) and re-normalise the prototypes."""
+        del step, total_steps
+        self.steps_done.add_(1)
+        self.normalize_prototypes()
