@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from faults_cohort import SRC, leftover_parts
+from tests.faults_cohort import SRC, leftover_parts
 
 from medssl.analysis import runs as aggregate
 from medssl.core import files as io

@@ -21,7 +21,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from faults_cohort import (
+from tests.faults_cohort import (
     build_cohort,
     convert_args,
     finetune_args,
