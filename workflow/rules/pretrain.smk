@@ -21,7 +21,7 @@ rule pretrain:
         # pretrain.gpus > 1: DDP over that many GPUs of one node (torchrun, --nproc).
         gpu=config["pretrain"]["gpus"],
     params:
-        code=code_version("pretrain"),
+        code=pretrain_code_version,
         method=pretrain_method,
         settings=pretrain_settings,
         start=init_encoder_argument,

@@ -3,7 +3,7 @@
 
 rule aggregate:
     input:
-        metrics=finetune_metrics(),
+        metrics=PLAN.finetune_metrics(),
     output:
         report(
             "results/tables/runs.csv",

@@ -26,7 +26,7 @@ rule supervised_init:
         gpu=1,
     params:
         code=code_version("finetune"),
-        seed=lambda wildcards: config["inits"][wildcards.supervised]["seed"],
+        seed=supervised_seed,
         task=supervised_task_settings,
         settings=as_json(config["finetune"]),
         encoder=encoder_argument,

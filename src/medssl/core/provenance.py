@@ -22,7 +22,7 @@ _PACKAGES = ("torch", "torchvision", "monai", "numpy", "pydicom", "h5py", "scipy
 @functools.cache
 def git_commit() -> str | None:
     """The commit of the medssl checkout, or None outside a git checkout."""
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     try:
         out = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "HEAD"],

@@ -21,13 +21,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from medssl.core.registry import Registry
+
 #: Steps differing from the median by more than this fraction of it are gaps.
 DEFAULT_GAP_TOLERANCE = 0.5
 #: Stacking directions further than this from the normal count as gantry tilt.
 TILT_TOLERANCE_DEG = 0.5
-#: What happens to a tilted series: converted with a finding, or rejected whole
-#: (for 2.5D/3D uses, where a sheared stack would mislead).
-TILT_POLICIES = ("report", "reject")
+#: What happens to a tilted series, by ``tilt_policy``: ``True`` rejects it whole
+#: (for 2.5D/3D uses, where a sheared stack would mislead), ``False`` converts it
+#: with a finding.
+TILT_POLICIES: Registry[bool] = Registry("tilt policy", {"report": False, "reject": True})
 
 
 @dataclass(frozen=True)
@@ -87,12 +90,25 @@ def tilt_degrees(normal: np.ndarray, positions: Sequence[Sequence[float]]) -> fl
 #: How a series with gaps is handled. Each returns the index runs to convert,
 #: or ``None`` to reject the whole series (only ever when there are gaps).
 GapPolicy = Callable[[int, Sequence[Gap]], "list[range] | None"]
-GAP_POLICIES: dict[str, GapPolicy] = {
-    # Each regular run becomes its own series, so neighbouring slices in the
-    # output are always neighbours in the body (what 2.5D inputs assume).
-    "split": split_runs,
-    # The whole series is rejected: for cohorts where a gap means a broken export.
-    "reject": lambda n, gaps: None if gaps else [range(n)],
-    # Converted as one series; the gaps are only reported.
-    "keep": lambda n, gaps: [range(n)],
-}
+
+
+def reject_gapped(n: int, gaps: Sequence[Gap]) -> list[range] | None:
+    """The whole series is rejected: for cohorts where a gap means a broken export."""
+    return None if gaps else [range(n)]
+
+
+def keep_whole(n: int, gaps: Sequence[Gap]) -> list[range]:
+    """Converted as one series; the gaps are only reported."""
+    return [range(n)]
+
+
+GAP_POLICIES: Registry[GapPolicy] = Registry(
+    "gap policy",
+    {
+        # Each regular run becomes its own series, so neighbouring slices in the
+        # output are always neighbours in the body (what 2.5D inputs assume).
+        "split": split_runs,
+        "reject": reject_gapped,
+        "keep": keep_whole,
+    },
+)

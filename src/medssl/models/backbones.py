@@ -13,6 +13,7 @@ the repeating stem.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from torchvision.models import resnet18, resnet50
 from torchvision.models.resnet import BasicBlock, ResNet
 
 from medssl.core.files import read_json, save_torch, write_json
+from medssl.core.registry import Registry
 
 
 class SmallResNet(ResNet):
@@ -56,21 +58,24 @@ class SmallResNet(ResNet):
                 nn.init.zeros_(module.bias)
 
 
-BACKBONES: dict[str, Callable[[], ResNet]] = {
-    "resnet_small": SmallResNet,
-    "resnet18": lambda: resnet18(weights=None),
-    "resnet50": lambda: resnet50(weights=None),
-}
+BACKBONES: Registry[Callable[[], ResNet]] = Registry(
+    "backbone",
+    {
+        "resnet_small": SmallResNet,
+        "resnet18": partial(resnet18, weights=None),
+        "resnet50": partial(resnet50, weights=None),
+    },
+)
+"""Randomly initialised networks by name (``pretrain.backbone``, ``inits.<name>.backbone``)."""
 
 
 def build_backbone(name: str, in_channels: int) -> ResNet:
     """A randomly initialised ResNet with ``in_channels`` input channels and no classifier.
 
     ``model.fc`` is ``nn.Identity`` so ``model(x)`` returns pooled features of
-    size :func:`feature_dim`.
+    size :func:`feature_dim`. An unknown ``name`` raises
+    :class:`~medssl.core.registry.UnknownNameError`.
     """
-    if name not in BACKBONES:
-        raise KeyError(f"unknown backbone {name!r}; registered: {sorted(BACKBONES)}")
     model = BACKBONES[name]()
     if in_channels != model.conv1.in_channels:
         old = model.conv1
@@ -157,10 +162,9 @@ def _stem_repeat(model: ResNet, in_channels: int) -> ResNet:
     return model
 
 
-STEM_POLICIES: dict[str, Callable[[ResNet, int], ResNet]] = {
-    "sum": _stem_sum,
-    "repeat": _stem_repeat,
-}
+STEM_POLICIES: Registry[Callable[[ResNet, int], ResNet]] = Registry(
+    "stem policy", {"sum": _stem_sum, "repeat": _stem_repeat}
+)
 """How a stem trained on more channels (RGB) takes fewer (CT): see :func:`adapt_stem`."""
 
 
@@ -171,13 +175,13 @@ def adapt_stem(model: ResNet, in_channels: int, policy: str) -> ResNet:
     so continued training updates one kernel per output); ``repeat`` keeps the
     three kernels and repeats the input channel(s) at the stem (the encoder
     file keeps an RGB stem, usable again on RGB data). On a grey image both
-    give the RGB stem's output up to float rounding (tested).
+    give the RGB stem's output up to float rounding (tested). The policy is
+    looked up first, so a misspelt one fails even when no adaptation is needed.
     """
-    if policy not in STEM_POLICIES:
-        raise KeyError(f"unknown stem policy {policy!r}; registered: {sorted(STEM_POLICIES)}")
+    adapt = STEM_POLICIES[policy]
     if int(model.conv1.in_channels) == in_channels:
         return model
-    return STEM_POLICIES[policy](model, in_channels)
+    return adapt(model, in_channels)
 
 
 def stem_channels(model: ResNet) -> int:

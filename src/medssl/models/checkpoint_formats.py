@@ -24,6 +24,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from medssl.core.registry import Registry
+
 if TYPE_CHECKING:
     import torch
 
@@ -50,133 +52,139 @@ class CheckpointFormat:
     """``(pattern, replacement)`` regex substitutions applied after stripping."""
 
 
-FORMATS: dict[str, CheckpointFormat] = {
-    # torchvision's model zoo: a plain state dict with torchvision's key names.
-    "torchvision": CheckpointFormat(
-        "torchvision ResNet state dict (e.g. resnet50-0676ba61.pth)",
-        architectures=("resnet18", "resnet50"),
-    ),
-    # timm's ResNet uses torchvision's module names (conv1, bn1, layer1-4, fc);
-    # hub weights are plain state dicts, timm's own training checkpoints keep
-    # them under 'state_dict' (the EMA copy under 'state_dict_ema' is not
-    # read: re-save it bare to import it), with 'module.' after DDP.
-    "timm": CheckpointFormat(
-        "timm ResNet state dict or timm training checkpoint",
-        architectures=("resnet18", "resnet50"),
-        containers=("state_dict",),
-        optional_prefix="module.",
-    ),
-    # facebookresearch/moco main_moco.py saves {'epoch', 'arch', 'state_dict',
-    # 'optimizer'}; the query encoder is 'module.encoder_q.*' (its fc is the
-    # 128-d head: Linear in v1, an MLP fc.0/fc.2 in v2); 'module.encoder_k.*',
-    # 'module.queue' and 'module.queue_ptr' are ignored. Its main_lincls.py
-    # keeps exactly the encoder_q keys, as here.
-    "moco_v1": CheckpointFormat(
-        "MoCo v1 (facebookresearch/moco moco_v1_200ep_pretrain.pth.tar)",
-        containers=("state_dict",),
-        prefix="module.encoder_q.",
-    ),
-    "moco_v2": CheckpointFormat(
-        "MoCo v2 (facebookresearch/moco moco_v2_800ep_pretrain.pth.tar)",
-        containers=("state_dict",),
-        prefix="module.encoder_q.",
-    ),
-    # salesforce/PCL is built on the MoCo code base and saves the same layout.
-    "pcl_v1": CheckpointFormat(
-        "PCL v1 (salesforce/PCL)",
-        containers=("state_dict",),
-        prefix="module.encoder_q.",
-    ),
-    "pcl_v2": CheckpointFormat(
-        "PCL v2 (salesforce/PCL)",
-        containers=("state_dict",),
-        prefix="module.encoder_q.",
-    ),
-    # facebookresearch/swav releases (also DeepCluster-v2 and SeLa-v2 from the
-    # same repository) are a bare state dict with 'module.' on every key plus
-    # 'module.projection_head.*' and 'module.prototypes.weight'; its
-    # eval_linear.py also accepts a {'state_dict': ...} training checkpoint.
-    "swav": CheckpointFormat(
-        "SwAV (facebookresearch/swav swav_800ep_pretrain.pth.tar)",
-        containers=("state_dict",),
-        optional_prefix="module.",
-        drop=(r"^projection_head\.", r"^prototypes\."),
-    ),
-    "deepcluster_v2": CheckpointFormat(
-        "DeepCluster-v2 (facebookresearch/swav deepclusterv2_800ep_pretrain.pth.tar)",
-        containers=("state_dict",),
-        optional_prefix="module.",
-        drop=(r"^projection_head\.", r"^prototypes\d*\."),
-    ),
-    "sela_v2": CheckpointFormat(
-        "SeLa-v2 (facebookresearch/swav selav2_400ep_pretrain.pth.tar)",
-        containers=("state_dict",),
-        optional_prefix="module.",
-        drop=(r"^projection_head\.", r"^prototypes\d*\."),
-    ),
-    # facebookresearch/barlowtwins resnet50.pth: the torchvision backbone alone
-    # (torch.hub loads it with strict=False; only fc.* is missing).
-    "barlow_twins": CheckpointFormat("Barlow Twins (facebookresearch/barlowtwins resnet50.pth)"),
-    # BYOL's official weights are JAX/Haiku pickles; the usual PyTorch
-    # conversions write a torchvision ResNet-50 state dict, bare or under
-    # 'state_dict'.
-    "byol": CheckpointFormat(
-        "BYOL converted to a torchvision ResNet-50 state dict",
-        containers=("state_dict",),
-        optional_prefix="module.",
-    ),
-    # SimCLR's official weights are TensorFlow checkpoints; the usual
-    # converter (tonylins/simclr-converter) builds a torchvision-layout
-    # ResNet-50 and saves {'state_dict': model.state_dict()} including the
-    # supervised head as fc. SimCLR v2 1x (no selective kernels) has the same
-    # layout once converted to torchvision key names.
-    "simclr_v1": CheckpointFormat(
-        "SimCLR v1 converted to torchvision layout ({'state_dict': ...})",
-        containers=("state_dict",),
-    ),
-    "simclr_v2": CheckpointFormat(
-        "SimCLR v2 r50_1x_sk0 converted to torchvision layout ({'state_dict': ...})",
-        containers=("state_dict",),
-    ),
-    # HobbitLong/PyContrast (which released InsDis, PIRL and InfoMin ResNet-50s)
-    # saves {'model': ..., 'model_ema': ..., ...}; 'model' holds the
-    # DataParallel network whose backbone is 'module.encoder.*' in torchvision
-    # naming, next to 'module.head.*' (and 'module.head_jig.*' for PIRL).
-    # Its detection converter reads the same prefix.
-    "insdis": CheckpointFormat(
-        "InsDis (HobbitLong/PyContrast)",
-        containers=("model",),
-        prefix="module.encoder.",
-    ),
-    "pirl": CheckpointFormat(
-        "PIRL (HobbitLong/PyContrast)",
-        containers=("model",),
-        prefix="module.encoder.",
-    ),
-    "infomin": CheckpointFormat(
-        "InfoMin (HobbitLong/PyContrast InfoMin_800.pth)",
-        containers=("model",),
-        prefix="module.encoder.",
-    ),
-    # facebookresearch/dino dino_resnet50_pretrain.pth: the teacher backbone
-    # as a torchvision state dict without fc (DINO replaces it by Identity).
-    "dino": CheckpointFormat("DINO ResNet-50 backbone (dino_resnet50_pretrain.pth)"),
-    # visipedia/newt iNat2021 supervised ResNet-50s: {'state_dict': ...} in
-    # torchvision naming with a 10,000-class fc; the from-scratch variants
-    # carry 'module.' (newt's pt_resnet_feature_extractor.py strips it).
-    "inat2021": CheckpointFormat(
-        "iNat2021 supervised ResNet-50 (visipedia/newt)",
-        containers=("state_dict",),
-        optional_prefix="module.",
-    ),
-    # keyu-tian/SparK resnet50_1kpretrained_timm_style.pth: a bare state dict
-    # for timm's resnet50 (= torchvision names), loaded with strict=False in
-    # SparK's downstream code; no fc.
-    "spark": CheckpointFormat(
-        "SparK (keyu-tian/SparK resnet50_1kpretrained_timm_style.pth)",
-        architectures=("resnet18", "resnet50"),
-    ),
-}
+FORMATS: Registry[CheckpointFormat] = Registry(
+    "checkpoint format",
+    {
+        # torchvision's model zoo: a plain state dict with torchvision's key names.
+        "torchvision": CheckpointFormat(
+            "torchvision ResNet state dict (e.g. resnet50-0676ba61.pth)",
+            architectures=("resnet18", "resnet50"),
+        ),
+        # timm's ResNet uses torchvision's module names (conv1, bn1, layer1-4, fc);
+        # hub weights are plain state dicts, timm's own training checkpoints keep
+        # them under 'state_dict' (the EMA copy under 'state_dict_ema' is not
+        # read: re-save it bare to import it), with 'module.' after DDP.
+        "timm": CheckpointFormat(
+            "timm ResNet state dict or timm training checkpoint",
+            architectures=("resnet18", "resnet50"),
+            containers=("state_dict",),
+            optional_prefix="module.",
+        ),
+        # facebookresearch/moco main_moco.py saves {'epoch', 'arch', 'state_dict',
+        # 'optimizer'}; the query encoder is 'module.encoder_q.*' (its fc is the
+        # 128-d head: Linear in v1, an MLP fc.0/fc.2 in v2); 'module.encoder_k.*',
+        # 'module.queue' and 'module.queue_ptr' are ignored. Its main_lincls.py
+        # keeps exactly the encoder_q keys, as here.
+        "moco_v1": CheckpointFormat(
+            "MoCo v1 (facebookresearch/moco moco_v1_200ep_pretrain.pth.tar)",
+            containers=("state_dict",),
+            prefix="module.encoder_q.",
+        ),
+        "moco_v2": CheckpointFormat(
+            "MoCo v2 (facebookresearch/moco moco_v2_800ep_pretrain.pth.tar)",
+            containers=("state_dict",),
+            prefix="module.encoder_q.",
+        ),
+        # salesforce/PCL is built on the MoCo code base and saves the same layout.
+        "pcl_v1": CheckpointFormat(
+            "PCL v1 (salesforce/PCL)",
+            containers=("state_dict",),
+            prefix="module.encoder_q.",
+        ),
+        "pcl_v2": CheckpointFormat(
+            "PCL v2 (salesforce/PCL)",
+            containers=("state_dict",),
+            prefix="module.encoder_q.",
+        ),
+        # facebookresearch/swav releases (also DeepCluster-v2 and SeLa-v2 from the
+        # same repository) are a bare state dict with 'module.' on every key plus
+        # 'module.projection_head.*' and 'module.prototypes.weight'; its
+        # eval_linear.py also accepts a {'state_dict': ...} training checkpoint.
+        "swav": CheckpointFormat(
+            "SwAV (facebookresearch/swav swav_800ep_pretrain.pth.tar)",
+            containers=("state_dict",),
+            optional_prefix="module.",
+            drop=(r"^projection_head\.", r"^prototypes\."),
+        ),
+        "deepcluster_v2": CheckpointFormat(
+            "DeepCluster-v2 (facebookresearch/swav deepclusterv2_800ep_pretrain.pth.tar)",
+            containers=("state_dict",),
+            optional_prefix="module.",
+            drop=(r"^projection_head\.", r"^prototypes\d*\."),
+        ),
+        "sela_v2": CheckpointFormat(
+            "SeLa-v2 (facebookresearch/swav selav2_400ep_pretrain.pth.tar)",
+            containers=("state_dict",),
+            optional_prefix="module.",
+            drop=(r"^projection_head\.", r"^prototypes\d*\."),
+        ),
+        # facebookresearch/barlowtwins resnet50.pth: the torchvision backbone alone
+        # (torch.hub loads it with strict=False; only fc.* is missing).
+        "barlow_twins": CheckpointFormat(
+            "Barlow Twins (facebookresearch/barlowtwins resnet50.pth)"
+        ),
+        # BYOL's official weights are JAX/Haiku pickles; the usual PyTorch
+        # conversions write a torchvision ResNet-50 state dict, bare or under
+        # 'state_dict'.
+        "byol": CheckpointFormat(
+            "BYOL converted to a torchvision ResNet-50 state dict",
+            containers=("state_dict",),
+            optional_prefix="module.",
+        ),
+        # SimCLR's official weights are TensorFlow checkpoints; the usual
+        # converter (tonylins/simclr-converter) builds a torchvision-layout
+        # ResNet-50 and saves {'state_dict': model.state_dict()} including the
+        # supervised head as fc. SimCLR v2 1x (no selective kernels) has the same
+        # layout once converted to torchvision key names.
+        "simclr_v1": CheckpointFormat(
+            "SimCLR v1 converted to torchvision layout ({'state_dict': ...})",
+            containers=("state_dict",),
+        ),
+        "simclr_v2": CheckpointFormat(
+            "SimCLR v2 r50_1x_sk0 converted to torchvision layout ({'state_dict': ...})",
+            containers=("state_dict",),
+        ),
+        # HobbitLong/PyContrast (which released InsDis, PIRL and InfoMin ResNet-50s)
+        # saves {'model': ..., 'model_ema': ..., ...}; 'model' holds the
+        # DataParallel network whose backbone is 'module.encoder.*' in torchvision
+        # naming, next to 'module.head.*' (and 'module.head_jig.*' for PIRL).
+        # Its detection converter reads the same prefix.
+        "insdis": CheckpointFormat(
+            "InsDis (HobbitLong/PyContrast)",
+            containers=("model",),
+            prefix="module.encoder.",
+        ),
+        "pirl": CheckpointFormat(
+            "PIRL (HobbitLong/PyContrast)",
+            containers=("model",),
+            prefix="module.encoder.",
+        ),
+        "infomin": CheckpointFormat(
+            "InfoMin (HobbitLong/PyContrast InfoMin_800.pth)",
+            containers=("model",),
+            prefix="module.encoder.",
+        ),
+        # facebookresearch/dino dino_resnet50_pretrain.pth: the teacher backbone
+        # as a torchvision state dict without fc (DINO replaces it by Identity).
+        "dino": CheckpointFormat("DINO ResNet-50 backbone (dino_resnet50_pretrain.pth)"),
+        # visipedia/newt iNat2021 supervised ResNet-50s: {'state_dict': ...} in
+        # torchvision naming with a 10,000-class fc; the from-scratch variants
+        # carry 'module.' (newt's pt_resnet_feature_extractor.py strips it).
+        "inat2021": CheckpointFormat(
+            "iNat2021 supervised ResNet-50 (visipedia/newt)",
+            containers=("state_dict",),
+            optional_prefix="module.",
+        ),
+        # keyu-tian/SparK resnet50_1kpretrained_timm_style.pth: a bare state dict
+        # for timm's resnet50 (= torchvision names), loaded with strict=False in
+        # SparK's downstream code; no fc.
+        "spark": CheckpointFormat(
+            "SparK (keyu-tian/SparK resnet50_1kpretrained_timm_style.pth)",
+            architectures=("resnet18", "resnet50"),
+        ),
+    },
+)
+"""The formats by name (``inits.<name>.format`` in the config); torch-free to read."""
 
 
 class CheckpointFormatError(ValueError):
@@ -185,7 +193,7 @@ class CheckpointFormatError(ValueError):
 
 def format_names() -> list[str]:
     """Every registered format (the schema's enum is kept equal by a test)."""
-    return sorted(FORMATS)
+    return FORMATS.names()
 
 
 @dataclass
@@ -210,13 +218,12 @@ def _unwrap(raw: object, fmt: CheckpointFormat) -> tuple[Mapping, str | None]:
 def map_state_dict(raw: object, name: str) -> Mapped:
     """Apply format ``name`` to a loaded checkpoint: torchvision keys, no classifier.
 
-    Raises :class:`CheckpointFormatError` when the file's keys cannot be of
-    that format (no tensor at all, or no key with the format's prefix).
+    Raises :class:`~medssl.core.registry.UnknownNameError` for a format that
+    does not exist and :class:`CheckpointFormatError` when the file's keys
+    cannot be of that format (no tensor at all, or no key with the format's prefix).
     """
     import torch
 
-    if name not in FORMATS:
-        raise KeyError(f"unknown checkpoint format {name!r}; registered: {format_names()}")
     fmt = FORMATS[name]
     source, container = _unwrap(raw, fmt)
     drops = [re.compile(p) for p in fmt.drop] + [CLASSIFIER]

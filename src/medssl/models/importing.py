@@ -1,10 +1,4 @@
-"""Stage ``import_init``: a published checkpoint to a medssl encoder file.
-
-::
-
-    python -m medssl.import_init --checkpoint moco_v2_800ep_pretrain.pth.tar \\
-        --format moco_v2 --backbone resnet50 --stem sum --in-channels 1 \\
-        --out results/init/moco_v2_in/encoder.pt
+"""A published checkpoint as a medssl encoder: read safely, map its keys, adapt the stem.
 
 The checkpoint is read with ``torch.load(weights_only=True)``: tensors and
 plain containers only, so a file carrying pickled code is refused before
@@ -15,6 +9,7 @@ classifier stops the import (a silently random layer would poison every
 result downstream). The stem is then adapted to the data's channels by the
 chosen policy (:func:`medssl.models.backbones.adapt_stem`) and the encoder written by
 :func:`medssl.models.backbones.save_encoder`, the same file every pre-training writes.
+The stage ``python -m medssl.import_init`` is the command line of :func:`import_checkpoint`.
 """
 
 from __future__ import annotations
@@ -23,23 +18,27 @@ import argparse
 import hashlib
 import logging
 import pickle
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from medssl.models import backbones as models
 from medssl.core import provenance
+from medssl.core.registry import UnknownNameError
+from medssl.models import backbones as models
 from medssl.models.checkpoint_formats import (
     FORMATS,
+    CheckpointFormat,
     CheckpointFormatError,
-    format_names,
+    Mapped,
     map_state_dict,
 )
-from medssl.cli import setup_logging
 
 log = logging.getLogger(__name__)
+
+IMPORT_DEFAULTS: dict[str, Any] = {"backbone": "resnet50", "stem": "sum", "in_channels": 1}
+"""What an import assumes when not told: the one place the stage's and the functions'
+defaults come from (most publishers released a ResNet-50; CT has one channel)."""
 
 SAFE_GLOBALS: list[Any] = [argparse.Namespace]
 """Non-tensor objects allowed in a checkpoint besides what ``weights_only`` allows.
@@ -85,49 +84,47 @@ def read_checkpoint(path: str | Path) -> Any:
         raise CheckpointImportError(f"{path}: not a readable torch checkpoint ({err})") from None
 
 
-def import_encoder(
-    checkpoint: str | Path,
-    fmt: str,
-    backbone: str = "resnet50",
-    stem: str = "sum",
-    in_channels: int = 1,
-) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Load ``checkpoint`` of format ``fmt`` into a ``backbone`` adapted to ``in_channels``.
-
-    Returns the network and a report (container, ignored, dropped, missing and
-    unexpected keys). Raises :class:`CheckpointImportError` when anything but the
-    classifier is missing, or a key is unexpected or has the wrong shape.
-    """
-    if fmt not in FORMATS:
-        raise CheckpointImportError(
-            f"{checkpoint}: unknown format {fmt!r}; choose one of {format_names()}"
-        )
-    spec = FORMATS[fmt]
+def _released_format(checkpoint: str | Path, fmt: str, backbone: str) -> CheckpointFormat:
+    """The format's row, checked to cover ``backbone`` before the (large) file is read."""
+    try:
+        spec = FORMATS[fmt]
+    except UnknownNameError as err:
+        raise UnknownNameError(f"{checkpoint}: {err}") from None
     if backbone not in spec.architectures:
         raise CheckpointImportError(
             f"{checkpoint}: format {fmt!r} is released for {list(spec.architectures)}, "
             f"not {backbone!r}"
         )
-    raw = read_checkpoint(checkpoint)
-    try:
-        mapped = map_state_dict(raw, fmt)
-    except CheckpointFormatError as err:
-        raise CheckpointImportError(f"{checkpoint}: {err}") from None
-    rgb_channels = (
-        int(mapped.state["conv1.weight"].shape[1]) if "conv1.weight" in mapped.state else 3
-    )
+    return spec
+
+
+def _empty_backbone(checkpoint: str | Path, mapped: Mapped, backbone: str) -> torch.nn.Module:
+    """A ``backbone`` whose stem takes the checkpoint's channels, every tensor shape checked.
+
+    It keeps a classifier slot, so that ``fc.*`` reads as missing rather than
+    as a surprise in the load report.
+    """
+    state = mapped.state
+    rgb_channels = int(state["conv1.weight"].shape[1]) if "conv1.weight" in state else 3
     model = models.build_backbone(backbone, rgb_channels)
-    model.fc = torch.nn.Linear(model.feature_dim, 1)  # a classifier slot, so fc.* reads as missing
+    model.fc = torch.nn.Linear(model.feature_dim, 1)
     expected = model.state_dict()
     wrong_shape = [
         f"{key} {tuple(value.shape)} != {tuple(expected[key].shape)}"
-        for key, value in mapped.state.items()
+        for key, value in state.items()
         if key in expected and value.shape != expected[key].shape
     ]
     if wrong_shape:
         raise CheckpointImportError(
             f"{checkpoint}: {len(wrong_shape)} tensor(s) do not fit a {backbone}: {wrong_shape[:5]}"
         )
+    return model
+
+
+def _load_reported(
+    checkpoint: str | Path, model: torch.nn.Module, mapped: Mapped, fmt: str, backbone: str
+) -> dict[str, Any]:
+    """Load ``mapped`` into ``model``, log what was left out, refuse anything but a missing head."""
     result = model.load_state_dict(mapped.state, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith("fc.")]
     report = {
@@ -155,12 +152,38 @@ def import_encoder(
             f"{len(missing)} missing key(s) besides the classifier {missing[:8]}, "
             f"{len(result.unexpected_keys)} unexpected {result.unexpected_keys[:8]}"
         )
+    return report
+
+
+def import_encoder(
+    checkpoint: str | Path,
+    fmt: str,
+    backbone: str = IMPORT_DEFAULTS["backbone"],
+    stem: str = IMPORT_DEFAULTS["stem"],
+    in_channels: int = IMPORT_DEFAULTS["in_channels"],
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Load ``checkpoint`` of format ``fmt`` into a ``backbone`` adapted to ``in_channels``.
+
+    Returns the network and a report (container, ignored, dropped, missing and
+    unexpected keys). Raises :class:`~medssl.core.registry.UnknownNameError`
+    for an unknown format and :class:`CheckpointImportError` when anything but
+    the classifier is missing, or a key is unexpected or has the wrong shape.
+    """
+    _released_format(checkpoint, fmt, backbone)
+    raw = read_checkpoint(checkpoint)
+    try:
+        mapped = map_state_dict(raw, fmt)
+    except CheckpointFormatError as err:
+        raise CheckpointImportError(f"{checkpoint}: {err}") from None
+    model = _empty_backbone(checkpoint, mapped, backbone)
+    report = _load_reported(checkpoint, model, mapped, fmt, backbone)
     model.fc = torch.nn.Identity()
     models.adapt_stem(model, in_channels, stem)
     return model, report
 
 
 def _sha256(path: Path) -> str:
+    """The file's digest, recorded so a result names the exact bytes it started from."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -168,15 +191,16 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def run(
+def import_checkpoint(
     checkpoint: str | Path,
     fmt: str,
     out: str | Path,
-    backbone: str = "resnet50",
-    stem: str = "sum",
-    in_channels: int = 1,
+    backbone: str = IMPORT_DEFAULTS["backbone"],
+    stem: str = IMPORT_DEFAULTS["stem"],
+    in_channels: int = IMPORT_DEFAULTS["in_channels"],
 ) -> dict[str, Any]:
-    """Import ``checkpoint`` and write the encoder and its sidecar to ``out``."""
+    """Import ``checkpoint`` and write the encoder and its sidecar to ``out``; returns the sidecar's
+    import facts (source file and digest, load report, provenance)."""
     checkpoint = Path(checkpoint)
     model, report = import_encoder(checkpoint, fmt, backbone, stem, in_channels)
     settings = {"format": fmt, "backbone": backbone, "stem": stem, "in_channels": in_channels}
@@ -190,38 +214,3 @@ def run(
     models.save_encoder(model, out, backbone, info)
     log.info("wrote %s (%s, stem %s, %d input channel(s))", out, backbone, stem, in_channels)
     return info
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The stage's command line."""
-    parser = argparse.ArgumentParser(
-        prog="python -m medssl.import_init",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--checkpoint", required=True, type=Path, help="the publisher's file")
-    parser.add_argument("--format", required=True, choices=format_names())
-    parser.add_argument("--backbone", default="resnet50", help="architecture of the checkpoint")
-    parser.add_argument(
-        "--stem", default="sum", choices=sorted(models.STEM_POLICIES), help="RGB stem on CT"
-    )
-    parser.add_argument("--in-channels", type=int, default=1, help="channels of the data")
-    parser.add_argument("--out", required=True, type=Path, help="encoder file to write")
-    parser.add_argument("--verbose", action="store_true")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; exits with a one-line error naming the file when the import fails."""
-    args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
-    try:
-        run(args.checkpoint, args.format, args.out, args.backbone, args.stem, args.in_channels)
-    except (CheckpointImportError, ValueError) as err:
-        log.error("%s", err)
-        raise SystemExit(f"error: {err}") from None
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

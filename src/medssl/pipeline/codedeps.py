@@ -1,10 +1,17 @@
-"""Which source files a stage runs, for Snakemake's rerun triggers.
+"""Which code a job runs, and a digest of it that changes only when the code does.
 
 Rules call ``python -m medssl.<stage>``, which Snakemake's code trigger cannot
-see into. Listing the stage's module files as rule inputs makes an edit to
-``finetune.py`` rerun the fine-tunes (and what follows) and nothing upstream.
-The list is found statically, by following ``medssl`` imports with ``ast``:
-it costs milliseconds at parse time and never goes stale by hand.
+see into. Each rule carries :func:`code_digest` of the modules its job runs as
+a param, so an edit to the fine-tuning loop reruns the fine-tunes (and what
+follows) and nothing upstream. Two choices make reruns follow the real change:
+
+* the module list is found statically, by following ``medssl`` imports with
+  ``ast`` (milliseconds at parse time, never stale by hand); a pre-training
+  job adds its one method module (:mod:`medssl.pretraining.methods` imports
+  its methods by name at run time), so editing SwAV reruns SwAV only;
+* the digest is over each file's syntax tree with docstrings removed, not its
+  bytes: comments, docstrings and formatting do not change what runs, so an
+  edit that touches only them reruns nothing, while any change to code does.
 """
 
 from __future__ import annotations
@@ -14,7 +21,9 @@ import functools
 import hashlib
 from pathlib import Path
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+from medssl.core.registry import UnknownNameError
+
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
 PACKAGE = "medssl"
 
 
@@ -69,7 +78,7 @@ def module_sources(module: str) -> tuple[str, ...]:
     """
     start = _module_file(f"{PACKAGE}.{module}")
     if start is None:
-        raise KeyError(f"no module {PACKAGE}.{module} in {PACKAGE_DIR}")
+        raise UnknownNameError(f"no module {PACKAGE}.{module} in {PACKAGE_DIR}")
     seen: set[Path] = set()
     todo = [start]
     while todo:
@@ -88,10 +97,47 @@ def module_sources(module: str) -> tuple[str, ...]:
     return tuple(sorted(str(f) for f in seen))
 
 
-def code_digest(module: str) -> str:
-    """SHA-256 over the sources :func:`module_sources` lists, to tell code versions apart."""
+def _without_docstrings(tree: ast.AST) -> ast.AST:
+    """Drop the docstring of the module and of every class and function in ``tree``."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            body = node.body
+            if (
+                body
+                and isinstance(body[0], ast.Expr)
+                and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)
+            ):
+                # An empty body is not valid Python; ``pass`` keeps the tree well formed.
+                node.body = body[1:] or [ast.Pass()]
+    return tree
+
+
+def code_fingerprint(file: str | Path) -> str:
+    """SHA-256 of what a source file does: its syntax tree without docstrings.
+
+    ``ast.dump`` without line and column attributes is the same for two files
+    that differ only in comments, docstrings, blank lines or layout.
+    """
+    stat = Path(file).stat()
+    return _fingerprint(str(file), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.cache
+def _fingerprint(file: str, mtime_ns: int, size: int) -> str:
+    """:func:`code_fingerprint`, cached while the file's time stamp and size stay."""
+    path = Path(file)
+    tree = _without_docstrings(ast.parse(path.read_text(), filename=str(path)))
+    dumped = ast.dump(tree, annotate_fields=False, include_attributes=False)
+    return hashlib.sha256(dumped.encode()).hexdigest()
+
+
+def code_digest(*modules: str) -> str:
+    """SHA-256 over the code of every source reached from ``modules`` (``finetune``,
+    ``pretraining.methods.swav``...), to tell code versions apart."""
+    files = sorted({file for module in modules for file in module_sources(module)})
     digest = hashlib.sha256()
-    for file in module_sources(module):
+    for file in files:
         digest.update(Path(file).relative_to(PACKAGE_DIR).as_posix().encode())
-        digest.update(Path(file).read_bytes())
+        digest.update(code_fingerprint(file).encode())
     return digest.hexdigest()

@@ -6,13 +6,11 @@ failing hours later inside a SLURM job. The JSON schema covers types, ranges
 and enums; :func:`check_references` covers what a schema cannot express
 (a task naming a dataset that does not exist, and so on).
 
-Run ``python -m medssl.config config.yaml`` to check a file by hand.
+``python -m medssl.config config.yaml`` (:mod:`medssl.config`) checks a file by hand.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +20,7 @@ import yaml
 
 from medssl.pipeline.paths import check_outputs
 
-SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+SCHEMA_PATH = Path(__file__).resolve().parents[3] / "workflow" / "schemas" / "config.schema.yaml"
 
 
 class ConfigError(ValueError):
@@ -184,53 +182,6 @@ INIT_KEYS = {
 """Keys each init source takes besides ``source``."""
 
 
-def encoder_name(config: dict, init: str) -> str | None:
-    """The folder ``results/init/<name>/`` holding the encoder ``init`` starts from.
-
-    None for scratch. A plain pre-trained init shares its method's encoder
-    (``results/init/<method>``); an imported or continually pre-trained init
-    has its own (``results/init/<init>``).
-    """
-    spec = config["inits"][init]
-    if spec["source"] == "scratch":
-        return None
-    if spec["source"] == "pretrain" and "from" not in spec:
-        return spec.get("method", init)
-    return init
-
-
-def pretrain_jobs(config: dict) -> dict[str, dict[str, str | None]]:
-    """Every pre-training job by its encoder name: ``{method, from}``.
-
-    One per ``pretrain.methods`` entry (from random weights), plus one per
-    init with ``from`` (continual pre-training from that init's encoder).
-    """
-    jobs: dict[str, dict[str, str | None]] = {
-        method: {"method": method, "from": None} for method in config["pretrain"]["methods"]
-    }
-    for name, spec in config["inits"].items():
-        if spec["source"] == "pretrain" and "from" in spec:
-            jobs[name] = {"method": spec.get("method", name), "from": spec["from"]}
-    return jobs
-
-
-def import_jobs(config: dict) -> list[str]:
-    """Inits read from a published checkpoint (one import job each)."""
-    return [name for name, spec in config["inits"].items() if spec["source"] == "import"]
-
-
-def supervised_jobs(config: dict) -> list[str]:
-    """Inits trained with labels on a task (one supervised job each), e.g. ImageNet
-    then ChestX-ray14: study B's domain-adaptive initialisations."""
-    return [name for name, spec in config["inits"].items() if spec["source"] == "supervised"]
-
-
-def data_channels(config: dict) -> int:
-    """Channels of the converted images: one per HU window, else one."""
-    intensity = config["data"]["convert"]["intensity"]
-    return len(intensity["windows"]) if intensity["policy"] == "window" else 1
-
-
 def _check_inits(config: dict) -> Iterator[str]:
     from medssl.models.checkpoint_formats import FORMATS  # torch-free at import
 
@@ -334,27 +285,3 @@ def _read_yaml(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     return data
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m medssl.config", description="Check a medssl config file."
-    )
-    parser.add_argument("config", help="config YAML")
-    parser.add_argument("overrides", nargs="*", help="further YAML files merged on top")
-    parser.add_argument("--print", action="store_true", help="print the resolved config")
-    args = parser.parse_args(argv)
-    try:
-        config = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(err, file=sys.stderr)
-        return 1
-    if args.print:
-        yaml.safe_dump(config, sys.stdout, sort_keys=False)
-    else:
-        print(f"{args.config}: valid")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

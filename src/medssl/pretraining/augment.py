@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from monai.transforms import Randomizable, Transform
 from torch.utils.data import Dataset, get_worker_info
 
+from medssl.core.registry import look_up
 from medssl.core.seeding import worker_init
 
 DEFAULT_AUGMENT: dict[str, Any] = {
@@ -70,9 +71,8 @@ def augment_settings(settings: Mapping[str, Any] | None) -> dict[str, Any]:
     row describe an augmentation that never ran.
     """
     settings = dict(settings or {})
-    unknown = sorted(set(settings) - set(DEFAULT_AUGMENT))
-    if unknown:
-        raise KeyError(f"unknown augment settings {unknown}; known: {sorted(DEFAULT_AUGMENT)}")
+    for key in sorted(set(settings) - set(DEFAULT_AUGMENT)):
+        look_up("augment setting", key, DEFAULT_AUGMENT)
     merged = {**DEFAULT_AUGMENT, **settings}
     low, high = merged["crop_scale"]
     if not 0.0 < low <= high <= 1.0:

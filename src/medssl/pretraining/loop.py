@@ -48,6 +48,7 @@ from medssl.pretraining import syncbn
 from medssl.pretraining.augment import seed_worker
 from medssl.core.faults import fault_point
 from medssl.core.files import atomic_path, write_csv
+from medssl.core.registry import look_up
 from medssl.pretraining.methods.base import Method
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,9 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 PRECISIONS = ("auto", "fp32", "bf16")
 """``auto``: bf16 autocast and channels_last on CUDA, plain fp32 elsewhere."""
 
+LR_SCALINGS = ("linear", "none")
+"""``linear``: the peak rate is ``lr * batch_size / 256`` (Goyal et al.); ``none``: ``lr``."""
+
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; training stopped, nothing exported."""
@@ -98,17 +102,14 @@ def train_settings(
     ``grad_clip: null`` switches off a recipe's clipping).
     """
     recipe = recipe or {}
-    unknown = sorted(set(recipe) - set(TRAINER_DEFAULTS))
-    if unknown:
-        raise KeyError(f"recipe sets unknown trainer keys {unknown}")
+    for key in sorted(set(recipe) - set(TRAINER_DEFAULTS)):
+        look_up("trainer key in a method's recipe", key, TRAINER_DEFAULTS)
     resolved = {
         key: settings[key] if key in settings else recipe.get(key, default)
         for key, default in TRAINER_DEFAULTS.items()
     }
-    if resolved["lr_scaling"] not in ("linear", "none"):
-        raise ValueError(f"lr_scaling must be 'linear' or 'none', got {resolved['lr_scaling']!r}")
-    if resolved["precision"] not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {resolved['precision']!r}")
+    look_up("lr_scaling", resolved["lr_scaling"], LR_SCALINGS)
+    look_up("precision", resolved["precision"], PRECISIONS)
     if not 0.0 <= float(resolved["final_lr_fraction"]) <= 1.0:
         raise ValueError(
             f"final_lr_fraction must be in [0, 1], got {resolved['final_lr_fraction']}"
@@ -307,216 +308,3 @@ def _epoch_loader(
     return loader, generator
 
 
-def _write_history(directory: Path, history: list[dict[str, float]]) -> None:
-    if distributed.rank() == 0:
-        write_csv(directory / HISTORY_NAME, pd.DataFrame(history, columns=HISTORY_COLUMNS))
-
-
-def _precision(config: Mapping[str, Any], device: torch.device) -> bool:
-    """True for bf16 autocast plus channels_last, False for plain fp32."""
-    precision = config["precision"]
-    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
-
-
-def _wrap(method: Method, device: torch.device) -> torch.nn.Module:
-    """``method`` itself in one process; under DDP with global BatchNorm statistics first."""
-    if not distributed.active():
-        return method
-    if method.sync_batch_norm:
-        syncbn.synchronize(method)
-    # Buffers are kept equal across ranks by the methods themselves (global
-    # BatchNorm statistics, queues filled from every rank's keys), so DDP need
-    # not copy rank 0's to all ranks before every forward.
-    with warnings.catch_warnings():
-        # torch 2.9+ suggests forward_sync_buffers, which still syncs at init
-        # and is not in older releases; broadcast_buffers=False is what is meant.
-        warnings.filterwarnings("ignore", message=".*broadcast_buffers", category=FutureWarning)
-        return DistributedDataParallel(
-            method,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False,
-            find_unused_parameters=method.ddp_find_unused_parameters,
-        )
-
-
-def train(
-    method: Method,
-    dataset: Dataset,
-    settings: Mapping[str, Any],
-    *,
-    checkpoint_dir: str | Path,
-    seed: int,
-    device: torch.device | str = "cpu",
-    num_workers: int = 0,
-    fingerprint: Mapping[str, Any] | None = None,
-) -> TrainResult:
-    """Train ``method`` on ``dataset`` (items: lists of views), resuming if a checkpoint exists.
-
-    ``settings`` are the trainer keys over the method's ``optim_recipe``
-    (:func:`train_settings`). ``fingerprint`` describes the run (method,
-    settings, seed, data); a checkpoint written under a different fingerprint
-    is not resumed from, because continuing another configuration's weights
-    would silently mix two experiments. Raises :class:`NonFiniteLossError`
-    when the loss is NaN/inf. Under DDP every rank calls this with the same
-    arguments; the process group must be initialised (:func:`medssl.pretraining.distributed.init`).
-    """
-    config = train_settings(settings, method.optim_recipe)
-    device = torch.device(device)
-    directory = Path(checkpoint_dir)
-    directory.mkdir(parents=True, exist_ok=True)
-    checkpoint_path = directory / CHECKPOINT_NAME
-    epochs = int(config["epochs"])
-    batch_size = int(config["batch_size"])
-    world, rank = distributed.world_size(), distributed.rank()
-    if batch_size % world:
-        raise ValueError(f"batch_size {batch_size} is not divisible by the {world} processes")
-    steps_per_epoch = len(dataset) // batch_size
-    if steps_per_epoch < 1:
-        raise ValueError(
-            f"{len(dataset)} pre-training samples are fewer than batch_size {batch_size}; "
-            "lower pretrain.batch_size or raise max_samples"
-        )
-    total_steps = epochs * steps_per_epoch
-    warmup_steps = round(float(config["warmup_epochs"]) * steps_per_epoch)
-    on_cuda = device.type == "cuda"
-    bf16 = _precision(config, device)
-
-    method.to(device)
-    if bf16:
-        method.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(method, config)
-    scheduler = LambdaLR(
-        optimizer, warmup_cosine(warmup_steps, total_steps, float(config["final_lr_fraction"]))
-    )
-    fingerprint_text = _fingerprint_text(fingerprint)
-
-    result = TrainResult()
-    start_epoch = 0
-    if checkpoint_path.exists():
-        state = load_checkpoint(checkpoint_path)
-        if state.get("fingerprint") != fingerprint_text:
-            log.warning(
-                "%s was written by a different configuration; starting from scratch",
-                checkpoint_path,
-            )
-        else:
-            method.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            set_rng_state(state["rng"])
-            start_epoch = int(state["epoch"])
-            result.history = [dict(row) for row in state["history"]]
-            result.resumed_from = start_epoch
-            log.info("resuming from %s at epoch %d of %d", checkpoint_path, start_epoch, epochs)
-    model = _wrap(method, device)
-
-    autocast = (
-        torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-    )
-    # A NaN check reads the loss back from the device; on CUDA do it every few
-    # steps instead of every step so the GPU is not stalled each iteration.
-    check_every = 25 if on_cuda else 1
-    grad_clip = config["grad_clip"]
-    rank_key = rank if world > 1 else None
-
-    for epoch in range(start_epoch, epochs):
-        method.train()
-        method.on_epoch_start(epoch)
-        torch.manual_seed(epoch_seed(seed, epoch, 2, rank_key))
-        loader, generator = _epoch_loader(
-            dataset, batch_size, seed, epoch, num_workers, on_cuda, rank, world
-        )
-        started = time.perf_counter()
-        waited = 0.0
-        loss_sum = torch.zeros((), device=device)
-        steps = 0
-        batches = iter(loader)
-        for step_in_epoch in range(steps_per_epoch):
-            # Host time blocked on the loader; on a GPU an upper bound on the
-            # time the device starves, since the host usually runs ahead.
-            before = time.perf_counter()
-            views = next(batches)
-            waited += time.perf_counter() - before
-            views = [view.to(device, non_blocking=True) for view in views]
-            if bf16:
-                views = [view.contiguous(memory_format=torch.channels_last) for view in views]
-            global_step = epoch * steps_per_epoch + step_in_epoch
-            set_weight_decay(
-                optimizer,
-                weight_decay_at(
-                    global_step,
-                    total_steps,
-                    float(config["weight_decay"]),
-                    config["weight_decay_end"],
-                ),
-            )
-            with autocast:
-                loss = model(views)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(method.parameters(), float(grad_clip))
-            optimizer.step()
-            scheduler.step()
-            method.on_step_end(global_step + 1, total_steps)
-            fault_point("pretrain.step")
-            loss_sum += loss.detach().float()
-            steps += 1
-            if steps % check_every == 0 or steps == steps_per_epoch:
-                _check_finite(distributed.mean(loss_sum), epoch + 1, steps, checkpoint_path)
-        seconds = time.perf_counter() - started
-        mean_loss = float(distributed.mean(loss_sum)) / steps
-        wait_fraction = float(distributed.mean(torch.tensor(waited / seconds, device=device)))
-        decaying = [g for g in optimizer.param_groups if not g.get("lars_exclude", False)]
-        row = {
-            "epoch": epoch + 1,
-            "loss": mean_loss,
-            "lr": float(optimizer.param_groups[0]["lr"]),
-            "weight_decay": float(decaying[0]["weight_decay"]) if decaying else 0.0,
-            "images_per_s": steps * batch_size / seconds,
-            "seconds": seconds,
-            "data_wait_fraction": wait_fraction,
-        }
-        result.history.append(row)
-        log.info(
-            "epoch %d/%d loss %.4f lr %.3g %.1f images/s, %.1f %% waiting for data",
-            epoch + 1,
-            epochs,
-            mean_loss,
-            row["lr"],
-            row["images_per_s"],
-            100 * wait_fraction,
-        )
-        if rank == 0 and (
-            (epoch + 1) % int(config["checkpoint_every"]) == 0 or epoch + 1 == epochs
-        ):
-            save_checkpoint(
-                checkpoint_path,
-                {
-                    "model": method.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "epoch": epoch + 1,
-                    "history": result.history,
-                    # "data" is a record only: each epoch's order generator is
-                    # reseeded from (seed, epoch), which is what makes resuming exact.
-                    "rng": {**rng_state(), "data": generator.get_state()},
-                    "fingerprint": fingerprint_text,
-                },
-            )
-            fault_point("pretrain.checkpoint_saved")
-        _write_history(directory, result.history)
-    if result.resumed_from == epochs:
-        _write_history(directory, result.history)
-    distributed.barrier()
-    return result
-
-
-def _check_finite(loss_sum: torch.Tensor, epoch: int, step: int, checkpoint: Path) -> None:
-    """Raise :class:`NonFiniteLossError` if any loss summed so far is NaN or infinite."""
-    if not bool(torch.isfinite(loss_sum)):
-        raise NonFiniteLossError(
-            f"pre-training loss became {float(loss_sum)} at epoch {epoch}, step {step} "
-            f"(checked every few steps on GPU); the last good checkpoint, if any, is "
-            f"{checkpoint}. Lower pretrain.lr, set pretrain.grad_clip, or check the data."
-        )

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from medssl.core.registry import Registry
+
 ParamGroups = list[dict[str, Any]]
 
 
@@ -198,13 +200,12 @@ def _lamb(groups: ParamGroups, lr: float, config: Mapping[str, Any]) -> Optimize
     return LAMB(groups, lr=lr, weight_decay=float(config["weight_decay"]))
 
 
-OPTIMIZERS: dict[str, Callable[[ParamGroups, float, Mapping[str, Any]], Optimizer]] = {
-    "adamw": _adamw,
-    "adam": _adam,
-    "sgd": _sgd,
-    "lars": _lars,
-    "lamb": _lamb,
-}
+OptimizerBuilder = Callable[[ParamGroups, float, Mapping[str, Any]], Optimizer]
+
+OPTIMIZERS: Registry[OptimizerBuilder] = Registry(
+    "optimizer",
+    {"adamw": _adamw, "adam": _adam, "sgd": _sgd, "lars": _lars, "lamb": _lamb},
+)
 """Optimiser builders by config name: ``(param groups, peak lr, trainer config) -> Optimizer``."""
 
 
@@ -215,8 +216,7 @@ def build(name: str, groups: ParamGroups, lr: float, config: Mapping[str, Any]) 
     parameters at 0.024 x the weights' rate); its ``lr`` is set accordingly,
     and the schedule multiplies every group's own initial rate.
     """
-    if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}; choose one of {sorted(OPTIMIZERS)}")
+    builder = OPTIMIZERS[name]
     scaled = []
     for group in groups:
         group = dict(group)
@@ -224,4 +224,4 @@ def build(name: str, groups: ParamGroups, lr: float, config: Mapping[str, Any]) 
         if scale != 1.0:
             group["lr"] = lr * scale
         scaled.append(group)
-    return OPTIMIZERS[name](scaled, lr, config)
+    return builder(scaled, lr, config)

@@ -5,12 +5,39 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from medssl.pretraining import distributed
 from medssl.pretraining.methods.base import Method, register
 from medssl.pretraining.methods.heads import mlp
-from medssl.pretraining.methods.losses import barlow_twins
+from medssl.pretraining.methods.loss_helpers import check_pair, wide
+
+
+def barlow_twins_loss(
+    z1: torch.Tensor, z2: torch.Tensor, off_diagonal_weight: float, eps: float = 1e-5
+) -> torch.Tensor:
+    """Barlow Twins' redundancy-reduction loss (Zbontar et al., 2021, eq. 1-2).
+
+    Each embedding dimension is standardised over the batch (mean 0, biased
+    variance 1 plus ``eps``, as an affine-free BatchNorm in training mode),
+    then the cross-correlation ``C = z1n.T @ z2n / N`` (D x D) is pushed to
+    the identity::
+
+        L = sum_i (1 - C_ii)^2 + lambda * sum_{i != j} C_ij^2
+
+    ``off_diagonal_weight`` is lambda (0.0051 in the paper).
+    """
+    check_pair("barlow_twins", z1, z2)
+    if z1.shape[0] < 2:
+        raise ValueError("barlow_twins needs a batch of at least 2 to standardise over")
+    with torch.autocast(device_type=z1.device.type, enabled=False):
+        a, b = (F.batch_norm(wide(z), None, None, training=True, eps=eps) for z in (z1, z2))
+        correlation = a.T @ b / z1.shape[0]
+        diagonal = torch.diagonal(correlation)
+        on_diagonal = (diagonal - 1).pow(2).sum()
+        off_diagonal = correlation.pow(2).sum() - diagonal.pow(2).sum()
+        return on_diagonal + off_diagonal_weight * off_diagonal
 
 
 @register("barlow_twins")
@@ -61,4 +88,4 @@ class BarlowTwins(Method):
         z1, z2 = (distributed.gather(self.projector(self.backbone(view))) for view in views)
         # Under DDP the standardisation and the cross-correlation cover the
         # global batch, as the official code's synchronised BN and all_reduce do.
-        return barlow_twins(z1, z2, float(self.settings["lambda"]))
+        return barlow_twins_loss(z1, z2, float(self.settings["lambda"]))

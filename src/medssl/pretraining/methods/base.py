@@ -1,4 +1,4 @@
-"""The self-supervised method interface and its registry.
+"""The self-supervised method interface and the registry of method classes.
 
 A method owns a backbone (a torchvision ResNet whose ``fc`` is ``Identity``,
 from :func:`medssl.models.backbones.build_backbone`) plus whatever heads it trains, and
@@ -17,35 +17,29 @@ import torch
 from torch import nn
 from torchvision.models.resnet import ResNet
 
-from medssl.pretraining.augment import MultiCrop, MultiView
+from medssl.core.registry import Registry, look_up
 from medssl.models.backbones import feature_dim
+from medssl.pretraining.augment import MultiCrop, MultiView
+from medssl.pretraining.methods import METHODS
 
-METHODS: dict[str, type[Method]] = {}
-"""Registered methods by name, filled by :func:`register` as method modules are imported."""
+METHOD_CLASSES: Registry[type[Method]] = Registry("method class")
+"""Method classes by name, filled by :func:`register` as their modules are imported
+(by :func:`medssl.pretraining.methods.method_class`, which imports them by name)."""
 
 
 def register(name: str) -> Callable[[type[Method]], type[Method]]:
-    """Class decorator adding a method to :data:`METHODS` under ``name``."""
+    """Class decorator adding a method class under ``name``, a name :data:`METHODS` lists.
+
+    A class registered under a name the table lacks could never be built, so
+    that is refused at import time.
+    """
+    look_up("method", name, METHODS)
 
     def decorate(cls: type[Method]) -> type[Method]:
-        if name in METHODS and METHODS[name] is not cls:
-            raise ValueError(f"method name {name!r} is already registered by {METHODS[name]}")
         cls.name = name
-        METHODS[name] = cls
-        return cls
+        return METHOD_CLASSES.add(name, cls)
 
     return decorate
-
-
-def build_method(name: str, backbone: ResNet, settings: Mapping[str, Any] | None = None) -> Method:
-    """Instantiate the method registered as ``name`` around ``backbone``.
-
-    ``settings`` overrides the method's ``default_settings`` (the config's
-    ``pretrain.<name>`` sub-dict).
-    """
-    if name not in METHODS:
-        raise KeyError(f"unknown method {name!r}; registered: {sorted(METHODS)}")
-    return METHODS[name](backbone, settings)
 
 
 class Method(nn.Module, metaclass=abc.ABCMeta):
@@ -88,12 +82,8 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
         config claims otherwise.
         """
         settings = dict(settings or {})
-        unknown = sorted(set(settings) - set(cls.default_settings))
-        if unknown:
-            raise KeyError(
-                f"unknown settings {unknown} for method {cls.name!r}; "
-                f"known: {sorted(cls.default_settings)}"
-            )
+        for key in sorted(set(settings) - set(cls.default_settings)):
+            look_up(f"{cls.name} setting", key, cls.default_settings)
         return {**cls.default_settings, **settings}
 
     @property

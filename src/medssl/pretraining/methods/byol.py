@@ -6,11 +6,12 @@ import math
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from medssl.pretraining.methods.base import Method, register
 from medssl.pretraining.methods.heads import ema_update, frozen_copy, mlp
-from medssl.pretraining.methods.losses import byol_regression
+from medssl.pretraining.methods.loss_helpers import check_pair, wide
 
 
 def target_momentum(base: float, step: int, total_steps: int) -> float:
@@ -22,6 +23,19 @@ def target_momentum(base: float, step: int, total_steps: int) -> float:
     if total_steps < 1 or not 0 <= step <= total_steps:
         raise ValueError(f"step {step} outside 0..total_steps ({total_steps})")
     return 1.0 - (1.0 - base) * (math.cos(math.pi * step / total_steps) + 1.0) / 2.0
+
+
+def byol_regression(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BYOL's loss for one direction (Grill et al., 2020, eq. 2): ``2 - 2 cos(p, z')``.
+
+    The squared distance of the L2-normalised prediction and target
+    projection, averaged over the batch; the target gets no gradient. BYOL
+    symmetrises by adding the loss with the views swapped.
+    """
+    check_pair("byol_regression", prediction, target)
+    with torch.autocast(device_type=prediction.device.type, enabled=False):
+        cosine = F.cosine_similarity(wide(prediction), wide(target.detach()), dim=1)
+        return (2 - 2 * cosine).mean()
 
 
 @register("byol")

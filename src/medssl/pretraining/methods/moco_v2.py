@@ -11,7 +11,36 @@ from torch import nn
 from medssl.pretraining import distributed
 from medssl.pretraining.methods.base import Method, register
 from medssl.pretraining.methods.heads import ema_update, frozen_copy, mlp
-from medssl.pretraining.methods.losses import info_nce
+from medssl.pretraining.methods.loss_helpers import check_pair, wide
+
+
+def info_nce(
+    query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """MoCo's InfoNCE with a queue of negatives (He et al., 2020, eq. 1).
+
+    ``query`` and ``key`` (N, D) are L2-normalised here; ``queue`` (M, D)
+    holds earlier, already normalised keys. For each query ``q`` with its key
+    ``k+``::
+
+        l = -log( exp(q.k+ / t) / (exp(q.k+ / t) + sum_m exp(q.queue_m / t)) )
+
+    averaged over the batch: an (M + 1)-way classification whose correct
+    class is the positive. No gradient reaches the key or the queue.
+    """
+    check_pair("info_nce", query, key)
+    if queue.ndim != 2 or queue.shape[1] != query.shape[1]:
+        raise ValueError(f"queue must be (M, {query.shape[1]}), got {tuple(queue.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    with torch.autocast(device_type=query.device.type, enabled=False):
+        q = F.normalize(wide(query), dim=1)
+        k = F.normalize(wide(key.detach()), dim=1)
+        positive = (q * k).sum(dim=1, keepdim=True)
+        negative = q @ wide(queue.detach()).T
+        logits = torch.cat([positive, negative], dim=1) / temperature
+        target = torch.zeros(len(q), dtype=torch.long, device=q.device)
+        return F.cross_entropy(logits, target)
 
 
 @register("moco_v2")

@@ -28,7 +28,7 @@ from torch import nn
 from torchvision.models.resnet import ResNet
 
 from medssl.pretraining.methods.base import Method, register
-from medssl.pretraining.methods.losses import wide
+from medssl.pretraining.methods.loss_helpers import wide
 from medssl.pretraining.methods.sparse import MaskState, SparseBatchNorm2d, sparsify
 
 DOWNSAMPLE = 32

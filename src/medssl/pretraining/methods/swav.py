@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -13,7 +13,66 @@ from medssl.pretraining import distributed
 from medssl.pretraining.augment import MultiCrop
 from medssl.pretraining.methods.base import Method, register
 from medssl.pretraining.methods.heads import mlp
-from medssl.pretraining.methods.losses import sinkhorn_knopp, swapped_prediction
+from medssl.pretraining.methods.loss_helpers import wide
+
+
+@torch.no_grad()
+def sinkhorn_knopp(scores: torch.Tensor, epsilon: float, iterations: int) -> torch.Tensor:
+    """SwAV's soft codes: an equipartitioned assignment of N samples to K prototypes.
+
+    ``scores`` (N, K) are prototype similarities. Starting from
+    ``Q = exp(scores / epsilon)`` (as K x N, normalised to sum 1), each
+    iteration rescales every prototype row to total mass 1/K and then every
+    sample column to mass 1/N (Caron et al., 2020, eq. 3 and appendix A.1).
+    The result is scaled by N so each sample's codes sum to 1, and returned as
+    (N, K). The maximum is subtracted before ``exp``, which the normalisation
+    cancels exactly but which keeps ``exp(1 / 0.05)``-sized values finite.
+    No gradient flows through the codes; they are targets.
+    """
+    if scores.ndim != 2:
+        raise ValueError(f"sinkhorn_knopp needs (N, K) scores, got shape {tuple(scores.shape)}")
+    if epsilon <= 0 or iterations < 0:
+        raise ValueError(f"need epsilon > 0 and iterations >= 0, got {epsilon}, {iterations}")
+    with torch.autocast(device_type=scores.device.type, enabled=False):
+        logits = wide(scores).T / epsilon
+        q = torch.exp(logits - logits.max())
+        q /= q.sum()
+        n_prototypes, n_samples = q.shape
+        for _ in range(iterations):
+            q /= q.sum(dim=1, keepdim=True) * n_prototypes
+            q /= q.sum(dim=0, keepdim=True) * n_samples
+        return (q * n_samples).T
+
+
+def swapped_prediction(
+    scores: Sequence[torch.Tensor], codes: Sequence[torch.Tensor], temperature: float
+) -> torch.Tensor:
+    """SwAV's swapped-prediction loss (Caron et al., 2020, eq. 1-2, multi-crop form).
+
+    ``scores[v]`` (N, K) are the prototype similarities of crop ``v``;
+    ``codes[i]`` the Sinkhorn codes of crop ``i`` (codes are computed for the
+    first ``len(codes)`` crops, the global ones). For each coded crop ``i``
+    every other crop ``v`` predicts it::
+
+        l(i, v) = - mean_n sum_k codes[i][n, k] * log softmax(scores[v][n] / t)_k
+
+    averaged over the ``len(scores) - 1`` predicting crops and over the coded
+    crops, as in the official implementation.
+    """
+    if len(codes) < 1 or len(scores) < 2 or len(codes) > len(scores):
+        raise ValueError(
+            f"swapped_prediction needs >= 2 crops and 1..n_crops codes, "
+            f"got {len(scores)} crops and {len(codes)} codes"
+        )
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    with torch.autocast(device_type=scores[0].device.type, enabled=False):
+        log_probs = [F.log_softmax(wide(s) / temperature, dim=1) for s in scores]
+        total = scores[0].new_zeros((), dtype=torch.float32)
+        for i, code in enumerate(codes):
+            cross = [-(code * log_probs[v]).sum(dim=1).mean() for v in range(len(scores)) if v != i]
+            total = total + torch.stack(cross).mean()
+        return total / len(codes)
 
 
 @register("swav")

@@ -14,16 +14,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from medssl.pipeline.config import (
-    encoder_name,
-    import_jobs,
-    load_schema,
-    pretrain_jobs,
-    supervised_jobs,
-    validate_config,
-)
+from medssl.pipeline.config import load_schema, validate_config
+from medssl.pipeline.plan import encoder_name, import_jobs, pretrain_jobs, supervised_jobs
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 STUDIES = REPO / "workflow" / "studies"
 PLACEHOLDER = "/path/to/"
 FOLDER_KEYS = {"dicom_dir", "path"}

@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from tests.workflow_tree import REPO, copy_workflow
+from tests.workflow.tree import REPO, copy_workflow
 
 SCRIPT = REPO / "scripts" / "slurm-test-cluster.sh"
 PROFILE = Path("slurm") / "config.v8+.yaml"

@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from tests.workflow_tree import REPO, TINY, copy_workflow
+from tests.workflow.tree import REPO, TINY, copy_workflow
 
 pytestmark = pytest.mark.workflow
 
