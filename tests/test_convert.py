@@ -1,9 +1,9 @@
-"""DICOM -> HDF5: exact HU, geometric order, every file accounted for, policies, sizes."""
+"""``python -m medssl.convert``: standalone defaults, options over settings, exit status."""
 
 from __future__ import annotations
 
 import json
-import shutil
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -11,348 +11,56 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pandas as pd
-import pydicom
 import pytest
-from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import BasicTextSRStorage, ExplicitVRLittleEndian, RLELossless, generate_uid
 
-from medssl.datasets import conversion as convert
-from medssl.datasets import hdf5 as data
-from medssl.datasets import synthetic as synth
-from medssl.dicom.reading import slice_position
-
-COHORT = {"patients": 3, "slices": 8, "matrix": 32, "seed": 1}
-HU_NATIVE = {"intensity": {"policy": "hu"}, "image_size": None}
-
-
-def _hu(path: Path) -> np.ndarray:
-    """Reference HU straight from pydicom."""
-    ds = pydicom.dcmread(path)
-    return ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
-
-
-def _series_files(root: Path) -> dict[str, list[Path]]:
-    """Non-localizer files per series."""
-    series: dict[str, list[Path]] = {}
-    for path in sorted(root.rglob("*.dcm")):
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        if "LOCALIZER" not in list(ds.ImageType):
-            series.setdefault(ds.SeriesInstanceUID, []).append(path)
-    return series
+from medssl import convert
+from tests.corpus import make_cohort
 
 
 @pytest.fixture(scope="module")
-def clean(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """A small synthetic cohort with one series' InstanceNumbers scrambled."""
-    root = tmp_path_factory.mktemp("convert")
-    dicom = root / "dicom"
-    synth.synthesize(dicom, root / "labels.csv", COHORT)
-    series = _series_files(dicom)
-    scrambled_uid = sorted(series)[0]
-    paths = series[scrambled_uid]
-    numbers = np.random.default_rng(5).permutation(len(paths)) + 1
-    for path, number in zip(paths, numbers, strict=True):
-        ds = pydicom.dcmread(path)
-        ds.InstanceNumber = int(number)
-        ds.save_as(path)
-    return {"root": root, "dicom": dicom, "series": series, "scrambled": scrambled_uid}
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return make_cohort(tmp_path_factory)
 
 
-@pytest.fixture(scope="module")
-def native(clean: dict) -> dict:
-    """The clean cohort converted to raw HU at native size."""
-    out, rejects = clean["root"] / "native.h5", clean["root"] / "native.rejects.csv"
-    summary = convert.convert(clean["dicom"], out, rejects, HU_NATIVE)
-    return {"h5": out, "rejects": pd.read_csv(rejects), "summary": summary}
-
-
-def test_hu_round_trips_exactly(clean: dict, native: dict) -> None:
-    meta = data.read_meta(native["h5"])
-    with h5py.File(native["h5"]) as handle:
-        images = handle["images"]
-        assert images.dtype == np.int16
-        assert images.shape == (3 * 2 * 8, 1, 32, 32)
-        assert images.chunks == (1, 1, 32, 32)
-        assert images.attrs["compression"] == "blosc"
-        assert images.id.get_create_plist().get_filter(0)[0] == 32001  # Blosc
-        assert images.attrs["policy"] == "hu"
-        assert images.attrs["scale"] == pytest.approx(1e-3)
-        assert images.attrs["offset"] == 0
-        stored = images[...]
-    for i, rel in enumerate(meta["source_file"]):
-        np.testing.assert_array_equal(stored[i, 0], _hu(clean["dicom"] / rel))
-    model_input = data.load_images(native["h5"], [0])
-    np.testing.assert_allclose(model_input.numpy(), stored[:1] / 1000.0, rtol=1e-6)
-
-
-def test_slices_sorted_by_position_not_instance_number(clean: dict, native: dict) -> None:
-    meta = data.read_meta(native["h5"])
-    keys = list(
-        zip(meta["patient_id"], meta["study_uid"], meta["series_uid"], meta["z"], strict=True)
+def test_standalone_cli_defaults(cohort: dict, tmp_path: Path) -> None:
+    out = tmp_path / "cli.h5"
+    result = subprocess.run(
+        [sys.executable, "-m", "medssl.convert", str(cohort["clean"]), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
-    assert keys == sorted(keys), "ordered by (patient, study, series, position)"
-    for _, group in meta.groupby("series_uid"):
-        assert (np.diff(group["z"]) > 0).all()
-        assert list(group["slice_index"]) == list(range(len(group)))
-    for row in meta.itertuples():
-        ds = pydicom.dcmread(clean["dicom"] / row.source_file, stop_before_pixels=True)
-        assert row.sop_uid == ds.SOPInstanceUID
-        assert row.z == pytest.approx(
-            slice_position(ds.ImageOrientationPatient, ds.ImagePositionPatient)
-        )
-    scrambled = meta[meta["series_uid"] == clean["scrambled"]]
-    numbers = [
-        int(pydicom.dcmread(clean["dicom"] / f, stop_before_pixels=True).InstanceNumber)
-        for f in scrambled["source_file"]
-    ]
-    assert numbers != sorted(numbers) and numbers != sorted(numbers, reverse=True)
+    assert result.returncode == 0, result.stderr
+    rejects = pd.read_csv(tmp_path / "cli.rejects.csv")
+    assert len(rejects) == 2
+    with h5py.File(out) as handle:
+        assert handle["images"].dtype == np.int16
+        assert handle["images"].shape == (16, 1, 32, 32)
+        assert handle["images"].attrs["policy"] == "hu"
+    help_text = subprocess.run(
+        [sys.executable, "-m", "medssl.convert", "--help"], capture_output=True, text=True
+    ).stdout
+    for word in ("/meta/source_file", "--gap-policy", "--max-reject-fraction", "rejects.csv"):
+        assert word in help_text
 
 
-def test_scout_rejected_and_files_accounted(clean: dict, native: dict) -> None:
-    rejects, summary = native["rejects"], native["summary"]
-    assert list(rejects.columns) == ["file", "series_uid", "reason"]
-    assert len(rejects) == 3
-    assert rejects["reason"].str.contains("LOCALIZER").all()
-    n_files = len(list(clean["dicom"].rglob("*.dcm")))
-    assert summary["files_seen"] == n_files == summary["converted"] + summary["rejected"]
-    with h5py.File(native["h5"]) as handle:
-        attrs = dict(handle.attrs)
-    assert attrs["n_files_seen"] == n_files
-    assert (attrs["n_converted"], attrs["n_rejected"], attrs["n_series"]) == (48, 3, 6)
-    provenance = json.loads(attrs["provenance"])
-    assert provenance["stage"] == "convert"
-    assert provenance["settings"]["intensity"] == {"policy": "hu"}
-
-
-def test_meta_spacing_and_labels_join(clean: dict, native: dict) -> None:
-    meta = data.read_meta(native["h5"])
-    labels = pd.read_csv(clean["root"] / "labels.csv")
-    assert set(meta["sop_uid"]) == set(labels["sop_uid"])
-    with h5py.File(native["h5"]) as handle:
-        spacing = handle["meta/spacing"][...]
-    assert spacing.dtype == np.float32 and spacing.shape == (48, 3)
-    ds = pydicom.dcmread(clean["dicom"] / meta["source_file"][0], stop_before_pixels=True)
-    expected = [float(ds.PixelSpacing[0]), float(ds.PixelSpacing[1]), float(ds.SliceThickness)]
-    np.testing.assert_allclose(spacing[0], expected, rtol=1e-4)
-    assert data.image_shape(native["h5"]) == (1, 32, 32)
-
-
-def test_window_policy(clean: dict, native: dict) -> None:
-    out = clean["root"] / "window.h5"
-    windows = [{"center": -300, "width": 1600}, {"center": 40, "width": 400}]
-    settings = {"intensity": {"policy": "window", "windows": windows}, "image_size": None}
-    convert.convert(clean["dicom"], out, clean["root"] / "window.csv", settings)
-    with h5py.File(out) as handle, h5py.File(native["h5"]) as ref:
-        images = handle["images"]
-        assert images.dtype == np.uint8 and images.shape[1] == 2
-        assert images.attrs["scale"] == pytest.approx(1 / 255)
-        assert images.attrs["offset"] == 0
-        assert json.loads(images.attrs["channels"]) == [
-            {"window": [-300.0, 1600.0]},
-            {"window": [40.0, 400.0]},
-        ]
-        stored, hu = images[...], ref["images"][:, 0].astype(np.float64)
-    for channel, window in enumerate(windows):
-        low = window["center"] - window["width"] / 2
-        expected = np.rint((np.clip(hu, low, low + window["width"]) - low) / window["width"] * 255)
-        np.testing.assert_array_equal(stored[:, channel], expected.astype(np.uint8))
-    x = data.load_images(out)
-    assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
-
-
-def test_minmax_policy(clean: dict) -> None:
-    out = clean["root"] / "minmax.h5"
-    settings = {"intensity": {"policy": "minmax"}, "image_size": None}
-    convert.convert(clean["dicom"], out, clean["root"] / "minmax.csv", settings)
+def test_options_override_single_settings(cohort: dict, tmp_path: Path) -> None:
+    out = tmp_path / "o.h5"
+    settings = {"intensity": {"policy": "hu"}, "image_size": 32, "compression": "none"}
+    argv = ["--dicom-dir", str(cohort["clean"]), "--out", str(out), "--rejects"]
+    argv += [str(tmp_path / "o.csv"), "--settings", json.dumps(settings)]
+    argv += ["--policy", "window", "--window=-600,1500", "--window", "40,400"]
+    argv += ["--image-size", "16", "--compression", "lzf"]
+    assert convert.main(argv) == 0
     with h5py.File(out) as handle:
         images = handle["images"]
-        assert images.dtype == np.uint8 and images.shape[1] == 1
-        assert images.attrs["policy"] == "minmax"
-        assert images.attrs["scale"] == pytest.approx(1 / 255)
-        stored = images[...]
-    assert (stored.reshape(len(stored), -1).min(axis=1) == 0).all()
-    assert (stored.reshape(len(stored), -1).max(axis=1) == 255).all()
-
-
-def test_image_size_resizes_and_updates_spacing(clean: dict, native: dict) -> None:
-    out = clean["root"] / "small.h5"
-    settings = {"intensity": {"policy": "hu", "dtype": "float16"}, "image_size": 16}
-    convert.convert(clean["dicom"], out, clean["root"] / "small.csv", settings)
-    with h5py.File(out) as handle, h5py.File(native["h5"]) as ref:
-        assert handle["images"].shape == (48, 1, 16, 16)
-        assert handle["images"].dtype == np.float16
-        small, full = handle["images"][:, 0].astype(np.float64), ref["images"][:, 0]
-        np.testing.assert_allclose(handle["meta/spacing"][:, :2], ref["meta/spacing"][:, :2] * 2)
-        np.testing.assert_allclose(handle["meta/spacing"][:, 2], ref["meta/spacing"][:, 2])
-    # Halving by area averaging: each pixel is the mean of a 2x2 block (float16 rounding).
-    blocks = full.reshape(48, 16, 2, 16, 2).mean(axis=(2, 4))
-    np.testing.assert_allclose(small, blocks, atol=1.0)
-
-
-def test_resample_matrix() -> None:
-    for n_in, n_out in [(32, 16), (96, 64), (10, 25), (7, 7)]:
-        weights = convert.resample_matrix(n_in, n_out)
-        np.testing.assert_allclose(weights.sum(axis=1), 1.0)
-        assert (weights >= 0).all()
-    rng = np.random.default_rng(0)
-    for shape, size in [((2, 32, 48), 16), ((1, 10, 12), 25), ((3, 9, 9), 9)]:
-        stack = rng.normal(size=shape)
-        dense = [
-            convert.resample_matrix(shape[1], size) @ s @ convert.resample_matrix(shape[2], size).T
-            for s in stack
+        assert images.shape == (16, 2, 16, 16) and images.dtype == np.uint8
+        assert images.attrs["compression"] == "lzf"
+        assert json.loads(images.attrs["channels"]) == [
+            {"window": [-600.0, 1500.0]},
+            {"window": [40.0, 400.0]},
         ]
-        np.testing.assert_allclose(convert.resize(stack, size), np.stack(dense), atol=1e-12)
-    ramp = np.arange(96, dtype=float)
-    # Area averaging preserves the mean of a linear ramp exactly.
-    assert (convert.resample_matrix(96, 64) @ ramp).mean() == pytest.approx(ramp.mean())
-
-
-@pytest.fixture(scope="module")
-def messy(clean: dict) -> dict:
-    """The clean cohort plus broken, foreign and duplicate files."""
-    root = clean["root"] / "messy"
-    shutil.copytree(clean["dicom"], root)
-    series = {
-        uid: [root / p.relative_to(clean["dicom"]) for p in paths]
-        for uid, paths in clean["series"].items()
-    }
-    uids = sorted(series)
-    broken: dict[str, str] = {}
-
-    truncated = series[uids[1]][0]
-    truncated.write_bytes(truncated.read_bytes()[:-700])
-    broken[truncated.relative_to(root).as_posix()] = "truncated pixel data"
-
-    cut_header = series[uids[1]][1]
-    cut_header.write_bytes(cut_header.read_bytes()[:600])
-    broken[cut_header.relative_to(root).as_posix()] = "truncated or no pixel data"
-
-    no_position = series[uids[2]][0]
-    ds = pydicom.dcmread(no_position)
-    del ds.ImagePositionPatient
-    ds.save_as(no_position)
-    broken[no_position.relative_to(root).as_posix()] = "missing required tag ImagePositionPatient"
-
-    text = root / "notes" / "README.txt"
-    text.parent.mkdir()
-    text.write_text("not an image\n")
-    broken["notes/README.txt"] = "not DICOM"
-
-    duplicate = series[uids[3]][2]
-    ds = pydicom.dcmread(duplicate)
-    ds.SOPInstanceUID = generate_uid(entropy_srcs=["duplicate"])
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    copy = duplicate.parent / ("zz" + duplicate.name)  # sorts after the original
-    ds.save_as(copy)
-    broken[copy.relative_to(root).as_posix()] = "duplicate position"
-
-    mr = series[uids[3]][3]
-    ds = pydicom.dcmread(mr)
-    ds.Modality = "MR"
-    ds.save_as(mr)
-    broken[mr.relative_to(root).as_posix()] = "modality MR"
-
-    tilted = series[uids[4]][0]
-    ds = pydicom.dcmread(tilted)
-    ds.ImageOrientationPatient = [1, 0, 0, 0, 0.8660254, -0.5]
-    ds.save_as(tilted)
-    broken[tilted.relative_to(root).as_posix()] = "orientation"
-
-    report = root / "report.dcm"
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = BasicTextSRStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=["report"])
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    sr = FileDataset("", {}, file_meta=meta, preamble=b"\0" * 128)
-    sr.SOPClassUID, sr.SOPInstanceUID = BasicTextSRStorage, meta.MediaStorageSOPInstanceUID
-    sr.Modality, sr.PatientID = "SR", "SYN1-0000"
-    sr.save_as(report, enforce_file_format=True)
-    broken["report.dcm"] = "non-image SOP class Basic Text SR Storage"
-
-    (root / "DICOMDIR").write_bytes(b"")  # skipped, not counted
-    out, rejects = clean["root"] / "messy.h5", clean["root"] / "messy.csv"
-    summary = convert.convert(root, out, rejects, HU_NATIVE)
-    return {
-        "root": root,
-        "h5": out,
-        "rejects": pd.read_csv(rejects),
-        "summary": summary,
-        "broken": broken,
-    }
-
-
-def test_broken_files_rejected_with_reasons(messy: dict) -> None:
-    rejects = messy["rejects"].set_index("file")
-    for rel, reason in messy["broken"].items():
-        assert rel in rejects.index, rel
-        assert reason in rejects.loc[rel, "reason"], (rel, rejects.loc[rel, "reason"])
-    assert rejects["reason"].str.contains("LOCALIZER").sum() == 3
-    assert len(rejects) == len(messy["broken"]) + 3
-    summary = messy["summary"]
-    assert summary["files_seen"] == summary["converted"] + summary["rejected"]
-    assert summary["files_seen"] == sum(1 for p in messy["root"].rglob("*") if p.is_file()) - 1
-    assert summary["converted"] == 48 - 5  # five slices broken in place; the copy was added
-    meta = data.read_meta(messy["h5"])
-    assert not set(meta["source_file"]) & set(messy["broken"])
-    for rel in meta["source_file"][:5]:
-        with h5py.File(messy["h5"]) as handle:
-            row = int(np.flatnonzero(meta["source_file"] == rel)[0])
-            np.testing.assert_array_equal(handle["images"][row, 0], _hu(messy["root"] / rel))
-
-
-def test_rle_compressed_series_decodes(clean: dict, native: dict) -> None:
-    folder = clean["root"] / "rle"
-    uid = sorted(clean["series"])[1]
-    for path in clean["series"][uid]:
-        ds = pydicom.dcmread(path)
-        try:
-            ds.compress(RLELossless, generate_instance_uid=False)
-        except (RuntimeError, NotImplementedError) as err:  # pragma: no cover - encoder missing
-            pytest.skip(f"RLE encoder unavailable: {err}")
-        target = folder / path.relative_to(clean["dicom"])
-        target.parent.mkdir(parents=True, exist_ok=True)
-        ds.save_as(target)
-    assert pydicom.dcmread(target).file_meta.TransferSyntaxUID == RLELossless
-    rejects = folder.parent / "rle.csv"
-    convert.convert(folder, folder.parent / "rle.h5", rejects, HU_NATIVE)
-    assert list(pd.read_csv(rejects).columns) == ["file", "series_uid", "reason"]
-    assert pd.read_csv(rejects).empty
-    meta, ref = data.read_meta(folder.parent / "rle.h5"), data.read_meta(native["h5"])
-    rows = ref.index[ref["series_uid"] == uid]
-    assert list(meta["sop_uid"]) == list(ref.loc[rows, "sop_uid"])
-    np.testing.assert_array_equal(
-        data.load_images(folder.parent / "rle.h5").numpy(),
-        data.load_images(native["h5"], list(rows)).numpy(),
-    )
-
-
-@pytest.mark.parametrize(("threads", "setting"), [(2, "SLICES_PER_TASK"), (1, "SLICES_PER_BLOCK")])
-def test_threads_and_blocks_give_identical_output(
-    clean: dict, native: dict, threads: int, setting: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # 8-slice series in pieces of 3: tasks for the workers, or blocks in one process.
-    monkeypatch.setattr(convert, setting, 3)
-    out = clean["root"] / f"threads{threads}.h5"
-    rejects = clean["root"] / f"threads{threads}.csv"
-    summary = convert.convert(clean["dicom"], out, rejects, HU_NATIVE, threads)
-    assert summary["converted"] == native["summary"]["converted"]
-    assert summary["series"] == native["summary"]["series"]
-    pd.testing.assert_frame_equal(data.read_meta(out), data.read_meta(native["h5"]))
-    with h5py.File(out) as a, h5py.File(native["h5"]) as b:
-        np.testing.assert_array_equal(a["images"][...], b["images"][...])
-        np.testing.assert_array_equal(a["meta/spacing"][...], b["meta/spacing"][...])
-        np.testing.assert_array_equal(a["meta/slice_index"][...], b["meta/slice_index"][...])
-
-
-def test_nothing_usable_fails_naming_the_folder(tmp_path: Path) -> None:
-    junk = tmp_path / "junk"
-    junk.mkdir()
-    (junk / "a.txt").write_text("hello")
-    with pytest.raises(convert.NoUsableImagesError, match=str(junk)):
-        convert.convert(junk, tmp_path / "j.h5", tmp_path / "j.csv", {})
-    assert not (tmp_path / "j.h5").exists()
-    assert len(pd.read_csv(tmp_path / "j.csv")) == 1
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert len(pd.read_csv(tmp_path / "o.csv")) == 2
 
 
 def test_cli_empty_folder_exits_nonzero(tmp_path: Path) -> None:
@@ -362,7 +70,7 @@ def test_cli_empty_folder_exits_nonzero(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "medssl.datasets.conversion",
+            "medssl.convert",
             "--dicom-dir",
             str(empty),
             "--out",
@@ -376,39 +84,22 @@ def test_cli_empty_folder_exits_nonzero(tmp_path: Path) -> None:
         text=True,
         timeout=120,
     )
-    assert result.returncode != 0
-    assert str(empty) in result.stderr
+    assert result.returncode == 1
+    assert f"error: convert: {empty}: no usable images" in result.stderr
+    assert "Traceback" not in result.stderr
     assert not (tmp_path / "e.h5").exists()
 
 
-def test_settings_are_checked() -> None:
-    with pytest.raises(ValueError, match="policy"):
-        convert.resolve_settings({"intensity": {"policy": "zscore"}})
-    with pytest.raises(ValueError, match="image_size"):
-        convert.resolve_settings({"image_size": 0})
-    assert convert.resolve_settings(None)["image_size"] == 64
-
-
-def test_meta_columns_follow_the_data_contract() -> None:
-    expected = {*data.STRING_META, *data.NUMERIC_META, "spacing"}
-    assert set(convert._META_COLUMNS) == expected
-    assert convert.STRING_META == data.STRING_META
-    assert (convert.IMAGES, convert.META) == (data.IMAGES, data.META)
-
-
-@pytest.mark.parametrize("compression", sorted(convert.COMPRESSION))
-@pytest.mark.parametrize("dtype", [np.int16, np.uint8, np.float16])
-def test_worker_chunks_decode_through_the_hdf5_filter(compression: str, dtype: type) -> None:
-    """Chunks encoded by workers are what the dataset's own filter decodes."""
-    stack = np.random.default_rng(0).normal(0, 300, (3, 2, 24, 20)).astype(dtype)
-    with h5py.File("chunks", "w", driver="core", backing_store=False) as handle:
-        images = handle.create_dataset(
-            "images",
-            shape=stack.shape,
-            dtype=dtype,
-            chunks=(1, 2, 24, 20),
-            **convert.COMPRESSION[compression],
-        )
-        for row, (mask, chunk) in enumerate(convert.encode_chunks(stack, compression)):
-            images.id.write_direct_chunk((row, 0, 0, 0), chunk, mask)
-        np.testing.assert_array_equal(images[...], stack)
+def test_missing_folder_or_output_is_one_error_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.ERROR):
+        assert convert.main(["--out", str(tmp_path / "x.h5")]) == 1
+        assert convert.main([str(tmp_path / "missing"), str(tmp_path / "x.h5")]) == 1
+    assert caplog.messages == [
+        "error: convert: give SRC_DIR and OUT.h5 (or --dicom-dir and --out)",
+        f"error: convert: {tmp_path / 'missing'}: DICOM folder does not exist",
+    ]
+    with pytest.raises(SystemExit) as usage:
+        convert.main(["--gap-policy", "splt"])
+    assert usage.value.code == 2  # argparse: not one of the choices

@@ -1,107 +1,19 @@
-"""Label-efficiency figures: files, one line per init, stable colours, reproducible bytes."""
+"""Stage ``plots``: PNG and PDF written, byte-reproducible."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-import pytest
-from matplotlib.colors import to_hex
 
-from medssl.analysis.curves import PALETTE, init_styles, label_efficiency_figure, main, save_figure
-
-
-def _summary() -> pd.DataFrame:
-    rows = []
-    inits = {"nodule": ["byol", "scratch", "simclr"], "region": ["scratch", "simclr"]}
-    for task, names in inits.items():
-        for i, init in enumerate(names):
-            for fraction in (0.1, 0.25, 0.5):
-                mean = 0.6 + 0.05 * i + 0.2 * fraction
-                # one point with an undefined CI falls back to the std
-                ci = np.nan if (init == "scratch" and fraction == 0.1) else 0.03
-                rows.append(
-                    {
-                        "task": task,
-                        "metric": "auc",
-                        "fraction": fraction,
-                        "init": init,
-                        "n": 5,
-                        "mean": mean,
-                        "std": 0.02,
-                        "ci_low": mean - ci,
-                        "ci_high": mean + ci,
-                    }
-                )
-    return pd.DataFrame(rows)
-
-
-def _colours(fig) -> dict[str, str]:
-    ax = fig.axes[0]
-    handles, labels = ax.get_legend_handles_labels()
-    return {label: to_hex(h.get_color()) for h, label in zip(handles, labels, strict=True)}
-
-
-def test_one_line_per_init_with_labels() -> None:
-    fig = label_efficiency_figure(_summary(), "nodule", "auc")
-    ax = fig.axes[0]
-    _, labels = ax.get_legend_handles_labels()
-    assert labels == ["byol", "scratch", "simclr"]
-    data_lines = [line for line in ax.get_lines() if not line.get_label().startswith("_")]
-    assert [line.get_label() for line in data_lines] == ["byol", "scratch", "simclr"]
-    assert len(ax.containers) == 3  # one set of error bars per init
-    assert ax.get_xscale() == "log"
-    assert [t.get_text() for t in ax.get_xticklabels()] == ["10%", "25%", "50%"]
-    assert "nodule" in ax.get_title() and "AUC" in ax.get_title()
-    assert "AUC" in ax.get_ylabel() and "95% CI" in ax.get_ylabel()
-    other = label_efficiency_figure(_summary(), "nodule", "auc", confidence=0.9)
-    assert "90% CI" in other.axes[0].get_ylabel()
-    assert ax.get_legend() is not None
-
-
-def test_colours_stable_across_tasks_with_different_init_subsets() -> None:
-    summary = _summary()
-    nodule = _colours(label_efficiency_figure(summary, "nodule", "auc"))
-    region = _colours(label_efficiency_figure(summary, "region", "auc"))
-    assert set(region) == {"scratch", "simclr"}
-    for init in region:
-        assert region[init] == nodule[init]
-    assert len(set(nodule.values())) == 3
-    # Same colours again when drawn twice, and from the explicit style table.
-    again = _colours(label_efficiency_figure(summary, "nodule", "auc"))
-    assert again == nodule
-    styles = init_styles(summary["init"])
-    assert nodule["simclr"] == to_hex(styles["simclr"].color)
-    assert styles["byol"].color == PALETTE[0]
-
-
-def test_styles_differ_in_shape_for_greyscale() -> None:
-    styles = init_styles([f"init{i:02d}" for i in range(12)])
-    pairs = {(s.marker, str(s.linestyle)) for s in styles.values()}
-    assert len(pairs) == 12
-    # beyond the palette, colours repeat but shapes keep inits apart
-    assert styles["init00"].color == styles["init10"].color
-    assert styles["init00"].marker != styles["init10"].marker
-
-
-def test_error_bars_fall_back_to_std() -> None:
-    fig = label_efficiency_figure(_summary(), "region", "auc")
-    ax = fig.axes[0]
-    styles = init_styles(_summary()["init"])
-    (bars,) = [
-        c
-        for c in ax.containers
-        if to_hex(c.lines[2][0].get_color()[0]) == to_hex(styles["scratch"].color)
-    ]
-    segments = bars.lines[2][0].get_segments()
-    half_widths = sorted(round(abs(seg[1][1] - seg[0][1]) / 2, 6) for seg in segments)
-    assert half_widths == [0.02, 0.03, 0.03]
+from medssl.analysis.curves import label_efficiency_figure, save_figure
+from medssl.plots import main
+from tests.analysis.frames import curve_summary
 
 
 def test_files_written_and_reproducible(tmp_path: Path) -> None:
     summary = tmp_path / "summary.csv"
-    _summary().to_csv(summary, index=False)
+    curve_summary().to_csv(summary, index=False)
     out = tmp_path / "figures" / "label_efficiency_nodule.png"
     argv = ["--summary", str(summary), "--task", "nodule", "--out", str(out)]
     assert main([*argv, "--settings", '{"confidence": 0.95}']) == 0
@@ -113,8 +25,3 @@ def test_files_written_and_reproducible(tmp_path: Path) -> None:
     save_figure(label_efficiency_figure(pd.read_csv(summary), "nodule", "auc"), out)
     assert (out.read_bytes(), pdf.read_bytes()) == first
     assert b"CreationDate" not in first[1]
-
-
-def test_unknown_task_is_an_error() -> None:
-    with pytest.raises(ValueError, match="no rows"):
-        label_efficiency_figure(_summary(), "nope", "auc")

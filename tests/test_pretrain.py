@@ -1,4 +1,4 @@
-"""The pretrain stage: CLI outputs, exact resumption after SIGKILL, divergence, trainer parts."""
+"""Stage ``pretrain``: outputs, resumption after SIGKILL, failures, SparK, torchrun relaunch."""
 
 from __future__ import annotations
 
@@ -11,20 +11,14 @@ import sys
 import time
 from pathlib import Path
 
-import h5py
-import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 from medssl.models import backbones as models
+from medssl.pretrain import main, without_nproc
 from medssl.pretraining import loop as trainer
-from medssl.pretraining import recipes as pretrain_module
-from medssl.datasets.hdf5 import SliceDataset
-from medssl.pretraining.methods import build_method
-from medssl.pretraining.optimizers import LARS
-from medssl.pretraining.recipes import main, pretrain
-from medssl.pretraining.loop import NonFiniteLossError, warmup_cosine
+from tests.pretraining.hdf5_pool import make_h5
 
 SETTINGS = {
     "backbone": "resnet_small",
@@ -39,25 +33,6 @@ SETTINGS = {
     "augment": {"crop_scale": [0.3, 1.0]},
     "simclr": {"temperature": 0.2, "proj_dim": 16},
 }
-
-
-def make_h5(path: Path, n: int = 32, channels: int = 1, size: int = 32, seed: int = 0) -> Path:
-    """A tiny dataset in medssl.datasets.hdf5's layout: uint8 slices, model input = stored / 255."""
-    rng = np.random.default_rng(seed)
-    with h5py.File(path, "w") as handle:
-        stored = rng.integers(0, 256, size=(n, channels, size, size), dtype=np.uint8)
-        images = handle.create_dataset("images", data=stored, chunks=(1, channels, size, size))
-        images.attrs["policy"] = "window"
-        images.attrs["scale"] = 1 / 255
-        images.attrs["offset"] = 0.0
-        images.attrs["channels"] = json.dumps(["window"] * channels)
-        meta = handle.create_group("meta")
-        strings = h5py.string_dtype()
-        for name in ("patient_id", "study_uid", "series_uid", "sop_uid", "source_file"):
-            meta.create_dataset(name, data=[f"{name}{i // 4}" for i in range(n)], dtype=strings)
-        meta.create_dataset("slice_index", data=np.arange(n, dtype=np.int32) % 4)
-        meta.create_dataset("z", data=np.arange(n, dtype=np.float64))
-    return path
 
 
 @pytest.fixture
@@ -105,29 +80,6 @@ def test_cli_writes_encoder_sidecar_and_history(pool: Path, tmp_path: Path, one_
     assert (checkpoints / "checkpoint.pt").exists()
 
 
-def test_max_samples_and_lars(pool: Path, tmp_path: Path, one_thread) -> None:
-    """A seeded subset and the LARS optimiser; 16 of 32 slices at batch 8 is 2 steps per epoch."""
-    settings = {**SETTINGS, "epochs": 1, "max_samples": 16, "optimizer": "lars", "lr": 0.3}
-    info = pretrain("simclr", pool, settings, 0, tmp_path / "e.pt", tmp_path / "ck", "cpu")
-    assert info["n_samples"] == 16 and math.isfinite(info["final_loss"])
-
-
-def test_lazy_pool_with_workers_matches_in_memory(
-    pool: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_thread
-) -> None:
-    """Reading slices lazily from HDF5 in 2 workers trains exactly like the in-memory pool."""
-    settings = {**SETTINGS, "epochs": 1}
-    memory = tmp_path / "memory.pt"
-    pretrain("simclr", pool, settings, 0, memory, tmp_path / "ck_memory", "cpu", num_workers=2)
-    monkeypatch.setattr(pretrain_module, "IN_MEMORY_LIMIT_BYTES", 0)
-    assert isinstance(pretrain_module.image_pool(pool, np.arange(4)), SliceDataset)
-    lazy = tmp_path / "lazy.pt"
-    pretrain("simclr", pool, settings, 0, lazy, tmp_path / "ck_lazy", "cpu", num_workers=2)
-    expected = torch.load(memory, weights_only=True)
-    for key, tensor in torch.load(lazy, weights_only=True).items():
-        assert torch.equal(tensor, expected[key]), key
-
-
 _KILLABLE = """
 import sys, time
 import medssl.pretraining.loop as trainer
@@ -138,8 +90,8 @@ def save_then_wait(path, payload):
     time.sleep(600)  # keep the job alive after its first checkpoint until the test kills it
 
 trainer.save_checkpoint = save_then_wait
-from medssl.pretraining.recipes import main
-main(sys.argv[1:])
+from medssl.pretrain import main, without_nproc
+sys.exit(main(sys.argv[1:]))
 """
 
 
@@ -183,70 +135,6 @@ def test_killed_run_resumes_to_identical_weights(pool: Path, tmp_path: Path, one
     assert first == second
 
 
-def test_changed_settings_do_not_resume(pool: Path, tmp_path: Path, one_thread, caplog) -> None:
-    checkpoints = tmp_path / "ck"
-    pretrain("simclr", pool, {**SETTINGS, "epochs": 1}, 0, tmp_path / "a.pt", checkpoints, "cpu")
-    changed = {**SETTINGS, "epochs": 1, "lr": 0.01}
-    with caplog.at_level("WARNING"):
-        info = pretrain("simclr", pool, changed, 0, tmp_path / "b.pt", checkpoints, "cpu")
-    assert "different configuration" in caplog.text
-    assert info["epochs"] == 1
-
-
-def test_nan_loss_stops_without_encoder(
-    pool: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_thread
-) -> None:
-    import medssl.pretraining.methods.simclr as simclr
-
-    monkeypatch.setattr(simclr, "nt_xent", lambda z1, z2, t: (z1.sum() + z2.sum()) * float("nan"))
-    out = tmp_path / "encoder.pt"
-    with pytest.raises(NonFiniteLossError, match="loss became nan at epoch 1, step 1"):
-        pretrain("simclr", pool, SETTINGS, 0, out, tmp_path / "ck", "cpu")
-    assert not out.exists() and not out.with_suffix(".json").exists()
-    with pytest.raises(SystemExit, match="loss became nan"):
-        main(cli_args(pool, out, tmp_path / "ck2", SETTINGS))
-    assert not out.exists()
-
-
-def test_too_few_samples_for_a_batch(pool: Path, tmp_path: Path, one_thread) -> None:
-    settings = {**SETTINGS, "max_samples": 4}
-    with pytest.raises(ValueError, match="fewer than batch_size"):
-        pretrain("simclr", pool, settings, 0, tmp_path / "e.pt", tmp_path / "ck", "cpu")
-
-
-def test_warmup_cosine_schedule() -> None:
-    factor = warmup_cosine(warmup_steps=4, total_steps=12)
-    assert [factor(step) for step in range(4)] == [0.25, 0.5, 0.75, 1.0]
-    assert factor(8) == pytest.approx(0.5)
-    assert factor(12) == pytest.approx(0.0)
-    assert warmup_cosine(0, 10)(0) == 1.0
-
-
-def test_lars_step_matches_formula() -> None:
-    weight = torch.nn.Parameter(torch.tensor([3.0, 4.0]))
-    bias = torch.nn.Parameter(torch.tensor([1.0]))
-    optimizer = LARS(
-        [{"params": [weight]}, {"params": [bias], "weight_decay": 0.0, "lars_exclude": True}],
-        lr=0.5,
-        momentum=0.9,
-        weight_decay=0.1,
-    )
-    weight.grad = torch.tensor([0.0, 1.0])
-    bias.grad = torch.tensor([2.0])
-    optimizer.step()
-    update = torch.tensor([0.0, 1.0]) + 0.1 * torch.tensor([3.0, 4.0])
-    trust = 0.001 * 5.0 / float(torch.linalg.vector_norm(update))
-    expected = torch.tensor([3.0, 4.0]) - 0.5 * trust * update
-    assert torch.allclose(weight.detach(), expected)
-    assert torch.allclose(bias.detach(), torch.tensor([1.0 - 0.5 * 2.0]))
-
-
-def test_unknown_optimizer_is_rejected() -> None:
-    method = build_method("simclr", models.build_backbone("resnet_small", 1), {})
-    with pytest.raises(ValueError, match="unknown optimizer"):
-        trainer.build_optimizer(method, trainer.train_settings({"optimizer": "adagrad"}))
-
-
 def test_continual_pretraining_starts_from_the_encoder_file(tmp_path: Path, one_thread) -> None:
     """``--init-encoder``: an RGB ResNet-18 with a repeated stem continues with SparK on CT.
 
@@ -280,3 +168,122 @@ def test_continual_pretraining_starts_from_the_encoder_file(tmp_path: Path, one_
         moved = (after[key] - before[key]).norm()
         assert 0 < moved < 0.01 * before[key].norm(), key
         assert (fresh[key] - before[key]).norm() > 0.5 * before[key].norm(), key
+
+
+def test_cli_pretrains_spark_one_epoch(tmp_path: Path) -> None:
+    pool = make_h5(tmp_path / "pool.h5", n=8, size=64)
+    settings = {
+        "backbone": "resnet_small",
+        "epochs": 1,
+        "batch_size": 4,
+        "lr": 2e-4,
+        "lr_scaling": "linear",
+        "optimizer": "lamb",
+        "weight_decay": 0.04,
+        "warmup_epochs": 1,
+        "grad_clip": 5.0,
+        "augment": {},
+        "spark": {"mask_ratio": 0.6, "decoder_width": 32, "augment": {}},
+    }
+    out = tmp_path / "init" / "spark" / "encoder.pt"
+    args = ["--method", "spark", "--data", str(pool), "--settings", json.dumps(settings)]
+    args += ["--out", str(out), "--checkpoint-dir", str(tmp_path / "ck"), "--device", "cpu"]
+    assert main(args) == 0
+    model, info = models.load_encoder(out)
+    assert info["method"] == "spark" and info["epochs"] == 1
+    assert math.isfinite(info["final_loss"])
+    assert model(torch.rand(2, 1, 64, 64)).shape == (2, 256)
+
+
+def test_cli_relaunches_under_torchrun_and_rank_zero_writes(tmp_path: Path) -> None:
+    """``--nproc 2`` on CPU: two gloo ranks, one encoder, one history, global batch 8."""
+    pool = make_h5(tmp_path / "pool.h5", n=16)
+    settings = {
+        "backbone": "resnet_small",
+        "epochs": 1,
+        "batch_size": 8,
+        "optimizer": "adamw",
+        "lr": 1e-3,
+        "warmup_epochs": 0,
+        "simclr": {"proj_dim": 16},
+    }
+    out, checkpoints = tmp_path / "encoder.pt", tmp_path / "ck"
+    command = [
+        sys.executable,
+        "-m",
+        "medssl.pretrain",
+        "--method",
+        "simclr",
+        "--data",
+        str(pool),
+        "--settings",
+        json.dumps(settings),
+        "--out",
+        str(out),
+        "--checkpoint-dir",
+        str(checkpoints),
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--nproc",
+        "2",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "rank 1 of 2 joined (gloo" in done.stderr
+    model, info = models.load_encoder(out)
+    assert info["epochs"] == 1
+    history = pd.read_csv(checkpoints / "history.csv")
+    assert len(history) == 1 and history["images_per_s"].iloc[0] > 0
+    state = torch.load(checkpoints / "checkpoint.pt", weights_only=True)
+    assert json.loads(state["fingerprint"])["world_size"] == 2
+
+
+def test_diverged_loss_exits_1_with_one_line_and_no_encoder(
+    pool: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_thread, caplog
+) -> None:
+    import medssl.pretraining.methods.simclr as simclr
+
+    monkeypatch.setattr(simclr, "nt_xent", lambda z1, z2, t: (z1.sum() + z2.sum()) * float("nan"))
+    out = tmp_path / "encoder.pt"
+    assert main(cli_args(pool, out, tmp_path / "ck", SETTINGS)) == 1
+    assert not out.exists() and not out.with_suffix(".json").exists()
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and errors[0].startswith(
+        "error: pretrain: pre-training loss became nan"
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (["--method", "simclrr"], "unknown method 'simclrr'; did you mean 'simclr'?"),
+        (["--nproc", "0"], "--nproc must be at least 1, got 0"),
+        (["--settings", "[1, 2]"], None),
+    ],
+)
+def test_bad_arguments_are_refused(
+    pool: Path, tmp_path: Path, change: list[str], message: str | None, caplog
+) -> None:
+    """A bad method or process count is one error line and status 1; a bad type is a usage error."""
+    argv = cli_args(pool, tmp_path / "encoder.pt", tmp_path / "ck", SETTINGS)
+    if change[0] in argv:
+        flag = argv.index(change[0])
+        argv[flag : flag + 2] = change
+    else:
+        argv += change
+    if message is None:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        return
+    assert main(argv) == 1
+    assert f"error: pretrain: {message}" in caplog.text
+    assert not (tmp_path / "encoder.pt").exists()
+
+
+def test_relaunch_forwards_everything_but_the_process_count() -> None:
+    argv = ["--method", "spark", "--nproc", "4", "--gpus=2", "--seed", "1", "--threads", "2"]
+    assert without_nproc(argv) == ["--method", "spark", "--seed", "1", "--threads", "2"]

@@ -1,73 +1,19 @@
-"""Partition and nested subsets: patient-level, stratified, deterministic, nested."""
+"""``python -m medssl.split``: the partition file, from a label table or a mask file."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pandas as pd
 import pytest
 
-from medssl.datasets import splits as split
-from medssl import subsample
-from medssl.datasets.hdf5 import read_meta
-from medssl.datasets.splits import (
-    SplitError,
-    make_partition,
-    make_subsets,
-    read_label_table,
-    read_partition,
-    read_subsets,
-    select_training,
-)
-
-BINARY_TASK = {"name": "nodule", "dataset": "d", "column": "nodule", "type": "binary"}
-REGIONS = ("head", "chest", "abdomen")
-
-
-def write_meta_h5(path: Path, patients: list[str], slices: int) -> None:
-    """A minimal medssl HDF5 (tiny images; the split stage only reads metadata)."""
-    n = len(patients) * slices
-    string = h5py.string_dtype()
-    with h5py.File(path, "w") as handle:
-        images = handle.create_dataset("images", data=np.zeros((n, 1, 4, 4), np.uint8))
-        images.attrs.update({"policy": "window", "scale": 1 / 255, "offset": 0.0, "channels": "[]"})
-        meta = handle.create_group("meta")
-        pids = [p for p in patients for _ in range(slices)]
-        sops = [f"1.2.{p}.{s}" for p in patients for s in range(slices)]
-        meta.create_dataset("patient_id", data=np.array(pids, dtype=object), dtype=string)
-        meta.create_dataset("sop_uid", data=np.array(sops, dtype=object), dtype=string)
-
-
-def cohort(tmp_path: Path, n_patients: int = 20, slices: int = 6) -> tuple[Path, Path]:
-    """HDF5 + label table; a third of patients have no nodule, regions vary by patient."""
-    patients = [f"{i:03d}" for i in range(n_patients)]  # leading zeros must survive CSVs
-    h5 = tmp_path / "d.h5"
-    write_meta_h5(h5, patients, slices)
-    rng = np.random.default_rng(0)
-    rows = []
-    for i, patient in enumerate(patients):
-        for s in range(slices):
-            nodule = int(i % 3 != 0 and rng.random() < 0.5) if s else int(i % 3 != 0)
-            region = REGIONS[i % 3] if s < slices - 1 else REGIONS[(i + 1) % 3]
-            rows.append(
-                {
-                    "patient_id": patient,
-                    "sop_uid": f"1.2.{patient}.{s}",
-                    "nodule": nodule,
-                    "region": region,
-                }
-            )
-    labels = tmp_path / "labels.csv"
-    pd.DataFrame(rows).to_csv(labels, index=False)
-    return h5, labels
-
-
-def partition_of(h5: Path, labels: Path, task: dict = BINARY_TASK) -> pd.DataFrame:
-    table = read_label_table(labels, task.get("labels_key", "sop_uid"), task["column"])
-    return make_partition(read_meta(h5), table, task, str(h5), str(labels))
+from medssl import split, subsample
+from medssl.datasets.mask_sources import build_masks, write_masks
+from medssl.datasets.splits import PARTITION_COLUMNS, make_subsets, read_partition, read_subsets
+from tests.datasets.test_splits import cohort
 
 
 def test_cli_round_trip_and_patient_level(tmp_path: Path) -> None:
@@ -77,7 +23,7 @@ def test_cli_round_trip_and_patient_level(tmp_path: Path) -> None:
     argv = ["--data", str(h5), "--labels", str(labels), "--task", task, "--out", str(out)]
     assert split.main(argv) == 0
     part = read_partition(out)
-    assert list(part.columns) == list(split.PARTITION_COLUMNS)
+    assert list(part.columns) == list(PARTITION_COLUMNS)
     assert part["patient_id"].str.len().eq(3).all()  # "007" is not turned into 7
     assert part.groupby("patient_id")["split"].nunique().max() == 1
     assert set(part["split"]) == {"train", "val", "test"}
@@ -88,150 +34,35 @@ def test_cli_round_trip_and_patient_level(tmp_path: Path) -> None:
     pd.testing.assert_frame_equal(read_subsets(seeds_out), make_subsets(part, 3))
 
 
-def test_partition_is_deterministic_and_independent_of_subset_seeds(tmp_path: Path) -> None:
+def test_errors_are_one_line_and_write_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     h5, labels = cohort(tmp_path)
-    first, second = partition_of(h5, labels), partition_of(h5, labels)
-    pd.testing.assert_frame_equal(first, second)
-    held_out = set(first.loc[first["split"] != "train", "index"])
-    train = set(first.loc[first["split"] == "train", "index"])
-    for seed in range(5):
-        chosen = set(select_training(first, make_subsets(first, seed), 1.0))
-        assert chosen == train and not chosen & held_out
-    moved = partition_of(h5, labels, {**BINARY_TASK, "split": {"val": 0.2, "test": 0.2, "seed": 1}})
-    assert not moved["split"].equals(first["split"])  # the split seed, not subset seeds, moves it
-
-
-def test_strata_are_represented_in_every_split(tmp_path: Path) -> None:
-    part = partition_of(*cohort(tmp_path, n_patients=30))
-    per_patient = part.drop_duplicates("patient_id")
-    assert set(per_patient["stratum"]) == {0, 1}
-    for name in ("train", "val", "test"):
-        assert set(per_patient.loc[per_patient["split"] == name, "stratum"]) == {0, 1}
-    counts = per_patient["split"].value_counts()
-    assert counts["val"] == counts["test"] == 6 and counts["train"] == 18
-
-
-def test_subsets_nested_stratified_and_seeded(tmp_path: Path) -> None:
-    part = partition_of(*cohort(tmp_path, n_patients=40))
-    train_patients = part.loc[part["split"] == "train"].drop_duplicates("patient_id")
-    subsets = make_subsets(part, seed=0)
-    pd.testing.assert_frame_equal(subsets, make_subsets(part, seed=0))
-    assert set(subsets["patient_id"]) == set(train_patients["patient_id"])
-    previous: set[int] = set()
-    for fraction in (0.1, 0.25, 0.5, 1.0):
-        chosen = select_training(part, subsets, fraction)
-        assert set(chosen) >= previous and len(chosen) > len(previous)
-        previous = set(chosen)
-        rows = part.set_index("index").loc[chosen]
-        assert set(rows["stratum"]) == {0, 1}  # every stratum keeps a patient
-        for stratum, n in train_patients["stratum"].value_counts().items():
-            expected = max(1, int(np.floor(fraction * n + 0.5)))
-            assert rows.loc[rows["stratum"] == stratum, "patient_id"].nunique() == expected
-    whole = part.loc[part["split"] == "train", "index"].to_numpy()
-    np.testing.assert_array_equal(select_training(part, subsets, 1.0), whole)
-    other = [set(select_training(part, make_subsets(part, s), 0.25)) for s in (1, 2, 3)]
-    assert any(o != set(select_training(part, subsets, 0.25)) for o in other)
-
-
-def test_stale_subsets_are_refused(tmp_path: Path) -> None:
-    part = partition_of(*cohort(tmp_path))
-    subsets = make_subsets(part, 0).iloc[1:]
-    with pytest.raises(SplitError, match="regenerate"):
-        select_training(part, subsets, 0.5)
-    with pytest.raises(SplitError, match="fraction"):
-        select_training(part, make_subsets(part, 0), 0.0)
-
-
-def test_multiclass_codes_and_strata(tmp_path: Path) -> None:
-    task = {"name": "region", "dataset": "d", "column": "region", "type": "multiclass"}
-    part = partition_of(*cohort(tmp_path), task)
-    codes = dict(zip(part["label_name"], part["label"], strict=False))
-    assert codes == {"abdomen": 0, "chest": 1, "head": 2}  # sorted order of the values
-    # Every patient has 5 slices of its own region and 1 of the next: that is its stratum.
-    first = part.groupby("patient_id")["label_name"].agg(lambda s: s.value_counts().idxmax())
-    strata = part.drop_duplicates("patient_id").set_index("patient_id")["stratum"]
-    assert (strata == first.map(codes)).all()
-
-
-def test_unlabelled_slices_are_skipped(tmp_path: Path, caplog) -> None:
-    h5, labels = cohort(tmp_path)
-    table = pd.read_csv(labels, dtype={"patient_id": str})
-    table.iloc[:-7].to_csv(labels, index=False)
-    with caplog.at_level(logging.INFO):
-        part = partition_of(h5, labels)
-    assert len(part) == 120 - 7
-    assert "7 of 120 slices have no label" in caplog.text
-
-
-def test_errors_name_file_and_column(tmp_path: Path) -> None:
-    h5, labels = cohort(tmp_path)
-    with pytest.raises(SplitError, match=r"labels\.csv.*'malignancy'"):
-        read_label_table(labels, "sop_uid", "malignancy")
-    with pytest.raises(SplitError, match=r"labels\.csv.*'series_uid'"):
-        read_label_table(labels, "series_uid", "nodule")
-    table = pd.read_csv(labels, dtype={"patient_id": str})
-    table.loc[3, "nodule"] = np.nan
-    table.to_csv(labels, index=False)
-    with pytest.raises(SplitError, match=r"labels\.csv: label column 'nodule' has 1 missing"):
-        read_label_table(labels, "sop_uid", "nodule")
-    h5, labels = cohort(tmp_path)
-    region_as_binary = {**BINARY_TASK, "column": "region"}
-    with pytest.raises(SplitError, match=r"labels\.csv: binary task .* 'region'"):
-        partition_of(h5, labels, region_as_binary)
     out = tmp_path / "p.csv"
-    task = '{"name": "x", "dataset": "d", "column": "nope", "type": "binary"}'
-    argv = ["--data", str(h5), "--labels", str(labels), "--task", task, "--out", str(out)]
-    assert split.main(argv) == 1 and not out.exists()
+    argv = ["--data", str(h5), "--labels", str(labels), "--out", str(out), "--task"]
+    with caplog.at_level(logging.ERROR):
+        task = {"name": "x", "dataset": "d", "column": "nope", "type": "binary"}
+        assert split.main([*argv, json.dumps(task)]) == 1
+        assert split.main([*argv, json.dumps({**task, "type": "regression"})]) == 1
+        assert split.main([*argv, "[1, 2]"]) == 1
+    assert "error: split: " in caplog.messages[0] and "'nope'" in caplog.messages[0]
+    assert caplog.messages[1].startswith("error: split: unknown task type 'regression'")
+    assert "JSON object with 'type'" in caplog.messages[2]
+    assert not out.exists()
 
 
-def test_too_few_patients(tmp_path: Path) -> None:
-    with pytest.raises(SplitError, match="at least 3"):
-        partition_of(*cohort(tmp_path, n_patients=2))
-    part = partition_of(*cohort(tmp_path, n_patients=3))
-    assert part.drop_duplicates("patient_id")["split"].value_counts().to_dict() == {
-        "train": 1,
-        "val": 1,
-        "test": 1,
-    }
-
-
-# ------------------------------------------------- labels keyed by patient, study, series, image
-
-
-@pytest.mark.parametrize("key", ["patient_id", "study_uid", "series_uid", "sop_uid"])
-def test_labels_attach_by_each_key(converted_cohort: dict, tmp_path: Path, key: str) -> None:
-    """A user's table keyed by any DICOM level labels every converted slice below that key."""
-    meta = read_meta(converted_cohort["h5"])
-    keys = sorted(meta[key].unique())
-    table = pd.DataFrame({key: keys, "finding": [i % 2 for i in range(len(keys))]})
-    table.to_csv(tmp_path / "user.csv", index=False)
-    task = {"name": "t", "type": "binary", "column": "finding", "labels_key": key}
-    labels = read_label_table(tmp_path / "user.csv", key, "finding")
-    partition = make_partition(meta, labels, task, "data.h5", "user.csv")
-    assert len(partition) == len(meta)
-    expected = meta[key].map(dict(zip(table[key], table["finding"], strict=True)))
-    np.testing.assert_array_equal(partition["label"], expected.loc[partition["index"]])
-
-
-def test_unmatched_label_keys_are_an_error(converted_cohort: dict, tmp_path: Path) -> None:
-    meta = read_meta(converted_cohort["h5"])
-    patients = sorted(meta["patient_id"].unique())
-    table = pd.DataFrame(
-        {"patient_id": [*patients, "NOT-A-PATIENT"], "finding": [0, 1] * (len(patients) // 2) + [1]}
-    )
-    table.to_csv(tmp_path / "user.csv", index=False)
-    labels = read_label_table(tmp_path / "user.csv", "patient_id", "finding")
-    task = {"name": "t", "type": "binary", "column": "finding", "labels_key": "patient_id"}
-    with pytest.raises(SplitError, match=r"user\.csv: 1 of .* match no slice.*NOT-A-PATIENT"):
-        make_partition(meta, labels, task, "data.h5", "user.csv")
-    partition = make_partition(meta, labels, {**task, "unmatched_labels": "warn"}, "d", "u")
-    assert len(partition) == len(meta)
-
-
-def test_multilabel_columns_must_be_binary(converted_cohort: dict, tmp_path: Path) -> None:
-    labels = pd.read_csv(converted_cohort["labels"], dtype=str)
-    labels.to_csv(tmp_path / "l.csv", index=False)
-    task = {"name": "t", "type": "multilabel", "columns": ["nodule", "region"]}
-    table = read_label_table(tmp_path / "l.csv", "sop_uid", ["nodule", "region"])
-    with pytest.raises(SplitError, match=r"l\.csv: multilabel column 'region' must hold 0/1"):
-        make_partition(read_meta(converted_cohort["h5"]), table, task, "d", str(tmp_path / "l.csv"))
+def test_segmentation_labels_come_from_the_mask_file(
+    converted_cohort: dict, tmp_path: Path
+) -> None:
+    h5 = converted_cohort["h5"]
+    masks, annotated = build_masks(h5, "folder", converted_cohort["masks_dir"], "lung")
+    write_masks(tmp_path / "lung.h5", masks, annotated, {"structure": "lung"})
+    task = {"name": "lung", "type": "segmentation", "labels_key": "series_uid"}
+    out = tmp_path / "lung.csv"
+    argv = ["--data", str(h5), "--labels", str(tmp_path / "lung.h5"), "--out", str(out)]
+    assert split.main([*argv, "--task", json.dumps(task)]) == 0
+    part = read_partition(out)
+    np.testing.assert_array_equal(part["index"], np.flatnonzero(annotated))
+    foreground = masks[annotated].any(axis=(1, 2)).astype(int)
+    np.testing.assert_array_equal(part["label"], foreground)
+    assert set(part["label_name"]) == {"background", "foreground"}

@@ -23,9 +23,7 @@ def area(radius: float) -> float:
 
 
 def names(*modules: str) -> set[str]:
-    return {
-        Path(p).relative_to(PACKAGE).as_posix() for m in modules for p in module_sources(m)
-    }
+    return {Path(p).relative_to(PACKAGE).as_posix() for m in modules for p in module_sources(m)}
 
 
 def test_finetune_sources_include_its_imports_but_not_other_stages() -> None:

@@ -1,4 +1,4 @@
-"""Label-efficiency figures: test metric against training fraction, one line per init.
+"""Label-efficiency figures (stage ``plots``): test metric against training fraction, per init.
 
 Study A's claim is about how fast performance falls as labels get scarce, so
 the x axis is the training fraction on a log scale (10 % -> 25 % -> 50 % are
@@ -19,9 +19,6 @@ Outputs are byte-reproducible: Agg backend, fixed ``svg.hashsalt``, no PNG
 
 from __future__ import annotations
 
-import argparse
-import logging
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,18 +26,16 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import pandas as pd
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedFormatter, FixedLocator, NullLocator
 
-from medssl.core.files import atomic_path
-from medssl.analysis.statistics import resolve_settings, settings_arg
 from medssl.analysis.tables import fraction_label, metric_label
+from medssl.core.files import atomic_path
 
 # No pyplot: figures are plain Figure objects (no global state, no GUI); the
 # backend is still pinned so any pyplot use elsewhere in the process is headless.
 matplotlib.use("Agg")
-
-log = logging.getLogger(__name__)
 
 PALETTE: tuple[str, ...] = (
     "#0072B2",
@@ -115,6 +110,65 @@ def _error_bars(frame: pd.DataFrame) -> np.ndarray:
     return np.nan_to_num(np.vstack([low, high]), nan=0.0)
 
 
+def _draw_init(ax: Axes, frame: pd.DataFrame, init: str, style: Style, dodge: float) -> None:
+    """One init's CI band, error bars and line (the line alone carries the label)."""
+    # Dodge inits sideways by a few hundredths of a decade so error bars
+    # at the same fraction do not hide each other; ticks stay on the
+    # true fractions.
+    x = frame["fraction"].to_numpy(dtype=float) * dodge
+    y = frame["mean"].to_numpy(dtype=float)
+    low, high = _error_bars(frame)
+    ax.fill_between(
+        x,
+        y - low,
+        y + high,
+        color=style.color,
+        alpha=BAND_ALPHA,
+        linewidth=0,
+        label="_nolegend_",
+    )
+    # Error bars drawn apart from the line (solid, unlabelled), so that
+    # the figure holds exactly one labelled Line2D per init and the
+    # legend shows the line's colour, marker and dash pattern.
+    ax.errorbar(
+        x,
+        y,
+        yerr=np.vstack([low, high]),
+        fmt="none",
+        ecolor=style.color,
+        elinewidth=1,
+        capsize=3,
+        label="_nolegend_",
+    )
+    ax.plot(
+        x,
+        y,
+        label=init,
+        color=style.color,
+        marker=style.marker,
+        linestyle=style.linestyle,
+        linewidth=1.5,
+        markersize=6,
+    )
+
+
+def _label_axes(
+    ax: Axes, fractions: Sequence[float], task: str, metric: str, confidence: float
+) -> None:
+    """Log x axis ticked at the fractions as percentages, titles and legend."""
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(FixedLocator(fractions))
+    ax.xaxis.set_major_formatter(FixedFormatter([fraction_label(f) for f in fractions]))
+    ax.xaxis.set_minor_locator(NullLocator())
+    if len(fractions) == 1:
+        ax.set_xlim(fractions[0] / 1.5, fractions[0] * 1.5)
+    ax.set_xlabel("Labelled training data (fraction of training patients, log scale)")
+    ax.set_ylabel(f"Test {metric_label(metric)} (mean, {100 * confidence:g}% CI)")
+    ax.set_title(f"Label efficiency: {task}, {metric_label(metric)}")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(title="Initialisation", fontsize="small", frameon=False)
+
+
 def label_efficiency_figure(
     summary: pd.DataFrame,
     task: str,
@@ -144,60 +198,11 @@ def label_efficiency_figure(
         for k, init in enumerate(drawn):
             frame = rows[rows["init"].astype(str) == init].sort_values("fraction")
             frame = frame[np.isfinite(frame["mean"].to_numpy(dtype=float))]
-            if frame.empty:
-                continue
-            style = styles[init]
-            # Dodge inits sideways by a few hundredths of a decade so error bars
-            # at the same fraction do not hide each other; ticks stay on the
-            # true fractions.
-            dodge = 10 ** (DODGE_DECADES * (k - (len(drawn) - 1) / 2))
-            x = frame["fraction"].to_numpy(dtype=float) * dodge
-            y = frame["mean"].to_numpy(dtype=float)
-            low, high = _error_bars(frame)
-            ax.fill_between(
-                x,
-                y - low,
-                y + high,
-                color=style.color,
-                alpha=BAND_ALPHA,
-                linewidth=0,
-                label="_nolegend_",
-            )
-            # Error bars drawn apart from the line (solid, unlabelled), so that
-            # the figure holds exactly one labelled Line2D per init and the
-            # legend shows the line's colour, marker and dash pattern.
-            ax.errorbar(
-                x,
-                y,
-                yerr=np.vstack([low, high]),
-                fmt="none",
-                ecolor=style.color,
-                elinewidth=1,
-                capsize=3,
-                label="_nolegend_",
-            )
-            ax.plot(
-                x,
-                y,
-                label=init,
-                color=style.color,
-                marker=style.marker,
-                linestyle=style.linestyle,
-                linewidth=1.5,
-                markersize=6,
-            )
+            if not frame.empty:
+                dodge = 10 ** (DODGE_DECADES * (k - (len(drawn) - 1) / 2))
+                _draw_init(ax, frame, init, styles[init], dodge)
         fractions = sorted(rows["fraction"].astype(float).unique())
-        ax.set_xscale("log")
-        ax.xaxis.set_major_locator(FixedLocator(fractions))
-        ax.xaxis.set_major_formatter(FixedFormatter([fraction_label(f) for f in fractions]))
-        ax.xaxis.set_minor_locator(NullLocator())
-        if len(fractions) == 1:
-            ax.set_xlim(fractions[0] / 1.5, fractions[0] * 1.5)
-        ax.set_xlabel("Labelled training data (fraction of training patients, log scale)")
-        ax.set_ylabel(f"Test {metric_label(metric)} (mean, {100 * confidence:g}% CI)")
-        ax.set_title(f"Label efficiency: {task}, {metric_label(metric)}")
-        ax.grid(True, which="major", alpha=0.3)
-        ax.legend(title="Initialisation", fontsize="small", frameon=False)
+        _label_axes(ax, fractions, task, metric, confidence)
     return fig
 
 
@@ -211,39 +216,3 @@ def save_figure(fig: Figure, png_path: str | Path) -> tuple[Path, Path]:
         with atomic_path(pdf) as tmp:
             fig.savefig(tmp, format="pdf", metadata=PDF_METADATA)
     return png, pdf
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m medssl.plots",
-        description="Label-efficiency figure (PNG + PDF) of one task and metric.",
-    )
-    parser.add_argument("--summary", required=True, help="summary.csv from medssl.analysis.statistics")
-    parser.add_argument("--task", required=True)
-    parser.add_argument("--metric", default="auc")
-    parser.add_argument("--out", required=True, help="PNG path; the PDF gets the same stem")
-    parser.add_argument(
-        "--settings",
-        type=settings_arg,
-        default={},
-        help="JSON of the stats section (its confidence labels the error bars)",
-    )
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line entry point; returns the exit status."""
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-    # The PDF backend's font subsetting logs every glyph table at INFO.
-    logging.getLogger("fontTools").setLevel(logging.WARNING)
-    summary = pd.read_csv(args.summary)
-    confidence = resolve_settings(args.settings)["confidence"]
-    fig = label_efficiency_figure(summary, args.task, args.metric, confidence=confidence)
-    png, pdf = save_figure(fig, args.out)
-    log.info("wrote %s and %s", png, pdf)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

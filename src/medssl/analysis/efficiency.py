@@ -1,5 +1,7 @@
 """Label efficiency: how fast each initialisation loses performance as labels shrink.
 
+The table of stage ``efficiency`` (``label_efficiency.csv``).
+
 Study A's claim ("SparK degrades less with fewer labels") is a claim about
 slopes, so per task and metric one linear model of the test metric against the
 log training fraction is fitted to every run, with the initialisation as a
@@ -26,12 +28,10 @@ whichever way the metric points), as ``rel_drop_<fraction>`` columns.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
-import sys
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -40,9 +40,8 @@ import statsmodels.formula.api as smf
 from scipy.integrate import trapezoid
 from statsmodels.tools.sm_exceptions import ConvergenceWarning
 
-from medssl.core.files import write_csv, write_json
-from medssl.core.provenance import record
-from medssl.analysis.statistics import adjust, metric_direction, resolve_settings, settings_arg, stars
+from medssl.analysis.statistics import adjust, metric_direction, resolve_settings, stars
+from medssl.core.registry import Registry, look_up
 
 log = logging.getLogger(__name__)
 
@@ -76,21 +75,39 @@ def _slope_name(init: str) -> str:
     return f"C(init)[{init}]:logf"
 
 
-def _fit(data: pd.DataFrame, model: str) -> tuple[Any, str]:
-    """Fit the model; returns the results and the covariance actually used."""
-    if model == "mixedlm":
-        with warnings.catch_warnings():
-            # A seed variance estimated at the boundary (0) is a valid answer
-            # with few seeds, not a failure worth a warning per task.
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            warnings.simplefilter("ignore", RuntimeWarning)
-            fitted = smf.mixedlm(FORMULA, data, groups=data["seed"]).fit(reml=True)
-        return fitted, "mixedlm"
+def _fit_ols(data: pd.DataFrame) -> tuple[Any, str]:
+    """OLS, errors clustered by seed (HC1 with one seed); returns the fit and its covariance."""
     ols = smf.ols(FORMULA, data)
     if data["seed"].nunique() >= 2:
         fitted = ols.fit(cov_type="cluster", cov_kwds={"groups": data["seed"]}, use_t=True)
         return fitted, "cluster"
     return ols.fit(cov_type="HC1", use_t=True), "HC1"
+
+
+def _fit_mixedlm(data: pd.DataFrame) -> tuple[Any, str]:
+    """Linear mixed model with a random intercept per seed (REML)."""
+    with warnings.catch_warnings():
+        # A seed variance estimated at the boundary (0) is a valid answer
+        # with few seeds, not a failure worth a warning per task.
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        fitted = smf.mixedlm(FORMULA, data, groups=data["seed"]).fit(reml=True)
+    return fitted, "mixedlm"
+
+
+EfficiencyFit = Callable[[pd.DataFrame], tuple[Any, str]]
+
+EFFICIENCY_MODELS: Registry[EfficiencyFit] = Registry(
+    "stats.efficiency_model", {"ols": _fit_ols, "mixedlm": _fit_mixedlm}
+)
+"""``stats.efficiency_model`` -> the fit: ``(runs with logf) -> (results, covariance used)``."""
+
+
+def efficiency_settings(settings: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The stats settings, with ``efficiency_model`` checked against :data:`EFFICIENCY_MODELS`."""
+    cfg = resolve_settings(settings)
+    look_up("stats.efficiency_model", cfg["efficiency_model"], EFFICIENCY_MODELS)
+    return cfg
 
 
 def _contrast(fitted: Any, weights: Mapping[str, float], alpha: float) -> dict[str, float]:
@@ -145,25 +162,57 @@ def drop_column(fraction: float) -> str:
     return f"rel_drop_{float(fraction):g}"
 
 
-def task_efficiency(data: pd.DataFrame, settings: Mapping[str, Any] | None = None) -> pd.DataFrame:
-    """Rows of label_efficiency.csv for one (task, metric): one per init."""
-    cfg = resolve_settings(settings)
+def _prepared(data: pd.DataFrame) -> pd.DataFrame:
+    """The finite runs of one (task, metric), with ``init`` as text and ``logf``."""
     data = data[np.isfinite(data["value"].to_numpy(dtype=float))].copy()
-    task, metric = str(data["task"].iloc[0]), str(data["metric"].iloc[0])
     data["init"] = data["init"].astype(str)
     data["logf"] = np.log(data["fraction"].astype(float))
+    return data
+
+
+def _fit_slopes(data: pd.DataFrame, model: str) -> tuple[Any, str]:
+    """The fitted model, or ``(None, "")`` when an init has fewer than two fractions."""
+    fractions = data["fraction"].nunique()
+    per_init_fractions = data.groupby("init")["fraction"].nunique()
+    if fractions >= 2 and (per_init_fractions >= 2).all():
+        return EFFICIENCY_MODELS[model](data)
+    task, metric = str(data["task"].iloc[0]), str(data["metric"].iloc[0])
+    log.warning("%s/%s: an init has fewer than two fractions; no slopes", task, metric)
+    return None, ""
+
+
+def _slope_columns(fitted: Any, init: str, reference: str | None, alpha: float) -> dict[str, float]:
+    """The init's slope with its CI, and its difference from the reference's slope."""
+    slope = _contrast(fitted, {_slope_name(init): 1.0}, alpha)
+    columns = {
+        "slope": slope["estimate"],
+        "slope_se": slope["se"],
+        "slope_ci_low": slope["low"],
+        "slope_ci_high": slope["high"],
+    }
+    if reference is not None and init != reference:
+        diff = _contrast(fitted, {_slope_name(init): 1.0, _slope_name(reference): -1.0}, alpha)
+        columns.update(
+            slope_diff=diff["estimate"],
+            slope_diff_ci_low=diff["low"],
+            slope_diff_ci_high=diff["high"],
+            p_slope_diff=diff["p"],
+        )
+    return columns
+
+
+def task_efficiency(data: pd.DataFrame, settings: Mapping[str, Any] | None = None) -> pd.DataFrame:
+    """Rows of label_efficiency.csv for one (task, metric): one per init."""
+    cfg = efficiency_settings(settings)
+    data = _prepared(data)
+    task, metric = str(data["task"].iloc[0]), str(data["metric"].iloc[0])
     inits = sorted(data["init"].unique())
     reference = cfg["reference"] if cfg["reference"] in inits else None
     direction = metric_direction(metric, cfg.get("directions"))
     means = data.groupby(["init", "fraction"])["value"].mean()
     fractions = np.array(sorted(data["fraction"].astype(float).unique()))
     alpha = 1 - cfg["confidence"]
-    per_init_fractions = data.groupby("init")["fraction"].nunique()
-    fitted, cov_type = None, ""
-    if len(fractions) >= 2 and (per_init_fractions >= 2).all():
-        fitted, cov_type = _fit(data, cfg["efficiency_model"])
-    else:
-        log.warning("%s/%s: an init has fewer than two fractions; no slopes", task, metric)
+    fitted, cov_type = _fit_slopes(data, cfg["efficiency_model"])
     rows = []
     for init in inits:
         curve = means.loc[init].reindex(fractions)
@@ -181,23 +230,7 @@ def task_efficiency(data: pd.DataFrame, settings: Mapping[str, Any] | None = Non
         row.update(dict.fromkeys(COLUMNS[8:18], math.nan))
         row["stars"] = ""
         if fitted is not None:
-            slope = _contrast(fitted, {_slope_name(init): 1.0}, alpha)
-            row.update(
-                slope=slope["estimate"],
-                slope_se=slope["se"],
-                slope_ci_low=slope["low"],
-                slope_ci_high=slope["high"],
-            )
-            if reference is not None and init != reference:
-                diff = _contrast(
-                    fitted, {_slope_name(init): 1.0, _slope_name(reference): -1.0}, alpha
-                )
-                row.update(
-                    slope_diff=diff["estimate"],
-                    slope_diff_ci_low=diff["low"],
-                    slope_diff_ci_high=diff["high"],
-                    p_slope_diff=diff["p"],
-                )
+            row.update(_slope_columns(fitted, init, reference, alpha))
         drops = relative_drops(fractions, curve.to_numpy(), direction)
         row.update({drop_column(f): v for f, v in drops.items()})
         rows.append(row)
@@ -209,6 +242,7 @@ def task_efficiency(data: pd.DataFrame, settings: Mapping[str, Any] | None = Non
 
 def label_efficiency(runs: pd.DataFrame, settings: Mapping[str, Any] | None = None) -> pd.DataFrame:
     """label_efficiency.csv from the tidy runs table: every (task, metric), every init."""
+    settings = efficiency_settings(settings)
     missing = {"task", "metric", "fraction", "init", "seed", "value"} - set(runs.columns)
     if missing:
         raise ValueError(f"runs table lacks columns {sorted(missing)}")
@@ -225,36 +259,3 @@ def label_efficiency(runs: pd.DataFrame, settings: Mapping[str, Any] | None = No
         key=lambda c: float(c.removeprefix("rel_drop_")),
     )
     return out[[*COLUMNS, *drops]]
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m medssl.efficiency",
-        description="Label-efficiency slopes, slope tests, normalised AUC and relative drops.",
-    )
-    parser.add_argument("--runs", required=True, help="tidy runs.csv from medssl.analysis.runs")
-    parser.add_argument(
-        "--settings", type=settings_arg, default={}, help="JSON of the config's stats section"
-    )
-    parser.add_argument("--out", required=True, help="label_efficiency.csv to write")
-    parser.add_argument(
-        "--no-provenance", action="store_true", help="skip the <out>.provenance.json sidecar"
-    )
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line entry point; returns the exit status."""
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-    settings = resolve_settings(args.settings)
-    table = label_efficiency(pd.read_csv(args.runs), settings)
-    write_csv(args.out, table)
-    if not args.no_provenance:
-        write_json(f"{args.out}.provenance.json", record("efficiency", settings))
-    log.info("wrote %d rows to %s", len(table), args.out)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

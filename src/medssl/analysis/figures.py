@@ -14,30 +14,28 @@
 Colours, markers and hatches come from ``medssl.analysis.curves.init_styles`` over every
 init of the input table, so an init looks the same in every figure. Figures
 are chosen by name from ``FIGURES``; each returns a matplotlib Figure, and
-the command line saves it as PNG + PDF through ``medssl.analysis.curves.save_figure``.
+stage ``figures`` saves it as PNG + PDF through ``medssl.analysis.curves.save_figure``.
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
 import math
-import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import matplotlib
 import numpy as np
 import pandas as pd
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from medssl.analysis.curves import RC, init_styles, save_figure
-from medssl.analysis.statistics import resolve_settings, settings_arg
+from medssl.analysis.curves import RC, init_styles
+from medssl.analysis.statistics import resolve_settings
 from medssl.analysis.tables import fraction_label, metric_label
+from medssl.core.registry import Registry
 
 matplotlib.use("Agg")
-
-log = logging.getLogger(__name__)
 
 HEATMAP_CMAP = "cividis"
 
@@ -96,35 +94,52 @@ def bars_figure(
                 capsize=2,
                 error_kw={"elinewidth": 0.8},
             )
-            marks = frame["stars"] if "stars" in frame.columns else [""] * len(frame)
-            for xi, top, mark in zip(x, np.nan_to_num(frame["ci_high"]), marks, strict=True):
-                text = _show_stars(mark)
-                if text:
-                    ax.annotate(
-                        text,
-                        (xi, top),
-                        xytext=(0, 2),
-                        textcoords="offset points",
-                        ha="center",
-                        va="bottom",
-                        fontsize="small",
-                    )
-        ax.set_xticks(np.arange(len(fractions)), [fraction_label(f) for f in fractions])
-        # Bars start at zero (a bar's length is its value); the top leaves room
-        # for the stars above the error bars.
-        tops = rows[["ci_high", "mean"]].to_numpy(dtype=float)
-        tops = tops[np.isfinite(tops)]
-        if tops.size and tops.max() > 0:
-            ax.set_ylim(top=1.12 * float(tops.max()))
-        ax.set_xlabel("Labelled training data (fraction of training patients)")
-        ax.set_ylabel(f"Test {metric_label(metric)} (mean, {100 * cfg['confidence']:g}% CI)")
-        title = f"{task}: {metric_label(metric)} per fraction"
-        if cfg["reference"]:
-            title += f" (stars: vs {cfg['reference']})"
-        ax.set_title(title)
-        ax.grid(True, axis="y", alpha=0.3)
+            _annotate_stars(ax, x, frame)
+        _label_bar_axes(ax, rows, fractions, task, metric, cfg)
         ax.legend(title="Initialisation", fontsize="small", frameon=False, ncols=min(4, len(inits)))
     return fig
+
+
+def _annotate_stars(ax: Axes, x: np.ndarray, frame: pd.DataFrame) -> None:
+    """Each bar's stars against the reference, just above its error bar."""
+    marks = frame["stars"] if "stars" in frame.columns else [""] * len(frame)
+    for xi, top, mark in zip(x, np.nan_to_num(frame["ci_high"]), marks, strict=True):
+        text = _show_stars(mark)
+        if text:
+            ax.annotate(
+                text,
+                (xi, top),
+                xytext=(0, 2),
+                textcoords="offset points",
+                ha="center",
+                va="bottom",
+                fontsize="small",
+            )
+
+
+def _label_bar_axes(
+    ax: Axes,
+    rows: pd.DataFrame,
+    fractions: list[float],
+    task: str,
+    metric: str,
+    cfg: Mapping[str, Any],
+) -> None:
+    """Fraction ticks, a y range from zero with room for the stars, labels and title."""
+    ax.set_xticks(np.arange(len(fractions)), [fraction_label(f) for f in fractions])
+    # Bars start at zero (a bar's length is its value); the top leaves room
+    # for the stars above the error bars.
+    tops = rows[["ci_high", "mean"]].to_numpy(dtype=float)
+    tops = tops[np.isfinite(tops)]
+    if tops.size and tops.max() > 0:
+        ax.set_ylim(top=1.12 * float(tops.max()))
+    ax.set_xlabel("Labelled training data (fraction of training patients)")
+    ax.set_ylabel(f"Test {metric_label(metric)} (mean, {100 * cfg['confidence']:g}% CI)")
+    title = f"{task}: {metric_label(metric)} per fraction"
+    if cfg["reference"]:
+        title += f" (stars: vs {cfg['reference']})"
+    ax.set_title(title)
+    ax.grid(True, axis="y", alpha=0.3)
 
 
 def heatmap_figure(
@@ -225,63 +240,44 @@ def forest_figure(efficiency: pd.DataFrame, settings: Mapping[str, Any] | None =
     return fig
 
 
-def _metric_map(text: str) -> dict[str, str]:
-    """``task=metric,task=metric`` -> dict, for the heat map's per-task metric."""
-    pairs = [item.split("=", 1) for item in text.split(",") if item.strip()]
-    if any(len(p) != 2 or not p[0] or not p[1] for p in pairs):
-        raise argparse.ArgumentTypeError(f"expected task=metric[,task=metric], got {text!r}")
-    return {task.strip(): metric.strip() for task, metric in pairs}
+@dataclass(frozen=True)
+class FigureKind:
+    """One figure of the ``figures`` stage: what it needs and how it is drawn."""
+
+    draw: Callable[..., Figure]
+    """``draw(table, settings, **options)`` with exactly the ``options`` named in ``needs``."""
+    needs: tuple[str, ...]
+    """Options besides the table and the stats settings (``task``, ``fraction``...)."""
 
 
-FigureMaker = Callable[[pd.DataFrame, argparse.Namespace, Mapping[str, Any]], Figure]
-
-FIGURES: dict[str, FigureMaker] = {
-    "bars": lambda table, args, cfg: bars_figure(table, args.task, args.metric, cfg),
-    "heatmap": lambda table, args, cfg: heatmap_figure(table, args.fraction, args.metrics, cfg),
-    "forest": lambda table, args, cfg: forest_figure(table, cfg),
-}
-"""Figure name -> how to draw it from the input table and the command-line arguments."""
-
-REQUIRED: dict[str, tuple[str, ...]] = {
-    "bars": ("task", "metric"),
-    "heatmap": ("fraction", "metrics"),
-    "forest": (),
-}
+def _bars(table: pd.DataFrame, settings: Mapping[str, Any], *, task: str, metric: str) -> Figure:
+    return bars_figure(table, task, metric, settings)
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m medssl.figures",
-        description="Comparison figures (PNG + PDF): grouped bars, heat map, forest plot.",
-    )
-    parser.add_argument("kind", choices=sorted(FIGURES))
-    parser.add_argument(
-        "--table", required=True, help="summary.csv (bars, heatmap) or label_efficiency.csv"
-    )
-    parser.add_argument("--out", required=True, help="PNG path; the PDF gets the same stem")
-    parser.add_argument("--task", help="bars: the task")
-    parser.add_argument("--metric", help="bars: the metric")
-    parser.add_argument("--fraction", type=float, help="heatmap: the training fraction")
-    parser.add_argument("--metrics", type=_metric_map, help="heatmap: task=metric,...")
-    parser.add_argument("--settings", type=settings_arg, default={}, help="stats section JSON")
-    return parser
+def _heatmap(
+    table: pd.DataFrame, settings: Mapping[str, Any], *, fraction: float, metrics: dict[str, str]
+) -> Figure:
+    return heatmap_figure(table, fraction, metrics, settings)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line entry point; returns the exit status."""
-    parser = _parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-    logging.getLogger("fontTools").setLevel(logging.WARNING)
-    missing = [f"--{name}" for name in REQUIRED[args.kind] if getattr(args, name) is None]
+FIGURES: Registry[FigureKind] = Registry(
+    "figure",
+    {
+        "bars": FigureKind(_bars, ("task", "metric")),
+        "heatmap": FigureKind(_heatmap, ("fraction", "metrics")),
+        "forest": FigureKind(forest_figure, ()),
+    },
+)
+"""Figure name -> what it needs and how to draw it."""
+
+
+def draw_figure(
+    kind: str, table: pd.DataFrame, settings: Mapping[str, Any] | None, **options: Any
+) -> Figure:
+    """The figure ``kind`` of ``table``; ``options`` must give every one it needs."""
+    spec = FIGURES[kind]
+    missing = [name for name in spec.needs if options.get(name) is None]
     if missing:
-        parser.error(f"{args.kind} needs {', '.join(missing)}")
-    cfg = resolve_settings(args.settings)
-    fig = FIGURES[args.kind](pd.read_csv(args.table), args, cfg)
-    png, pdf = save_figure(fig, args.out)
-    log.info("wrote %s and %s", png, pdf)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        raise ValueError(f"figure {kind!r} needs {', '.join(missing)}")
+    cfg = resolve_settings(settings)
+    return spec.draw(table, cfg, **{name: options[name] for name in spec.needs})

@@ -1,4 +1,4 @@
-"""Collect every fine-tuning run's ``metrics.json`` into one tidy table.
+"""Collect every fine-tuning run's ``metrics.json`` into one tidy table (stage ``aggregate``).
 
 ``runs.csv`` has one row per run and *test* metric (see docs/architecture.md):
 ``init, task, task_type, fraction, seed, metric, value, n_train, best_epoch``.
@@ -19,21 +19,15 @@ give byte-identical files whatever order the files arrived in.
 
 from __future__ import annotations
 
-import argparse
-import logging
 import math
 import os
-import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from medssl.core.files import read_json, write_csv, write_json
-from medssl.core.provenance import record
-
-log = logging.getLogger(__name__)
+from medssl.core.files import read_json
 
 COLUMNS: tuple[str, ...] = (
     "init",
@@ -206,69 +200,3 @@ def tidy_frame(rows: Sequence[dict]) -> pd.DataFrame:
 def discover(root: str | os.PathLike[str]) -> list[Path]:
     """Every metrics.json under ``root`` (for looking at a sweep while it runs)."""
     return sorted(Path(root).rglob("metrics.json"))
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m medssl.aggregate",
-        description="Collect metrics.json files into the tidy runs.csv table.",
-        fromfile_prefix_chars="@",
-        epilog="Arguments may be read from a file, one per line: @list.txt",
-    )
-    parser.add_argument("metrics", nargs="*", help="metrics.json files (or @listfile)")
-    parser.add_argument("--out", required=True, help="runs.csv to write")
-    parser.add_argument(
-        "--partial",
-        action="store_true",
-        help="ignore the file list and take every metrics.json under --root",
-    )
-    parser.add_argument("--root", default="results/finetune", help="root searched by --partial")
-    parser.add_argument(
-        "--no-provenance",
-        action="store_true",
-        help="do not write the <out>.provenance.json sidecar",
-    )
-    parser.add_argument("-v", "--verbose", action="store_true")
-    return parser
-
-
-def provenance_path(out: str | os.PathLike[str]) -> Path:
-    """Sidecar that records how a table was made: ``runs.csv`` -> ``runs.csv.provenance.json``."""
-    out = Path(out)
-    return out.with_name(out.name + ".provenance.json")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line entry point; returns the exit status."""
-    parser = _parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    if args.partial:
-        paths = discover(args.root)
-        log.info("found %d metrics.json under %s", len(paths), args.root)
-    else:
-        if not args.metrics:
-            parser.error("give metrics.json files (or @listfile), or --partial")
-        paths = [Path(p) for p in args.metrics if str(p).strip()]
-    try:
-        runs = build_runs(paths)
-    except MetricsError as err:
-        log.error("%s", err)
-        return 1
-    write_csv(args.out, runs)
-    if not args.no_provenance:
-        settings = {"partial": args.partial, "root": args.root if args.partial else None}
-        prov = record("aggregate", settings)
-        prov["n_files"] = len(paths)
-        prov["n_rows"] = len(runs)
-        write_json(provenance_path(args.out), prov)
-    log.info("wrote %d rows from %d runs to %s", len(runs), len(paths), args.out)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

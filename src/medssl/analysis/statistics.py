@@ -40,16 +40,12 @@ own runs with one implementation.
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import math
 import re
-import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -58,8 +54,7 @@ from scipy import stats as sps
 from statsmodels.stats.multitest import multipletests
 
 from medssl.core.directions import METRIC_DIRECTION
-from medssl.core.files import write_csv, write_json
-from medssl.core.provenance import record
+from medssl.core.registry import Registry, UnknownNameError, look_up, unknown_name_message
 
 log = logging.getLogger(__name__)
 
@@ -159,12 +154,17 @@ class TestSpec:
     label: str
 
 
-TESTS: dict[str, TestSpec] = {
-    "welch": TestSpec(_independent(False), False, "Welch's unequal-variance t-test"),
-    "student": TestSpec(_independent(True), True, "Student's pooled-variance t-test"),
-    "paired": TestSpec(_paired_t, None, "paired t-test over runs matched by seed"),
-    "wilcoxon": TestSpec(_wilcoxon, None, "Wilcoxon signed-rank test over runs matched by seed"),
-}
+TESTS: Registry[TestSpec] = Registry(
+    "statistical test",
+    {
+        "welch": TestSpec(_independent(False), False, "Welch's unequal-variance t-test"),
+        "student": TestSpec(_independent(True), True, "Student's pooled-variance t-test"),
+        "paired": TestSpec(_paired_t, None, "paired t-test over runs matched by seed"),
+        "wilcoxon": TestSpec(
+            _wilcoxon, None, "Wilcoxon signed-rank test over runs matched by seed"
+        ),
+    },
+)
 """Test name -> how to compute it (``stats.test``)."""
 
 STARS: tuple[tuple[float, str], ...] = ((0.001, "***"), (0.01, "**"), (0.05, "*"))
@@ -181,22 +181,27 @@ def stars(p_adj: float) -> str:
     return "n.s."
 
 
-CORRECTIONS: dict[str, str | None] = {"holm": "holm", "fdr_bh": "fdr_bh", "none": None}
+CORRECTIONS: Registry[str | None] = Registry(
+    "correction", {"holm": "holm", "fdr_bh": "fdr_bh", "none": None}
+)
 """Correction name -> statsmodels ``multipletests`` method (None: no correction)."""
+
+DIRECTIONS: tuple[str, ...] = ("higher", "lower")
+"""Which way a metric is better (``stats.directions`` values)."""
 
 
 MARKS: tuple[str, ...] = ("best", "equivalent", "worse")
 
 
 def resolve_settings(settings: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The stats settings with defaults filled in, validated so a typo fails loudly."""
+    """The stats settings with defaults filled in, validated so a typo fails loudly.
+
+    ``efficiency_model`` is checked where it is used, by
+    :func:`medssl.analysis.efficiency.label_efficiency`, which holds the models.
+    """
     merged = {**DEFAULT_SETTINGS, **(settings or {})}
-    if merged["test"] not in TESTS:
-        raise ValueError(f"stats.test must be one of {sorted(TESTS)}, got {merged['test']!r}")
-    if merged["correction"] not in CORRECTIONS:
-        raise ValueError(
-            f"stats.correction must be one of {sorted(CORRECTIONS)}, got {merged['correction']!r}"
-        )
+    look_up("stats.test", merged["test"], TESTS)
+    look_up("stats.correction", merged["correction"], CORRECTIONS)
     reference = merged["reference"]
     if reference is not None and (not isinstance(reference, str) or not reference):
         raise ValueError(f"stats.reference must be an init name or null, got {reference!r}")
@@ -204,19 +209,15 @@ def resolve_settings(settings: Mapping[str, Any] | None) -> dict[str, Any]:
         value = merged[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"stats.{key} must be a non-negative integer, got {value!r}")
-    if merged["efficiency_model"] not in ("ols", "mixedlm"):
-        raise ValueError(
-            f"stats.efficiency_model must be 'ols' or 'mixedlm', got {merged['efficiency_model']!r}"
-        )
     for key in ("confidence", "alpha"):
         value = merged[key]
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1:
             raise ValueError(f"stats.{key} must be a number in (0, 1), got {value!r}")
     directions = merged.get("directions") or {}
-    if not isinstance(directions, Mapping) or any(
-        v not in ("higher", "lower") for v in directions.values()
-    ):
+    if not isinstance(directions, Mapping):
         raise ValueError(f"stats.directions must map metric -> 'higher'|'lower', got {directions}")
+    for direction in directions.values():
+        look_up("stats.directions value", direction, DIRECTIONS)
     return merged
 
 
@@ -235,9 +236,9 @@ def metric_direction(metric: str, overrides: Mapping[str, str] | None = None) ->
     found = {table[c] for c in candidates if c in table}
     if len(found) == 1:
         return found.pop()
-    raise ValueError(
-        f"unknown direction for metric {metric!r}: add it to stats.directions "
-        f"(metric -> 'higher' or 'lower')"
+    raise UnknownNameError(
+        f"{unknown_name_message('metric', metric, table)}; "
+        f"for another metric, add it to stats.directions (metric -> 'higher' or 'lower')"
     )
 
 
@@ -318,8 +319,6 @@ def two_sample_p(
     when the groups (or the paired differences) are constant: a zero-variance
     comparison says nothing about seeds. Paired tests need Series indexed by seed.
     """
-    if test not in TESTS:
-        raise ValueError(f"unknown test {test!r}; known: {sorted(TESTS)}")
     spec = TESTS[test]
     if spec.equal_var is not None:
         return spec.on_values(pd.Series(a, dtype=float), pd.Series(b, dtype=float))
@@ -533,62 +532,3 @@ def summary_from_published(
         *("reference", "p_vs_ref", "p_vs_ref_adj", "stars"),
     ]
     return out[columns].sort_values([*keys, "init"], kind="mergesort").reset_index(drop=True)
-
-
-def settings_arg(text: str) -> dict[str, Any]:
-    """argparse type for ``--settings``: a JSON object, with an error that quotes it.
-
-    Same contract as ``medssl.cli.json_arg``, kept here because ``medssl.cli``
-    imports torch, which would add seconds to every statistics job for nothing.
-    """
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f"not valid JSON: {text[:80]!r} ({err})") from err
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"--settings must be a JSON object, got {text[:80]!r}")
-    return value
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m medssl.stats",
-        description="Per-cell statistics, tests against the best and marks: summary.csv.",
-    )
-    parser.add_argument("--runs", required=True, help="tidy runs.csv from medssl.analysis.runs")
-    parser.add_argument(
-        "--settings",
-        type=settings_arg,
-        default={},
-        help="JSON of the config's stats section (confidence, alpha, test, reference, ...)",
-    )
-    parser.add_argument("--out", required=True, help="summary.csv to write")
-    parser.add_argument(
-        "--no-provenance", action="store_true", help="skip the <out>.provenance.json sidecar"
-    )
-    parser.add_argument("-v", "--verbose", action="store_true")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line entry point; returns the exit status."""
-    args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    settings = resolve_settings(args.settings)
-    runs = pd.read_csv(args.runs)
-    summary = summarise(runs, settings)
-    write_csv(args.out, summary)
-    if not args.no_provenance:
-        out = Path(args.out)
-        write_json(out.with_name(out.name + ".provenance.json"), record("stats", settings))
-    counts = summary["mark"].value_counts().to_dict()
-    log.info("wrote %d rows to %s (marks: %s)", len(summary), args.out, counts)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Markdown tables of ``summary.csv`` in the style of study B's result tables.
+"""Markdown, CSV and LaTeX tables of ``summary.csv`` in the style of study B's (stage ``tables``).
 
 One section per task and metric; rows are initialisations, columns training
 fractions (as percentages); cells read ``mean ± std`` over seeds with the same
@@ -18,11 +18,8 @@ marks cannot drift apart.
 
 from __future__ import annotations
 
-import argparse
-import logging
 import math
 import re
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,11 +27,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from medssl.core.files import write_csv, write_text
-from medssl.core.provenance import write_sidecar
-from medssl.analysis.statistics import TESTS, metric_direction, resolve_settings, settings_arg
-
-log = logging.getLogger(__name__)
+from medssl.analysis.statistics import TESTS, metric_direction, resolve_settings
+from medssl.core.registry import Registry
 
 METRIC_LABELS: dict[str, str] = {
     "auc": "AUC",
@@ -47,13 +41,18 @@ METRIC_LABELS: dict[str, str] = {
     "iou": "IoU",
     "loss": "Loss",
 }
-"""Display names for metrics; anything else is shown as written in runs.csv."""
+"""Display names for metrics; any other metric is shown as written in runs.csv
+(a label, not a setting: an unlisted metric is no error)."""
 
-CORRECTION_LABELS: dict[str, str] = {
-    "holm": "Holm-corrected within each column",
-    "fdr_bh": "Benjamini-Hochberg FDR-corrected within each column",
-    "none": "not corrected for multiple comparisons",
-}
+CORRECTION_LABELS: Registry[str] = Registry(
+    "correction",
+    {
+        "holm": "Holm-corrected within each column",
+        "fdr_bh": "Benjamini-Hochberg FDR-corrected within each column",
+        "none": "not corrected for multiple comparisons",
+    },
+)
+"""How the legend names each of :data:`medssl.analysis.statistics.CORRECTIONS`."""
 DAGGER = "†"
 MISSING = "–"
 
@@ -109,17 +108,21 @@ class Dialect:
     missing: str
 
 
-DIALECTS: dict[str, Dialect] = {
-    "markdown": Dialect(" ± ", lambda t: f"**{t}**", f" {DAGGER}", None, MISSING),
-    "csv": Dialect(" ± ", lambda t: f"{t} (best)", f" {DAGGER}", lambda s: f" {s}", MISSING),
-    "latex": Dialect(
-        r" $\pm$ ",
-        lambda t: rf"\textbf{{{t}}}",
-        r"\textsuperscript{\dag}",
-        lambda s: rf"$^{{{s}}}$",
-        "--",
-    ),
-}
+DIALECTS: Registry[Dialect] = Registry(
+    "table dialect",
+    {
+        "markdown": Dialect(" ± ", lambda t: f"**{t}**", f" {DAGGER}", None, MISSING),
+        "csv": Dialect(" ± ", lambda t: f"{t} (best)", f" {DAGGER}", lambda s: f" {s}", MISSING),
+        "latex": Dialect(
+            r" $\pm$ ",
+            lambda t: rf"\textbf{{{t}}}",
+            r"\textsuperscript{\dag}",
+            lambda s: rf"$^{{{s}}}$",
+            "--",
+        ),
+    },
+)
+"""Output format -> how it spells a cell."""
 
 
 def format_cell(
@@ -319,67 +322,3 @@ def task_latex(
             "",
         ]
     return "\n".join(out)
-
-
-def _split_list(text: str) -> list[str]:
-    return [item.strip() for item in text.split(",") if item.strip()]
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m medssl.tables",
-        description="Render summary.csv as Markdown tables with bold best and † equivalents.",
-    )
-    parser.add_argument("--summary", required=True, help="summary.csv from medssl.analysis.statistics")
-    parser.add_argument("--out", help="Markdown file of all tasks to write")
-    parser.add_argument("--task", help="task of the --csv / --latex tables")
-    parser.add_argument("--csv", help="CSV table of --task to write")
-    parser.add_argument("--latex", help="LaTeX (booktabs) tables of --task to write")
-    parser.add_argument(
-        "--settings",
-        type=settings_arg,
-        default={},
-        help="JSON of the stats section the summary was made with (for the legend)",
-    )
-    parser.add_argument(
-        "--metric-order", type=_split_list, default=None, help="e.g. auc,accuracy,f1"
-    )
-    parser.add_argument(
-        "--init-order", type=_split_list, default=None, help="row order, e.g. scratch,imagenet"
-    )
-    parser.add_argument(
-        "--decimals", type=int, default=None, help="override: 3 for 0-1 metrics, else 2"
-    )
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line entry point; returns the exit status."""
-    parser = _parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-    if not (args.out or args.csv or args.latex):
-        parser.error("give at least one of --out, --csv, --latex")
-    if (args.csv or args.latex) and not args.task:
-        parser.error("--csv and --latex need --task")
-    summary = pd.read_csv(args.summary)
-    order = {"metric_order": args.metric_order, "init_order": args.init_order}
-    if args.out:
-        text = markdown_table(summary, args.settings, decimals=args.decimals, **order)
-        write_text(args.out, text)
-        log.info("wrote %s", args.out)
-    if args.csv:
-        write_csv(args.csv, task_csv(summary, args.task, decimals=args.decimals, **order))
-        log.info("wrote %s", args.csv)
-    if args.latex:
-        text = task_latex(summary, args.task, args.settings, decimals=args.decimals, **order)
-        write_text(args.latex, text)
-        log.info("wrote %s", args.latex)
-    for written in (args.out, args.csv, args.latex):
-        if written:
-            write_sidecar(written, "tables", {**vars(args), "summary": str(args.summary)})
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

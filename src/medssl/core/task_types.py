@@ -24,7 +24,8 @@ class TaskTypeSpec:
     1 when the slice's mask shows the structure). ``stratum``: how a patient's
     stratum for the split is formed (``any_positive``, ``majority_class``,
     ``rarest_label``). ``labels_from_masks``: the task's labels are its mask
-    file, not a label table.
+    file, not a label table. ``dense``: the model predicts a map per pixel (a
+    U-Net whose input must be a multiple of 32; no crop-based test-time views).
     """
 
     name: str
@@ -33,6 +34,7 @@ class TaskTypeSpec:
     stratum: str
     labels_from_masks: bool = False
     multiple_columns: bool = False
+    dense: bool = False
 
     @property
     def default_metric(self) -> str:
@@ -48,7 +50,12 @@ for _spec in (
         "multilabel", ("auc", "accuracy", "f1"), "bits", "rarest_label", multiple_columns=True
     ),
     TaskTypeSpec(
-        "segmentation", ("dice", "iou"), "foreground", "any_positive", labels_from_masks=True
+        "segmentation",
+        ("dice", "iou"),
+        "foreground",
+        "any_positive",
+        labels_from_masks=True,
+        dense=True,
     ),
 ):
     TASK_TYPES.add(_spec.name, _spec)

@@ -1,18 +1,17 @@
 """Segmentation masks attached to the converted slices: DICOM-SEG, RTSTRUCT or an image folder.
 
-``python -m medssl.masks --data H5 --dicom-dir DIR --format seg|rtstruct|folder --source PATH
---structure NAME --out results/masks/TASK.h5``
-
-The converted HDF5 is not touched; the masks go to their own file, row ``i``
-of which belongs to row ``i`` of the dataset::
+Run as ``python -m medssl.masks`` (:mod:`medssl.masks`). The converted HDF5
+is not touched; the masks go to their own file, row ``i`` of which belongs
+to row ``i`` of the dataset::
 
     /masks      (N, H, W) uint8 0/1, one chunk per slice, the images' H x W
     /annotated  (N,) bool: the slice has an annotation (possibly empty)
     root attrs: provenance (JSON), format, structure, source
 
 Masks attach to slices by SOP Instance UID, the key every format carries, and
-get the images' resize (:func:`medssl.datasets.conversion.resize`, area-averaging on the
-native grid, then >= 0.5), so mask pixels sit where the image pixels are.
+get the images' resize (:func:`medssl.datasets.resizing.resize`,
+area-averaging on the native grid, then >= 0.5), so mask pixels sit where the
+image pixels are.
 
 Readers, one per format (:data:`READERS`):
 
@@ -36,10 +35,8 @@ have a file.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,13 +47,12 @@ import pandas as pd
 import pydicom
 from PIL import Image
 
-from medssl.cli import setup_logging
-from medssl.datasets.conversion import resize
-from medssl.datasets.hdf5 import image_shape, read_meta
-from medssl.dicom.reading import iter_files, read_dataset
 from medssl.core.files import atomic_path
+from medssl.core.registry import Registry
+from medssl.datasets.hdf5 import image_shape, read_meta
 from medssl.datasets.maskfile import ANNOTATED, MASKS, MaskError, load_masks, mask_labels
-from medssl.core.provenance import record
+from medssl.datasets.resizing import resize
+from medssl.dicom.reading import iter_files, read_dataset
 
 log = logging.getLogger(__name__)
 
@@ -304,11 +300,10 @@ def read_folder(source: Path, structure: str, slices: Slices) -> Annotation:
     return result
 
 
-READERS: dict[str, Callable[[Path, str, Slices], Annotation]] = {
-    "seg": read_seg,
-    "rtstruct": read_rtstruct,
-    "folder": read_folder,
-}
+READERS: Registry[Callable[[Path, str, Slices], Annotation]] = Registry(
+    "mask format", {"seg": read_seg, "rtstruct": read_rtstruct, "folder": read_folder}
+)
+"""Per mask ``format``: the reader of its masks (see the module docstring)."""
 
 
 def to_stored_grid(mask: np.ndarray, height: int, width: int, origin: str) -> np.ndarray:
@@ -329,11 +324,10 @@ def build_masks(
     dicom_dir: str | Path | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(N, H, W) uint8 masks and (N,) annotated flags aligned with the rows of ``data``."""
-    if fmt not in READERS:
-        raise MaskError(f"mask format {fmt!r} is not one of {sorted(READERS)}")
+    reader = READERS[fmt]
     meta = read_meta(data)
     slices = Slices(meta, None if dicom_dir is None else Path(dicom_dir))
-    annotation = READERS[fmt](Path(source), structure, slices)
+    annotation = reader(Path(source), structure, slices)
     _, height, width = image_shape(data)
     masks = np.zeros((len(meta), height, width), dtype=np.uint8)
     annotated = np.zeros(len(meta), dtype=bool)
@@ -360,44 +354,3 @@ def write_masks(path: str | Path, masks: np.ndarray, annotated: np.ndarray, attr
         handle.create_dataset(ANNOTATED, data=annotated)
         for key, value in attrs.items():
             handle.attrs[key] = value if isinstance(value, str) else json.dumps(value)
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m medssl.masks",
-        description="Attach segmentation masks to a converted dataset; write the mask file.",
-    )
-    parser.add_argument("--data", required=True, help="converted dataset (.h5)")
-    parser.add_argument("--format", required=True, choices=sorted(READERS))
-    parser.add_argument("--source", required=True, help="SEG/RTSTRUCT file or folder, or PNG root")
-    parser.add_argument("--structure", required=True, help="segment label, ROI name or subfolder")
-    parser.add_argument("--dicom-dir", help="the dataset's DICOM folder (RTSTRUCT geometry)")
-    parser.add_argument("--out", required=True, help="mask file (.h5) to write")
-    parser.add_argument("--verbose", action="store_true")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Command line entry point; returns the exit status (no file on failure)."""
-    args = _parser().parse_args(argv)
-    setup_logging(args.verbose)
-    try:
-        masks, annotated = build_masks(
-            args.data, args.format, args.source, args.structure, args.dicom_dir
-        )
-    except (MaskError, OSError, KeyError) as err:
-        log.error("%s: %s", args.out, err)
-        return 1
-    settings = {"format": args.format, "source": args.source, "structure": args.structure}
-    write_masks(
-        args.out,
-        masks,
-        annotated,
-        {**settings, "provenance": record("masks", settings, 0)},
-    )
-    log.info("wrote %s", args.out)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

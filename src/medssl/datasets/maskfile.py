@@ -1,4 +1,6 @@
-"""The mask file of a segmentation task: its layout and its readers (see :mod:`medssl.datasets.mask_sources`).
+"""The mask file of a segmentation task: its layout and its readers.
+
+The file is written by :mod:`medssl.datasets.mask_sources` (layout in its docstring).
 
 Kept apart from the mask stage so fine-tuning and splitting read masks
 without importing the DICOM readers and the conversion code, whose edits

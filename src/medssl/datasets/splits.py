@@ -1,6 +1,6 @@
 """Patient-level, stratified train/val/test partition and nested training subsets.
 
-``python -m medssl.split --data H5 --labels CSV --task JSON --out results/splits/TASK.csv``
+Written by ``python -m medssl.split`` (:mod:`medssl.split`).
 
 The partition is the one place where labels meet images: the label table is
 joined to the HDF5 metadata on the task's ``labels_key`` and every labelled
@@ -12,23 +12,27 @@ Val and test depend only on the task's ``split`` settings, never on the
 fine-tuning seeds or fractions, so every run of a task is scored on the same
 patients. Training subsets (``make_subsets``/``select_training``) are drawn
 from the training patients only; see docs/architecture.md for the contract.
+
+What a task type means here (its label encoding, its stratum rule, whether
+its labels are a mask file) comes from :mod:`medssl.core.task_types`; nothing
+in this module asks for a type by name.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
-import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from medssl.cli import json_arg, setup_logging
+from medssl.core.registry import Registry
+from medssl.core.task_types import task_type_spec
 from medssl.datasets.hdf5 import read_meta
-from medssl.core.files import write_csv
 from medssl.datasets.maskfile import mask_labels
 
 log = logging.getLogger(__name__)
@@ -56,15 +60,16 @@ def round_half_up(value: float) -> int:
 
 
 def label_columns(task: dict) -> list[str]:
-    """The label-table columns a task reads: ``columns`` (multilabel), ``foreground``
-    (segmentation, from the mask file) or ``column``."""
-    if task["type"] == "multilabel":
+    """The label-table columns a task reads: ``foreground`` (labels from the mask
+    file), ``columns`` (one column per label) or ``column``."""
+    spec = task_type_spec(task["type"])
+    if spec.labels_from_masks:
+        return ["foreground"]
+    if spec.multiple_columns:
         columns = list(task.get("columns") or [])
         if not columns:
-            raise SplitError(f"task {task.get('name')!r}: multilabel needs 'columns'")
+            raise SplitError(f"task {task.get('name')!r}: {task['type']} needs 'columns'")
         return columns
-    if task["type"] == "segmentation":
-        return ["foreground"]
     if "column" not in task:
         raise SplitError(f"task {task.get('name')!r}: {task['type']} needs 'column'")
     return [task["column"]]
@@ -110,21 +115,29 @@ def encode_labels(values: pd.Series, task_type: str, source: str, column: str) -
     """Integer codes 0..K-1 in sorted order of the distinct values.
 
     Sorting makes the code of a value independent of row order, so 0/1 labels
-    keep their meaning and the positive class of a binary task is the larger value.
+    keep their meaning and the positive class of a binary task is the larger
+    value. How many values a column may hold follows from the type's stratum
+    rule (:attr:`StratumRule.values`).
     """
     classes = sorted(values.unique().tolist())
-    if task_type == "binary" and len(classes) != 2:
+    least, most = STRATA[task_type_spec(task_type).stratum].values
+    if most is not None and len(classes) != most:
         raise SplitError(
-            f"{source}: binary task needs exactly two values in column {column!r}, "
-            f"found {len(classes)}: {classes[:10]}"
+            f"{source}: {task_type} task needs exactly {_count_word(most)} values in column "
+            f"{column!r}, found {len(classes)}: {classes[:10]}"
         )
-    if task_type == "multiclass" and len(classes) < 2:
+    if len(classes) < least:
         raise SplitError(
-            f"{source}: multiclass task needs at least two values in column {column!r}, "
-            f"found {classes}"
+            f"{source}: {task_type} task needs at least {_count_word(least)} values in column "
+            f"{column!r}, found {classes}"
         )
     codes = {value: code for code, value in enumerate(classes)}
     return values.map(codes).astype(np.int64)
+
+
+def _count_word(count: int) -> str:
+    """Small counts in words, as a person writes them ("exactly two values")."""
+    return {1: "one", 2: "two", 3: "three"}.get(count, str(count))
 
 
 def _encode_single(frame: pd.DataFrame, task: dict, source: str) -> tuple[pd.Series, pd.Series]:
@@ -164,45 +177,74 @@ def _encode_foreground(frame: pd.DataFrame, task: dict, source: str) -> tuple[pd
     return codes, codes.map({0: "background", 1: "foreground"}).astype(str)
 
 
-LABEL_ENCODERS = {
-    "binary": _encode_single,
-    "multiclass": _encode_single,
-    "multilabel": _encode_multilabel,
-    "segmentation": _encode_foreground,
-}
-"""Per task type: label-table rows -> (integer codes, readable names)."""
-TASK_TYPES = tuple(LABEL_ENCODERS)
+LabelEncoder = Callable[[pd.DataFrame, dict, str], tuple[pd.Series, pd.Series]]
+LABEL_ENCODERS: Registry[LabelEncoder] = Registry(
+    "label encoding",
+    {"single": _encode_single, "bits": _encode_multilabel, "foreground": _encode_foreground},
+)
+"""Per ``label_encoding`` of a task type: label-table rows -> (integer codes, readable names)."""
 
 
 # -------------------------------------------------------------------------- partition
 
 
-def patient_strata(frame: pd.DataFrame, task_type: str) -> pd.Series:
-    """The stratum of each patient (index: patient_id).
+def _any_positive(frame: pd.DataFrame) -> pd.Series:
+    """1 if any slice of the patient is positive (code 1), else 0."""
+    return frame.groupby("patient_id")["label"].max().astype(np.int64)
 
-    Binary and segmentation: 1 if any slice is positive. Multi-class: the most
-    frequent class, the smallest code on ties, so the result does not depend on
-    row order. Multi-label: 1 + the rarest label (fewest positive patients) the
-    patient has, 0 for none: a stratum per label combination would leave most
-    strata with one patient, while this keeps every label represented in each
-    split as far as the rarest labels allow.
-    """
-    if task_type in ("binary", "segmentation"):
-        return frame.groupby("patient_id")["label"].max().astype(np.int64)
-    if task_type == "multilabel":
-        bits = frame.groupby("patient_id")["label"].agg(
-            lambda codes: int(np.bitwise_or.reduce(codes))
-        )
-        n_bits = max(int(bits.max()).bit_length(), 1)
-        has = np.array([[(b >> j) & 1 for j in range(n_bits)] for b in bits], dtype=bool)
-        rarity = np.argsort(has.sum(0), kind="stable")  # rarest label first
-        strata = np.zeros(len(bits), dtype=np.int64)
-        for j in rarity[::-1]:  # rarest written last, so it wins
-            strata[has[:, j]] = j + 1
-        return pd.Series(strata, index=bits.index)
+
+def _majority_class(frame: pd.DataFrame) -> pd.Series:
+    """The patient's most frequent class, the smallest code on ties, so the result
+    does not depend on row order."""
     counts = frame.groupby(["patient_id", "label"]).size().rename("n").reset_index()
     counts = counts.sort_values(["patient_id", "n", "label"], ascending=[True, False, True])
     return counts.drop_duplicates("patient_id").set_index("patient_id")["label"].astype(np.int64)
+
+
+def _rarest_label(frame: pd.DataFrame) -> pd.Series:
+    """1 + the rarest label (fewest positive patients) the patient has, 0 for none.
+
+    A stratum per label combination would leave most strata with one patient,
+    while this keeps every label represented in each split as far as the
+    rarest labels allow.
+    """
+    bits = frame.groupby("patient_id")["label"].agg(lambda codes: int(np.bitwise_or.reduce(codes)))
+    n_bits = max(int(bits.max()).bit_length(), 1)
+    has = np.array([[(b >> j) & 1 for j in range(n_bits)] for b in bits], dtype=bool)
+    rarity = np.argsort(has.sum(0), kind="stable")  # rarest label first
+    strata = np.zeros(len(bits), dtype=np.int64)
+    for j in rarity[::-1]:  # rarest written last, so it wins
+        strata[has[:, j]] = j + 1
+    return pd.Series(strata, index=bits.index)
+
+
+@dataclass(frozen=True)
+class StratumRule:
+    """How a patient's stratum is formed from its slices' label codes.
+
+    ``values``: the (least, most) distinct values a single label column may
+    hold under this rule (``most`` None: no limit). "Any positive" needs the
+    one positive value of two; a majority needs classes to choose between.
+    """
+
+    strata: Callable[[pd.DataFrame], pd.Series]
+    values: tuple[int, int | None]
+
+
+STRATA: Registry[StratumRule] = Registry(
+    "stratum rule",
+    {
+        "any_positive": StratumRule(_any_positive, (2, 2)),
+        "majority_class": StratumRule(_majority_class, (2, None)),
+        "rarest_label": StratumRule(_rarest_label, (1, None)),
+    },
+)
+"""Per ``stratum`` of a task type (:mod:`medssl.core.task_types`)."""
+
+
+def patient_strata(frame: pd.DataFrame, task_type: str) -> pd.Series:
+    """The stratum of each patient (index: patient_id), by the task type's stratum rule."""
+    return STRATA[task_type_spec(task_type).stratum].strata(frame)
 
 
 def assign_splits(strata: pd.Series, val: float, test: float, seed: int) -> pd.Series:
@@ -263,22 +305,69 @@ def make_partition(
     are only used in error messages.
     """
     key = task.get("labels_key", "sop_uid")
-    task_type = task["type"]
-    if task_type not in TASK_TYPES:
-        raise SplitError(
-            f"task {task.get('name')!r}: type {task_type!r} is not one of {TASK_TYPES}"
-        )
+    spec = task_type_spec(task["type"])
     split_cfg = {**DEFAULT_SPLIT, **(task.get("split") or {})}
-    for name, where, frame in ((key, data_name, meta), ("patient_id", data_name, meta)):
-        if name not in frame.columns:
-            raise SplitError(f"{where}: metadata has no column {name!r}; has {list(frame.columns)}")
+    columns = _join_columns(meta, labels, task, key, data_name, labels_name)
+    rows, joined = _labelled_rows(meta, labels, task, key, columns, data_name, labels_name)
+    encode = LABEL_ENCODERS[spec.label_encoding]
+    rows["label"], rows["label_name"] = encode(joined, task, labels_name)
+    strata = patient_strata(rows, task["type"])
+    splits = assign_splits(
+        strata, float(split_cfg["val"]), float(split_cfg["test"]), int(split_cfg["seed"])
+    )
+    rows["split"] = rows["patient_id"].map(splits)
+    rows["stratum"] = rows["patient_id"].map(strata).astype(np.int64)
+    partition = rows[list(PARTITION_COLUMNS)].sort_values("index").reset_index(drop=True)
+    counts = partition.drop_duplicates("patient_id")["split"].value_counts()
+    log.info(
+        "task %s: %d slices of %d patients; patients per split %s",
+        task.get("name"),
+        len(partition),
+        len(strata),
+        {name: int(counts.get(name, 0)) for name in SPLITS},
+    )
+    return partition
+
+
+def _join_columns(
+    meta: pd.DataFrame,
+    labels: pd.DataFrame,
+    task: dict,
+    key: str,
+    data_name: str,
+    labels_name: str,
+) -> list[str]:
+    """The task's label columns, once the metadata has the key and patient columns
+    and the label table has the key and the label columns."""
+    for name in (key, "patient_id"):
+        if name not in meta.columns:
+            raise SplitError(
+                f"{data_name}: metadata has no column {name!r}; has {list(meta.columns)}"
+            )
     columns = label_columns(task)
     for name in (key, *columns):
         if name not in labels.columns:
             raise SplitError(
                 f"{labels_name}: no column {name!r}; columns are {list(labels.columns)}"
             )
+    return columns
 
+
+def _labelled_rows(
+    meta: pd.DataFrame,
+    labels: pd.DataFrame,
+    task: dict,
+    key: str,
+    columns: list[str],
+    data_name: str,
+    labels_name: str,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The slices that have a label (index, patient_id, key) and their label rows.
+
+    Slices without a label are skipped (and counted in the log); label keys
+    that match no slice are an error unless the task's ``unmatched_labels`` is
+    ``warn``, because they usually mean a wrong ``labels_key``.
+    """
     rows = pd.DataFrame(
         {
             "index": np.arange(len(meta), dtype=np.int64),
@@ -315,24 +404,21 @@ def make_partition(
     rows = rows.loc[~unlabelled].reset_index(drop=True)
     if rows.empty:
         raise SplitError(f"{labels_name}: no {key!r} value matches a slice of {data_name}")
-    joined = label_of.loc[rows["key"]].reset_index(drop=True)
-    rows["label"], rows["label_name"] = LABEL_ENCODERS[task_type](joined, task, labels_name)
-    strata = patient_strata(rows, task_type)
-    splits = assign_splits(
-        strata, float(split_cfg["val"]), float(split_cfg["test"]), int(split_cfg["seed"])
-    )
-    rows["split"] = rows["patient_id"].map(splits)
-    rows["stratum"] = rows["patient_id"].map(strata).astype(np.int64)
-    partition = rows[list(PARTITION_COLUMNS)].sort_values("index").reset_index(drop=True)
-    counts = partition.drop_duplicates("patient_id")["split"].value_counts()
-    log.info(
-        "task %s: %d slices of %d patients; patients per split %s",
-        task.get("name"),
-        len(partition),
-        len(strata),
-        {name: int(counts.get(name, 0)) for name in SPLITS},
-    )
-    return partition
+    return rows, label_of.loc[rows["key"]].reset_index(drop=True)
+
+
+def partition_files(data: str | Path, labels: str | Path, task: Any) -> pd.DataFrame:
+    """The partition of the dataset ``data`` for ``task``, with labels from ``labels``:
+    a label table, or the mask file of a task type whose labels are masks."""
+    if not isinstance(task, dict) or "type" not in task:
+        raise SplitError(f"the task must be a JSON object with 'type', got {task!r}")
+    if task_type_spec(task["type"]).labels_from_masks:
+        # The labels of a segmentation task are its mask file: foreground per slice.
+        task = {**task, "labels_key": "sop_uid"}
+        table = mask_labels(labels, data)
+    else:
+        table = read_label_table(labels, task.get("labels_key", "sop_uid"), label_columns(task))
+    return make_partition(read_meta(data), table, task, str(data), str(labels))
 
 
 def read_partition(path: str | Path) -> pd.DataFrame:
@@ -406,55 +492,3 @@ def select_training(partition: pd.DataFrame, subsets: pd.DataFrame, fraction: fl
     )
     mask = train["patient_id"].astype(str).isin(chosen)
     return np.sort(train.loc[mask, "index"].to_numpy(dtype=np.int64))
-
-
-# -------------------------------------------------------------------------------- CLI
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m medssl.split",
-        description="Join labels to a converted dataset and write the patient-level partition.",
-    )
-    parser.add_argument("--data", required=True, help="converted dataset (.h5)")
-    parser.add_argument(
-        "--labels", required=True, help="label table (.csv); the mask file for segmentation"
-    )
-    parser.add_argument(
-        "--task",
-        required=True,
-        type=json_arg,
-        help="task JSON: name, dataset, column, type, labels_key, split {val, test, seed}",
-    )
-    parser.add_argument("--out", required=True, help="partition CSV to write")
-    parser.add_argument("--verbose", action="store_true")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Command line entry point; returns the exit status."""
-    args = _parser().parse_args(argv)
-    setup_logging(args.verbose)
-    task = args.task
-    try:
-        if not isinstance(task, dict) or "type" not in task:
-            raise SplitError(f"--task must be a JSON object with 'type', got {task!r}")
-        if task["type"] == "segmentation":
-            # The labels of a segmentation task are its mask file: foreground per slice.
-            task = {**task, "labels_key": "sop_uid"}
-            labels = mask_labels(args.labels, args.data)
-        else:
-            key = task.get("labels_key", "sop_uid")
-            labels = read_label_table(args.labels, key, label_columns(task))
-        meta = read_meta(args.data)
-        partition = make_partition(meta, labels, task, str(args.data), str(args.labels))
-    except (ValueError, OSError) as err:
-        log.error("%s", err)
-        return 1
-    write_csv(args.out, partition)
-    log.info("wrote %s", args.out)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

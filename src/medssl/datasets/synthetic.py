@@ -19,14 +19,11 @@ A third task, ``lung`` segmentation, comes as one PNG mask per image of each
 patient's first series (``--masks-dir``: ``<dir>/lung/<SOPInstanceUID>.png``), the image-folder
 format that :mod:`medssl.datasets.mask_sources` reads.
 
-Command line::
-
-    python -m medssl.synth --out-dir DIR --labels CSV --settings JSON [--masks-dir DIR]
+The command line is ``python -m medssl.synth`` (:mod:`medssl.synth`).
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
 import math
@@ -46,8 +43,8 @@ from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage
 
-from medssl.cli import json_arg, setup_logging
 from medssl.core.files import write_csv
+from medssl.core.registry import look_up
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +103,8 @@ class Volume:
 def resolve_settings(settings: dict[str, Any] | None) -> dict[str, Any]:
     """Defaults filled in and values checked, so a typo fails before any file is written."""
     given = dict(settings or {})
-    unknown = sorted(set(given) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown synthetic settings {unknown}; known: {sorted(DEFAULTS)}")
+    for key in sorted(set(given) - set(DEFAULTS)):
+        look_up("synthetic setting", key, DEFAULTS)  # raises, naming the close match
     resolved = {**DEFAULTS, **given}
     for key in ("patients", "series_per_patient", "slices", "matrix"):
         value = resolved[key]
@@ -143,8 +139,112 @@ def _bump(t: np.ndarray, start: float, end: float) -> np.ndarray:
     return np.where((t >= start) & (t <= end), np.sin(np.pi * u) ** 0.5, 0.0)
 
 
+@dataclass(frozen=True)
+class _Frame:
+    """A patient's scan geometry: slice positions, pixel grid and region boundaries.
+
+    ``t`` runs from 0 at the top slice to 1 at the bottom one; ``bounds`` are
+    the region boundaries in ``t`` (the second is the diaphragm).
+    """
+
+    x: np.ndarray  # (1, 1, matrix) mm; patient left is +x (LPS), image right
+    y: np.ndarray  # (1, matrix, 1) mm; posterior is +y, image bottom
+    z: np.ndarray
+    t: np.ndarray
+    pixel_spacing: float
+    slice_spacing: float
+    origin_xy: tuple[float, float]
+    bounds: tuple[float, float, float]
+    region: list[str]
+
+    def along_z(self, values: np.ndarray | float) -> np.ndarray:
+        """Per-slice values shaped to broadcast against the images."""
+        return _col(values, len(self.z))
+
+    def where_z(self, condition: np.ndarray) -> np.ndarray:
+        """A per-slice condition as a mask that broadcasts against the images."""
+        return _col(condition, len(self.z)) > 0
+
+
+@dataclass(frozen=True)
+class _Body:
+    """The body outline: centre, outer semi-axes at the top, fat rim, inner semi-axes."""
+
+    cx: float
+    cy: float
+    a0: float
+    b0: float
+    fat: float
+    ai: np.ndarray  # (slices, 1, 1) semi-axes inside the fat rim
+    bi: np.ndarray
+    inner: np.ndarray  # (slices, matrix, matrix) bool: soft tissue, where organs go
+
+
+@dataclass
+class _Canvas:
+    """The HU volume being painted, in its patient's frame and body."""
+
+    hu: np.ndarray
+    frame: _Frame
+    body: _Body
+
+    def paint(self, mask: np.ndarray, value: float | np.ndarray) -> None:
+        """Overwrite tissue inside the body (organs never leave the body outline)."""
+        m = mask & self.body.inner
+        hu = self.hu
+        hu[m] = value if np.isscalar(value) else np.broadcast_to(value, hu.shape)[m]
+
+    def ellipse(self, cx: Any, cy: Any, ax: Any, ay: Any) -> np.ndarray:
+        """:func:`_ellipse` on this volume's pixel grid."""
+        return _ellipse(self.frame.x, self.frame.y, cx, cy, ax, ay)
+
+
 def make_volume(rng: np.random.Generator, slices: int, matrix: int) -> Volume:
-    """Draw one patient's anatomy and render it slice by slice (vectorised over z)."""
+    """Draw one patient's anatomy and render it slice by slice (vectorised over z).
+
+    The organs are painted in a fixed order, each over the ones before, and
+    every random draw happens in that order: the same generator state gives
+    the same patient.
+    """
+    frame = _draw_frame(rng, slices, matrix)
+    hu = np.full((slices, matrix, matrix), AIR_HU, dtype=np.float32)
+    canvas = _Canvas(hu, frame, _paint_body(rng, hu, frame))
+    lungs, lung_size = _paint_lungs(rng, canvas)
+    _paint_mediastinum_and_heart(rng, canvas, lung_size)
+    _paint_vessels(rng, canvas)
+    cortical, cancellous = _paint_spine(rng, canvas)
+    _paint_ribs(rng, canvas)
+    _paint_upper_abdomen(rng, canvas)
+    _paint_kidneys_and_psoas(rng, canvas)
+    _paint_lower_abdomen(rng, canvas, cortical, cancellous)
+    lung_now = _add_pulmonary_vessels(rng, hu, lungs)
+    nodule, n_nodules = _add_nodules(
+        rng,
+        hu,
+        lung_now,
+        frame.x,
+        frame.y,
+        frame.z,
+        frame.pixel_spacing,
+        frame.slice_spacing,
+        frame.t,
+        frame.bounds[1],
+    )
+    return Volume(
+        hu=hu,
+        z=frame.z,
+        pixel_spacing=frame.pixel_spacing,
+        slice_spacing=frame.slice_spacing,
+        origin_xy=frame.origin_xy,
+        nodule=nodule,
+        region=frame.region,
+        n_nodules=n_nodules,
+        lung=lung_now & canvas.body.inner,
+    )
+
+
+def _draw_frame(rng: np.random.Generator, slices: int, matrix: int) -> _Frame:
+    """Field of view, scan length and position, and the region boundaries."""
     fov = rng.uniform(360.0, 420.0)
     ps = round(fov / matrix, 4)
     length = rng.uniform(480.0, 560.0)  # upper thorax to pelvis
@@ -158,70 +258,82 @@ def make_volume(rng: np.random.Generator, slices: int, matrix: int) -> Volume:
     b2 = 0.50 + rng.uniform(-0.06, 0.06)  # diaphragm: thorax above, abdomen below
     b3 = 0.75 + rng.uniform(-0.06, 0.06)
     region_idx = np.searchsorted(np.array([b1, b2, b3]), t, side="right")
-    region = [REGIONS[i] for i in region_idx]
 
-    n = slices
     coords = (np.arange(matrix, dtype=np.float32) - (matrix - 1) / 2) * ps
-    x = coords.reshape(1, 1, matrix)  # patient left is +x (LPS), image right
-    y = coords.reshape(1, matrix, 1)  # posterior is +y, image bottom
-    origin_xy = (float(-(matrix - 1) / 2 * ps), float(-(matrix - 1) / 2 * ps))
+    return _Frame(
+        x=coords.reshape(1, 1, matrix),
+        y=coords.reshape(1, matrix, 1),
+        z=z,
+        t=t,
+        pixel_spacing=ps,
+        slice_spacing=spacing,
+        origin_xy=(float(-(matrix - 1) / 2 * ps), float(-(matrix - 1) / 2 * ps)),
+        bounds=(b1, b2, b3),
+        region=[REGIONS[i] for i in region_idx],
+    )
 
-    hu = np.full((n, matrix, matrix), AIR_HU, dtype=np.float32)
 
-    # Body: fat rim around soft tissue; a little wider in the chest and pelvis.
+def _paint_body(rng: np.random.Generator, hu: np.ndarray, frame: _Frame) -> _Body:
+    """Body: fat rim around soft tissue; a little wider in the chest and pelvis."""
+    t = frame.t
     a0, b0 = rng.uniform(135.0, 170.0), rng.uniform(95.0, 125.0)
-    a = _col(a0 * (0.95 + 0.08 * np.cos(2 * np.pi * t)), n)
-    b = _col(b0 * (0.92 + 0.1 * np.sin(np.pi * t)), n)
+    a = frame.along_z(a0 * (0.95 + 0.08 * np.cos(2 * np.pi * t)))
+    b = frame.along_z(b0 * (0.92 + 0.1 * np.sin(np.pi * t)))
     cx, cy = rng.uniform(-8, 8), rng.uniform(-8, 8)
     fat = rng.uniform(8.0, 25.0)
-    body = _ellipse(x, y, cx, cy, a, b) < 1
+    body = _ellipse(frame.x, frame.y, cx, cy, a, b) < 1
     hu[body] = rng.uniform(-115, -85)
     ai, bi = a - fat, b - fat
-    inner = _ellipse(x, y, cx, cy, ai, bi) < 1
+    inner = _ellipse(frame.x, frame.y, cx, cy, ai, bi) < 1
     hu[inner] = rng.uniform(35, 50)
+    return _Body(cx, cy, a0, b0, fat, ai, bi, inner)
 
-    def paint(mask: np.ndarray, value: float | np.ndarray) -> None:
-        """Overwrite tissue inside the body (organs never leave the body outline)."""
-        m = mask & inner
-        hu[m] = value if np.isscalar(value) else np.broadcast_to(value, hu.shape)[m]
 
-    # Lungs: apex to diaphragm, largest in the mid thorax; textured parenchyma.
-    lung_size = _col(_bump(t, -0.12, b2 + 0.03), n)
+def _paint_lungs(rng: np.random.Generator, c: _Canvas) -> tuple[np.ndarray, np.ndarray]:
+    """Lungs: apex to diaphragm, largest in the mid thorax; textured parenchyma.
+
+    Returns the lung mask and the per-slice lung size (the mediastinum follows it).
+    """
+    f, body = c.frame, c.body
+    n, matrix = c.hu.shape[0], c.hu.shape[1]
+    lung_size = f.along_z(_bump(f.t, -0.12, f.bounds[1] + 0.03))
     lung_present = lung_size > 0.05
     lung_hu = rng.uniform(-880, -820)
     texture = ndimage.gaussian_filter(
         rng.standard_normal((n, matrix, matrix)).astype(np.float32), sigma=(0, 1.2, 1.2)
     )
-    lungs = np.zeros_like(body)
+    lungs = np.zeros(c.hu.shape, dtype=bool)
     for side in (-1, 1):
         lungs |= lung_present & (
-            _ellipse(
-                x,
-                y,
-                cx + side * 0.47 * ai,
-                cy - 0.05 * bi,
-                np.maximum(0.34 * ai * lung_size, 1e-3),
-                np.maximum(0.66 * bi * lung_size, 1e-3),
+            c.ellipse(
+                body.cx + side * 0.47 * body.ai,
+                body.cy - 0.05 * body.bi,
+                np.maximum(0.34 * body.ai * lung_size, 1e-3),
+                np.maximum(0.66 * body.bi * lung_size, 1e-3),
             )
             < 1
         )
-    paint(lungs, lung_hu + 100.0 * texture)
+    c.paint(lungs, lung_hu + 100.0 * texture)
+    return lungs, lung_size
 
-    # Mediastinal fat between the lungs, so the heart and vessels stand out in it.
+
+def _paint_mediastinum_and_heart(
+    rng: np.random.Generator, c: _Canvas, lung_size: np.ndarray
+) -> None:
+    """Mediastinal fat between the lungs, so the heart and vessels stand out in it;
+    the heart in the lower thorax, pushing the left lung aside."""
+    f, body = c.frame, c.body
+    cx, cy, ai, bi = body.cx, body.cy, body.ai, body.bi
     mediastinum = (lung_size > 0.05) & (
-        _ellipse(
-            x, y, cx + 0.03 * ai, cy - 0.1 * bi, 0.22 * ai, np.maximum(0.55 * bi * lung_size, 1e-3)
-        )
+        c.ellipse(cx + 0.03 * ai, cy - 0.1 * bi, 0.22 * ai, np.maximum(0.55 * bi * lung_size, 1e-3))
         < 1
     )
-    paint(mediastinum, rng.uniform(-110, -80))
+    c.paint(mediastinum, rng.uniform(-110, -80))
 
-    # Heart in the lower thorax, pushing the left lung aside.
-    heart_size = _col(_bump(t, b1 - 0.08, b2 + 0.02), n)
+    b1, b2, _ = f.bounds
+    heart_size = f.along_z(_bump(f.t, b1 - 0.08, b2 + 0.02))
     heart = (heart_size > 0.05) & (
-        _ellipse(
-            x,
-            y,
+        c.ellipse(
             cx + 0.12 * ai,
             cy - 0.18 * bi,
             np.maximum(0.3 * ai * heart_size, 1e-3),
@@ -229,51 +341,71 @@ def make_volume(rng: np.random.Generator, slices: int, matrix: int) -> Volume:
         )
         < 1
     )
-    paint(heart, rng.uniform(35, 50))
+    c.paint(heart, rng.uniform(35, 50))
 
-    # Contrast-enhanced vessels: descending aorta down to the bifurcation, then
-    # iliac arteries; ascending aorta in the chest; the less enhanced IVC.
+
+def _paint_vessels(rng: np.random.Generator, c: _Canvas) -> None:
+    """Contrast-enhanced vessels: descending aorta down to the bifurcation, then
+    iliac arteries; ascending aorta in the chest; the less enhanced IVC."""
+    f, body = c.frame, c.body
+    cx, cy, ai, bi = body.cx, body.cy, body.ai, body.bi
+    b1, b2, b3 = f.bounds
+    t = f.t
     contrast = rng.uniform(150, 300)
     r_ao = rng.uniform(10, 14)
     bif = b3 + rng.uniform(0.02, 0.1)
-    above_bif = _col(t < bif, n) > 0
-    paint(above_bif & (_ellipse(x, y, cx + 0.1 * ai, cy + 0.3 * bi, r_ao, r_ao) < 1), contrast)
-    spread = _col(np.clip((t - bif) * 1.2, 0, None), n) * ai
+    above_bif = f.where_z(t < bif)
+    c.paint(above_bif & (c.ellipse(cx + 0.1 * ai, cy + 0.3 * bi, r_ao, r_ao) < 1), contrast)
+    spread = f.along_z(np.clip((t - bif) * 1.2, 0, None)) * ai
     for side in (-1, 1):
-        iliac = _ellipse(x, y, cx + side * (0.08 * ai + spread), cy + 0.3 * bi, 7.0, 7.0) < 1
-        paint(~above_bif & iliac, contrast)
-    ascending = _col((t > b1 - 0.12) & (t < b2 - 0.05), n) > 0
-    paint(ascending & (_ellipse(x, y, cx - 0.02 * ai, cy - 0.1 * bi, 14, 14) < 1), contrast)
-    abdomen = _col(t > b2 - 0.02, n) > 0
-    paint(abdomen & (_ellipse(x, y, cx - 0.12 * ai, cy + 0.25 * bi, 10, 9) < 1), contrast * 0.5)
+        iliac = c.ellipse(cx + side * (0.08 * ai + spread), cy + 0.3 * bi, 7.0, 7.0) < 1
+        c.paint(~above_bif & iliac, contrast)
+    ascending = f.where_z((t > b1 - 0.12) & (t < b2 - 0.05))
+    c.paint(ascending & (c.ellipse(cx - 0.02 * ai, cy - 0.1 * bi, 14, 14) < 1), contrast)
+    abdomen = f.where_z(t > b2 - 0.02)
+    c.paint(abdomen & (c.ellipse(cx - 0.12 * ai, cy + 0.25 * bi, 10, 9) < 1), contrast * 0.5)
 
-    # Spine: cortical shell, cancellous core, discs between vertebrae, canal.
+
+def _paint_spine(rng: np.random.Generator, c: _Canvas) -> tuple[float, float]:
+    """Spine: cortical shell, cancellous core, discs between vertebrae, canal.
+
+    Returns the cortical and cancellous bone HU (the pelvis is the same bone).
+    """
+    f, body = c.frame, c.body
+    cx = body.cx
     r_vb = rng.uniform(15, 20)
-    vy = cy + 0.6 * bi
+    vy = body.cy + 0.6 * body.bi
     cortical, cancellous = rng.uniform(800, 1200), rng.uniform(250, 380)
-    disc = _col(((z + rng.uniform(0, 30)) % 30.0) < 7.0, n) > 0
-    vertebra = _ellipse(x, y, cx, vy, r_vb, r_vb * 0.85) < 1
-    paint(vertebra, cortical)
-    core = _ellipse(x, y, cx, vy, r_vb - 3, r_vb * 0.85 - 3) < 1
-    paint(core & ~disc, cancellous)
-    paint(vertebra & disc, 80.0)
-    paint(_ellipse(x, y, cx, vy + r_vb + 6, 6, 6) < 1, 15.0)
-    paint(_ellipse(x, y, cx, vy + r_vb + 18, 4, 8) < 1, cortical * 0.7)
+    disc = f.where_z(((f.z + rng.uniform(0, 30)) % 30.0) < 7.0)
+    vertebra = c.ellipse(cx, vy, r_vb, r_vb * 0.85) < 1
+    c.paint(vertebra, cortical)
+    core = c.ellipse(cx, vy, r_vb - 3, r_vb * 0.85 - 3) < 1
+    c.paint(core & ~disc, cancellous)
+    c.paint(vertebra & disc, 80.0)
+    c.paint(c.ellipse(cx, vy + r_vb + 6, 6, 6) < 1, 15.0)
+    c.paint(c.ellipse(cx, vy + r_vb + 18, 4, 8) < 1, cortical * 0.7)
+    return cortical, cancellous
 
-    # Ribs: small bone sections just inside the fat, in the thorax only.
-    thorax = _col(t < b2 + 0.05, n) > 0
+
+def _paint_ribs(rng: np.random.Generator, c: _Canvas) -> None:
+    """Ribs: small bone sections just inside the fat, in the thorax only."""
+    f, body = c.frame, c.body
+    thorax = f.where_z(f.t < f.bounds[1] + 0.05)
     for angle in np.linspace(0.15 * np.pi, 0.85 * np.pi, 7):
         for side in (-1, 1):
-            rx = cx + side * 0.9 * ai * np.cos(angle)
-            ry = cy + 0.9 * bi * np.sin(angle - np.pi / 2) * 0.95
-            paint(thorax & (_ellipse(x, y, rx, ry, 5.0, 4.0) < 1), rng.uniform(500, 900))
+            rx = body.cx + side * 0.9 * body.ai * np.cos(angle)
+            ry = body.cy + 0.9 * body.bi * np.sin(angle - np.pi / 2) * 0.95
+            c.paint(thorax & (c.ellipse(rx, ry, 5.0, 4.0) < 1), rng.uniform(500, 900))
 
-    # Upper abdomen: liver dome rising into the lowest lung slices, spleen, stomach.
-    liver_size = _col(_bump(t, b2 - 0.08, b2 + 0.75 * (b3 - b2) + 0.1), n)
+
+def _paint_upper_abdomen(rng: np.random.Generator, c: _Canvas) -> None:
+    """Upper abdomen: liver dome rising into the lowest lung slices, spleen, stomach."""
+    f, body = c.frame, c.body
+    cx, cy, ai, bi = body.cx, body.cy, body.ai, body.bi
+    _, b2, b3 = f.bounds
+    liver_size = f.along_z(_bump(f.t, b2 - 0.08, b2 + 0.75 * (b3 - b2) + 0.1))
     liver = (liver_size > 0.05) & (
-        _ellipse(
-            x,
-            y,
+        c.ellipse(
             cx - 0.38 * ai,
             cy - 0.02 * bi,
             np.maximum(0.5 * ai * liver_size, 1e-3),
@@ -281,21 +413,25 @@ def make_volume(rng: np.random.Generator, slices: int, matrix: int) -> Volume:
         )
         < 1
     )
-    paint(liver, rng.uniform(55, 70))
-    upper_abd = _col((t > b2 - 0.02) & (t < b3), n) > 0
-    paint(upper_abd & (_ellipse(x, y, cx + 0.55 * ai, cy + 0.3 * bi, 0.15 * ai, 0.25 * bi) < 1), 50)
-    stomach = upper_abd & (_ellipse(x, y, cx + 0.35 * ai, cy - 0.35 * bi, 0.25 * ai, 0.2 * bi) < 1)
-    paint(stomach, 20.0)
+    c.paint(liver, rng.uniform(55, 70))
+    upper_abd = f.where_z((f.t > b2 - 0.02) & (f.t < b3))
+    c.paint(upper_abd & (c.ellipse(cx + 0.55 * ai, cy + 0.3 * bi, 0.15 * ai, 0.25 * bi) < 1), 50)
+    stomach = upper_abd & (c.ellipse(cx + 0.35 * ai, cy - 0.35 * bi, 0.25 * ai, 0.2 * bi) < 1)
+    c.paint(stomach, 20.0)
     if rng.random() < 0.7:
-        paint(stomach & (y < cy - 0.45 * bi), AIR_HU)
+        c.paint(stomach & (f.y < cy - 0.45 * bi), AIR_HU)
 
-    # Kidneys straddle the upper/lower abdomen boundary; psoas muscles below.
-    kidney_size = _col(_bump(t, b3 - 0.14, b3 + 0.1), n)
+
+def _paint_kidneys_and_psoas(rng: np.random.Generator, c: _Canvas) -> None:
+    """Kidneys straddle the upper/lower abdomen boundary; psoas muscles below."""
+    f, body = c.frame, c.body
+    cx, cy, ai, bi = body.cx, body.cy, body.ai, body.bi
+    _, b2, b3 = f.bounds
+    abdomen = f.where_z(f.t > b2 - 0.02)
+    kidney_size = f.along_z(_bump(f.t, b3 - 0.14, b3 + 0.1))
     for side in (-1, 1):
         kidney = (kidney_size > 0.05) & (
-            _ellipse(
-                x,
-                y,
+            c.ellipse(
                 cx + side * 0.4 * ai,
                 cy + 0.42 * bi,
                 np.maximum(0.12 * ai * kidney_size, 1e-3),
@@ -303,31 +439,44 @@ def make_volume(rng: np.random.Generator, slices: int, matrix: int) -> Volume:
             )
             < 1
         )
-        paint(kidney, rng.uniform(150, 200))
-        psoas = abdomen & (_ellipse(x, y, cx + side * 0.2 * ai, cy + 0.55 * bi, 12, 14) < 1)
-        paint(psoas, 50.0)
+        c.paint(kidney, rng.uniform(150, 200))
+        psoas = abdomen & (c.ellipse(cx + side * 0.2 * ai, cy + 0.55 * bi, 12, 14) < 1)
+        c.paint(psoas, 50.0)
 
-    # Lower abdomen: bowel loops with gas, iliac wings, bladder at the bottom.
-    lower = _col(t > b3, n) > 0
+
+def _paint_lower_abdomen(
+    rng: np.random.Generator, c: _Canvas, cortical: float, cancellous: float
+) -> None:
+    """Lower abdomen: bowel loops with gas, iliac wings, bladder at the bottom."""
+    f, body = c.frame, c.body
+    cx, cy, ai, bi = body.cx, body.cy, body.ai, body.bi
+    b3 = f.bounds[2]
+    lower = f.where_z(f.t > b3)
     for _ in range(6):
-        bx = rng.uniform(-0.45, 0.45) * (a0 - fat)
-        by = rng.uniform(-0.5, 0.1) * (b0 - fat)
-        loop = lower & (
-            _ellipse(x, y, cx + bx, cy + by, rng.uniform(12, 25), rng.uniform(10, 20)) < 1
-        )
-        paint(loop, rng.uniform(20, 40))
-        paint(loop & (_ellipse(x, y, cx + bx, cy + by, 5, 4) < 1), AIR_HU)
+        bx = rng.uniform(-0.45, 0.45) * (body.a0 - body.fat)
+        by = rng.uniform(-0.5, 0.1) * (body.b0 - body.fat)
+        loop = lower & (c.ellipse(cx + bx, cy + by, rng.uniform(12, 25), rng.uniform(10, 20)) < 1)
+        c.paint(loop, rng.uniform(20, 40))
+        c.paint(loop & (c.ellipse(cx + bx, cy + by, 5, 4) < 1), AIR_HU)
     pelvis_start = b3 + rng.uniform(0.25, 0.45) * (1 - b3)
-    pelvis = _col(t > pelvis_start, n) > 0
+    pelvis = f.where_z(f.t > pelvis_start)
     for side in (-1, 1):
-        wing = _ellipse(x, y, cx + side * 0.62 * ai, cy + 0.25 * bi, 0.1 * ai, 0.3 * bi)
-        paint(pelvis & (wing < 1), cortical * 0.8)
-        paint(pelvis & (wing < 0.5), cancellous)
+        wing = c.ellipse(cx + side * 0.62 * ai, cy + 0.25 * bi, 0.1 * ai, 0.3 * bi)
+        c.paint(pelvis & (wing < 1), cortical * 0.8)
+        c.paint(pelvis & (wing < 0.5), cancellous)
     bladder_start = 1 - rng.uniform(0.08, 0.16)
-    bladder = _col(t > bladder_start, n) > 0
-    paint(bladder & (_ellipse(x, y, cx, cy - 0.3 * bi, 0.22 * ai, 0.25 * bi) < 1), 10.0)
+    bladder = f.where_z(f.t > bladder_start)
+    c.paint(bladder & (c.ellipse(cx, cy - 0.3 * bi, 0.22 * ai, 0.25 * bi) < 1), 10.0)
 
-    # Pulmonary vessels: bright blurred dots inside the lungs (nodule distractors).
+
+def _add_pulmonary_vessels(
+    rng: np.random.Generator, hu: np.ndarray, lungs: np.ndarray
+) -> np.ndarray:
+    """Pulmonary vessels: bright blurred dots inside the lungs (nodule distractors).
+
+    Returns the aerated lung (the lung mask where the other organs left air),
+    which is where nodules go and what the segmentation task segments.
+    """
     lung_now = lungs & (hu < -500)
     impulses = np.zeros_like(hu)
     sigma = 0.7
@@ -338,20 +487,7 @@ def make_volume(rng: np.random.Generator, slices: int, matrix: int) -> Volume:
         amp = rng.uniform(250, 750, size=count) * 2 * np.pi * sigma**2
         np.add.at(impulses[s], (rows[pick], cols[pick]), amp)
     hu += ndimage.gaussian_filter(impulses, sigma=(0, sigma, sigma)) * lung_now
-
-    nodule, n_nodules = _add_nodules(rng, hu, lung_now, x, y, z, ps, spacing, t, b2)
-
-    return Volume(
-        hu=hu,
-        z=z,
-        pixel_spacing=ps,
-        slice_spacing=spacing,
-        origin_xy=origin_xy,
-        nodule=nodule,
-        region=region,
-        n_nodules=n_nodules,
-        lung=lung_now & inner,
-    )
+    return lung_now
 
 
 def _add_nodules(
@@ -427,9 +563,14 @@ def scout_image(hu: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- DICOM
 
 
+#: The first entropy source of every UID. It is part of the cohort's identity, not
+#: a module name: another value would give every synthetic file new UIDs, names and bytes.
+UID_SALT = "medssl.synth"
+
+
 def _uid(seed: int, *parts: object) -> str:
     """Valid, deterministic UID: pydicom's root plus a hash of the seed and parts."""
-    return generate_uid(entropy_srcs=["medssl.datasets.synthetic", str(seed), *map(str, parts)])
+    return generate_uid(entropy_srcs=[UID_SALT, str(seed), *map(str, parts)])
 
 
 def _file_name(sop_uid: str) -> str:
@@ -516,6 +657,10 @@ def write_mask_png(path: Path, mask: np.ndarray) -> None:
     Image.fromarray(np.where(mask, 255, 0).astype(np.uint8)).save(path, optimize=False)
 
 
+#: One file to write: its series template, path, per-image tags and stored pixels.
+_Job = tuple[FileDataset, Path, dict[str, Any], np.ndarray]
+
+
 def write_patient(
     root: Path,
     seed: int,
@@ -537,88 +682,115 @@ def write_patient(
     folder = root / base["PatientID"] / _study_folder(base["StudyInstanceUID"])
     folder.mkdir(parents=True, exist_ok=True)
 
-    jobs: list[tuple[FileDataset, Path, dict[str, Any], np.ndarray]] = []
+    jobs: list[_Job] = []
     rows: list[dict[str, Any]] = []
-    n_slices, matrix = len(vol.z), settings["matrix"]
     for k in range(settings["series_per_patient"]):
-        recon = RECONSTRUCTIONS[k % len(RECONSTRUCTIONS)]
-        series_uid = _uid(seed, base["PatientID"], "series", k)
-        stored = reconstruct(rng, vol.hu, recon)
-        template = _template(
-            {
-                **base,
-                "SeriesInstanceUID": series_uid,
-                "SOPInstanceUID": series_uid,  # replaced per image
-                "SeriesNumber": k + 2,
-                "SeriesDescription": recon.description,
-                "ConvolutionKernel": recon.kernel,
-                "ImageType": ["ORIGINAL", "PRIMARY", "AXIAL"],
-                "PixelSpacing": [_ds(vol.pixel_spacing), _ds(vol.pixel_spacing)],
-                "SliceThickness": _ds(vol.slice_spacing),
-                "SpacingBetweenSlices": _ds(vol.slice_spacing),
-                "ImageOrientationPatient": ["1", "0", "0", "0", "1", "0"],
-                "WindowCenter": str(recon.window[0]),
-                "WindowWidth": str(recon.window[1]),
-            },
-            (matrix, matrix),
-        )
-        for s in range(n_slices):
-            sop_uid = _uid(seed, base["PatientID"], "image", k, s)
-            varying = {
-                "SOPInstanceUID": sop_uid,
-                "InstanceNumber": s + 1,
-                "ImagePositionPatient": [
-                    _ds(vol.origin_xy[0]),
-                    _ds(vol.origin_xy[1]),
-                    _ds(float(vol.z[s])),
-                ],
-                "SliceLocation": _ds(float(vol.z[s])),
-            }
-            jobs.append((template, folder / _file_name(sop_uid), varying, stored[s]))
-            if masks_root is not None and k == 0:
-                write_mask_png(masks_root / MASK_STRUCTURE / f"{sop_uid}.png", vol.lung[s])
-            rows.append(
-                {
-                    "patient_id": base["PatientID"],
-                    "study_uid": base["StudyInstanceUID"],
-                    "series_uid": series_uid,
-                    "sop_uid": sop_uid,
-                    "nodule": int(vol.nodule[s]),
-                    "region": vol.region[s],
-                }
-            )
+        series_masks = masks_root if k == 0 else None
+        series_jobs, series_rows = _series_jobs(rng, seed, base, vol, k, folder, series_masks)
+        jobs.extend(series_jobs)
+        rows.extend(series_rows)
     if settings["scout"]:
-        sop_uid = _uid(seed, base["PatientID"], "scout")
-        scout = scout_image(vol.hu)
-        template = _template(
-            {
-                **base,
-                "SeriesInstanceUID": _uid(seed, base["PatientID"], "series", "scout"),
-                "SOPInstanceUID": sop_uid,
-                "SeriesNumber": 1,
-                "SeriesDescription": "TOPOGRAM",
-                "ImageType": ["ORIGINAL", "PRIMARY", "LOCALIZER"],
-                "PixelSpacing": [_ds(vol.slice_spacing), _ds(vol.pixel_spacing)],
-                "SliceThickness": "1",
-                "ImageOrientationPatient": ["1", "0", "0", "0", "0", "-1"],
-            },
-            scout.shape,
-        )
-        varying = {
-            "SOPInstanceUID": sop_uid,
-            "InstanceNumber": 1,
-            "ImagePositionPatient": [_ds(vol.origin_xy[0]), "0", _ds(float(vol.z[0]))],
-        }
-        jobs.append((template, folder / _file_name(sop_uid), varying, scout))
+        jobs.append(_scout_job(seed, base, vol, folder))
 
     for j in rng.permutation(len(jobs)):
         _write_image(*jobs[j])
     counts = {
-        "images": n_slices * settings["series_per_patient"],
+        "images": len(vol.z) * settings["series_per_patient"],
         "nodules": vol.n_nodules,
         "scouts": int(settings["scout"]),
     }
     return rows, counts
+
+
+def _series_jobs(
+    rng: np.random.Generator,
+    seed: int,
+    base: dict[str, Any],
+    vol: Volume,
+    k: int,
+    folder: Path,
+    masks_root: Path | None,
+) -> tuple[list[_Job], list[dict[str, Any]]]:
+    """Reconstruction ``k`` of the volume: its files to write and its label rows.
+
+    The lung masks of its images are written to ``masks_root`` when given.
+    """
+    recon = RECONSTRUCTIONS[k % len(RECONSTRUCTIONS)]
+    series_uid = _uid(seed, base["PatientID"], "series", k)
+    stored = reconstruct(rng, vol.hu, recon)
+    matrix = stored.shape[1]
+    template = _template(
+        {
+            **base,
+            "SeriesInstanceUID": series_uid,
+            "SOPInstanceUID": series_uid,  # replaced per image
+            "SeriesNumber": k + 2,
+            "SeriesDescription": recon.description,
+            "ConvolutionKernel": recon.kernel,
+            "ImageType": ["ORIGINAL", "PRIMARY", "AXIAL"],
+            "PixelSpacing": [_ds(vol.pixel_spacing), _ds(vol.pixel_spacing)],
+            "SliceThickness": _ds(vol.slice_spacing),
+            "SpacingBetweenSlices": _ds(vol.slice_spacing),
+            "ImageOrientationPatient": ["1", "0", "0", "0", "1", "0"],
+            "WindowCenter": str(recon.window[0]),
+            "WindowWidth": str(recon.window[1]),
+        },
+        (matrix, matrix),
+    )
+    jobs: list[_Job] = []
+    rows: list[dict[str, Any]] = []
+    for s in range(len(vol.z)):
+        sop_uid = _uid(seed, base["PatientID"], "image", k, s)
+        varying = {
+            "SOPInstanceUID": sop_uid,
+            "InstanceNumber": s + 1,
+            "ImagePositionPatient": [
+                _ds(vol.origin_xy[0]),
+                _ds(vol.origin_xy[1]),
+                _ds(float(vol.z[s])),
+            ],
+            "SliceLocation": _ds(float(vol.z[s])),
+        }
+        jobs.append((template, folder / _file_name(sop_uid), varying, stored[s]))
+        if masks_root is not None:
+            write_mask_png(masks_root / MASK_STRUCTURE / f"{sop_uid}.png", vol.lung[s])
+        rows.append(
+            {
+                "patient_id": base["PatientID"],
+                "study_uid": base["StudyInstanceUID"],
+                "series_uid": series_uid,
+                "sop_uid": sop_uid,
+                "nodule": int(vol.nodule[s]),
+                "region": vol.region[s],
+            }
+        )
+    return jobs, rows
+
+
+def _scout_job(seed: int, base: dict[str, Any], vol: Volume, folder: Path) -> _Job:
+    """The localizer: a coronal projection in its own series (which convert rejects)."""
+    sop_uid = _uid(seed, base["PatientID"], "scout")
+    scout = scout_image(vol.hu)
+    template = _template(
+        {
+            **base,
+            "SeriesInstanceUID": _uid(seed, base["PatientID"], "series", "scout"),
+            "SOPInstanceUID": sop_uid,
+            "SeriesNumber": 1,
+            "SeriesDescription": "TOPOGRAM",
+            "ImageType": ["ORIGINAL", "PRIMARY", "LOCALIZER"],
+            "PixelSpacing": [_ds(vol.slice_spacing), _ds(vol.pixel_spacing)],
+            "SliceThickness": "1",
+            "ImageOrientationPatient": ["1", "0", "0", "0", "0", "-1"],
+        },
+        scout.shape,
+    )
+    varying = {
+        "SOPInstanceUID": sop_uid,
+        "InstanceNumber": 1,
+        "ImagePositionPatient": [_ds(vol.origin_xy[0]), "0", _ds(float(vol.z[0]))],
+    }
+    return template, folder / _file_name(sop_uid), varying, scout
 
 
 def _make_temp_dir(target: Path) -> Path:
@@ -714,25 +886,3 @@ def synthesize(
         summary["regions"],
     )
     return summary
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Command line entry point (see the module docstring)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m medssl.synth", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("--out-dir", required=True, type=Path, help="DICOM folder to create")
-    parser.add_argument("--labels", required=True, type=Path, help="label table (CSV) to write")
-    parser.add_argument("--settings", type=json_arg, default={}, help="JSON settings")
-    parser.add_argument(
-        "--masks-dir", type=Path, help="folder for the lung masks (lung/<sop_uid>.png)"
-    )
-    parser.add_argument("--verbose", action="store_true")
-    args = parser.parse_args(argv)
-    setup_logging(args.verbose)
-    synthesize(args.out_dir, args.labels, args.settings, args.masks_dir)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,4 +1,4 @@
-"""DICOM reading and slice geometry shared by :mod:`medssl.datasets.conversion`.
+"""DICOM reading and slice geometry for the conversion (:mod:`medssl.datasets.conversion`).
 
 Headers are read without pixel data first (cheap), so that a whole folder can
 be screened, grouped into series and sorted before any pixel is decoded. Every
@@ -288,48 +288,69 @@ def _screen(
     ds: pydicom.Dataset, rel: str, abspath: str, series_uid: str, modalities: Sequence[str]
 ) -> SliceHeader | list[SliceHeader] | Rejection:
     """The header checks of :func:`read_header`, in the order a person would ask."""
+    reason = _sop_class_problem(ds)
+    if reason is not None:
+        return Rejection(rel, series_uid, reason)
+    frames = ds.get("NumberOfFrames")
+    n_frames = 1 if frames in (None, "") else int(frames)
+    reason = _image_problem(ds, modalities, n_frames)
+    if reason is not None:
+        return Rejection(rel, series_uid, reason)
+    modality = _text(ds.Modality).upper()
+    if n_frames > 1:
+        return _frame_headers(ds, rel, abspath, series_uid, modality)
+    return _single_frame_header(ds, rel, abspath, series_uid, modality)
+
+
+def _sop_class_problem(ds: pydicom.Dataset) -> str | None:
+    """Why the object is no image at all (missing or non-image SOP class), or ``None``."""
     sop_class = _text(ds.get("SOPClassUID")) or _text(
         getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", None)
     )
     if not sop_class:
-        return Rejection(rel, series_uid, "missing required tag SOPClassUID")
+        return "missing required tag SOPClassUID"
     if not _image_sop_class(sop_class):
-        return Rejection(
-            rel, series_uid, f"non-image SOP class {UID(sop_class).name} ({sop_class})"
-        )
+        return f"non-image SOP class {UID(sop_class).name} ({sop_class})"
+    return None
 
-    frames = ds.get("NumberOfFrames")
-    multiframe = frames not in (None, "") and int(frames) > 1
+
+def _image_problem(ds: pydicom.Dataset, modalities: Sequence[str], n_frames: int) -> str | None:
+    """Why an image is not one this conversion takes, or ``None``.
+
+    Structure, required tags, modality, then image type: the first problem a
+    person would look for is the one reported.
+    """
+    multiframe = n_frames > 1
     if multiframe and not is_functional_group_multiframe(ds):
-        return Rejection(
-            rel,
-            series_uid,
-            f"multi-frame image ({int(frames)} frames) without per-frame functional groups",
-        )
+        return f"multi-frame image ({n_frames} frames) without per-frame functional groups"
     # Enhanced objects keep geometry and rescale in functional groups, not at the top level.
     required = REQUIRED_TAGS[:6] if multiframe else REQUIRED_TAGS
     for keyword in required:
         value = ds.get(keyword)
         if value is None or (isinstance(value, str) and not value.strip()) or value == []:
-            return Rejection(rel, series_uid, f"missing required tag {keyword}")
+            return f"missing required tag {keyword}"
 
     modality = _text(ds.Modality).upper()
     if modality not in {m.upper() for m in modalities}:
-        return Rejection(rel, series_uid, f"modality {modality} not in {list(modalities)}")
+        return f"modality {modality} not in {list(modalities)}"
     if modality in REQUIRED_RESCALE_MODALITIES and not multiframe:
         for keyword in ("RescaleSlope", "RescaleIntercept"):
             if ds.get(keyword) in (None, ""):
-                return Rejection(rel, series_uid, f"missing required tag {keyword}")
+                return f"missing required tag {keyword}"
 
     image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
     if "LOCALIZER" in image_type:
-        return Rejection(rel, series_uid, "localizer (ImageType contains LOCALIZER)")
+        return "localizer (ImageType contains LOCALIZER)"
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     if samples != 1:
-        return Rejection(rel, series_uid, f"not greyscale (SamplesPerPixel={samples})")
+        return f"not greyscale (SamplesPerPixel={samples})"
+    return None
 
-    if multiframe:
-        return _frame_headers(ds, rel, abspath, series_uid, modality)
+
+def _single_frame_header(
+    ds: pydicom.Dataset, rel: str, abspath: str, series_uid: str, modality: str
+) -> SliceHeader | Rejection:
+    """The header of a screened single-frame image, or why its geometry is unusable."""
     try:
         orientation = _floats(ds.ImageOrientationPatient, 6, "ImageOrientationPatient")
         position = _floats(ds.ImagePositionPatient, 3, "ImagePositionPatient")

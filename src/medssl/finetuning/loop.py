@@ -1,22 +1,23 @@
 """Fine-tune one initialisation on one labelled subset and score it on the fixed test split.
 
-``python -m medssl.finetune --data H5 --partition CSV --subsets CSV... --fraction F --seed S...
---task JSON --settings JSON --init NAME [--masks H5] [--encoder PATH] [--backbone NAME]
-[--threads N] [--device auto|cpu|cuda] --out results/finetune/INIT/TASK/fracF/seedS/metrics.json``
+One run = one (init, task, fraction, seed) cell of the benchmark; the stage
+``python -m medssl.finetune`` runs :func:`finetune` once per seed it is given.
+The model is the backbone (random from ``backbone`` when there is no
+``encoder``: the scratch baseline) plus what the task type puts on it
+(:mod:`medssl.finetuning.tasktypes`: a linear head, or a U-Net decoder for
+segmentation, whose masks come from ``masks``). The protocol
+(:mod:`medssl.finetuning.protocols`) says per epoch whether the backbone trains
+and at what learning rate. Each epoch trains on the subset and scores the
+validation split; the state with the best validation ``select_metric``
+(earliest on ties) is restored and scored once on the test split (optionally
+with test-time augmentation, :mod:`medssl.finetuning.tta`), so the test set
+never influences any choice. With ``patience`` the run stops after that many
+epochs without a better validation score.
 
-One run = one (init, task, fraction, seed) cell of the benchmark. Several
-seeds (with one subsets file each) run one after another in one process, to
-spare a large grid a process start per run; ``--out`` then holds their list. The model is
-the backbone (random from ``--backbone`` when there is no ``--encoder``: the
-scratch baseline) plus what the task type puts on it (:mod:`medssl.finetuning.tasktypes`:
-a linear head, or a U-Net decoder for segmentation, whose masks come from
-``--masks``). The protocol (:mod:`medssl.finetuning.protocols`) says per epoch whether the
-backbone trains and at what learning rate. Each epoch trains on the subset and
-scores the validation split; the state with the best validation
-``select_metric`` (earliest on ties) is restored and scored once on the test
-split (optionally with test-time augmentation, :mod:`medssl.finetuning.tta`), so the test
-set never influences any choice. With ``patience`` the run stops after that
-many epochs without a better validation score.
+:func:`finetune` is four named steps: :func:`prepare_run` (settings, data,
+model, optimiser), :func:`fit` (epochs with early stopping), :func:`score_test`
+(the selected state on the test split) and :func:`metrics_record` (the
+metrics.json payload).
 
 The run is deterministic on CPU for a given seed: the seed drives the head
 (and scratch backbone) initialisation, batch order and augmentation. A run
@@ -26,12 +27,11 @@ a diverged run can never enter the tables as a number.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
-import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,19 +40,19 @@ import pandas as pd
 import torch
 from torch import nn
 
-from medssl.cli import json_arg, resolve_device, set_threads, setup_logging
-from medssl.datasets.hdf5 import load_images
 from medssl.core.directions import HIGHER_IS_BETTER
 from medssl.core.faults import fault_point
-from medssl.core.files import write_json
-from medssl.datasets.maskfile import load_masks
-from medssl.models.backbones import BACKBONES, build_backbone, load_encoder, save_encoder
-from medssl.finetuning.protocols import PROTOCOLS, Protocol, make_protocol
 from medssl.core.provenance import record
+from medssl.core.registry import Registry, UnknownNameError, look_up
 from medssl.core.seeding import seed_everything
-from medssl.datasets.splits import read_partition, read_subsets, select_training
-from medssl.finetuning.tasktypes import TASK_TYPES, TaskType, task_type
+from medssl.core.task_types import TASK_TYPES as TASK_TYPE_SPECS
+from medssl.datasets.hdf5 import load_images
+from medssl.datasets.maskfile import load_masks
+from medssl.datasets.splits import select_training
+from medssl.finetuning.protocols import PROTOCOLS, Protocol, make_protocol
+from medssl.finetuning.tasktypes import SEG_LOSSES, TASK_TYPES, TaskType, task_type
 from medssl.finetuning.tta import TTA_MODES, predict_with_tta
+from medssl.models.backbones import build_backbone, load_encoder, save_encoder
 
 log = logging.getLogger(__name__)
 
@@ -75,15 +75,44 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "class_weights": "balanced",
     "num_workers": 0,
 }
-SELECT_METRICS = ("auto", "auc", "accuracy", "f1", "dice", "iou", "loss")
-CHOICES = {
-    "protocol": tuple(PROTOCOLS),
-    "optimizer": ("adam", "adamw", "sgd"),
+"""The ``finetune`` config section's defaults: the code's one source (the schema's
+defaults are kept equal by a test)."""
+
+OptimizerFactory = Callable[[list[dict[str, Any]], float, float], torch.optim.Optimizer]
+"""``(parameter groups, lr, weight decay) -> optimiser``."""
+
+OPTIMIZERS: Registry[OptimizerFactory] = Registry(
+    "fine-tuning optimizer",
+    {
+        "adam": lambda groups, lr, decay: torch.optim.Adam(groups, lr=lr, weight_decay=decay),
+        "adamw": lambda groups, lr, decay: torch.optim.AdamW(groups, lr=lr, weight_decay=decay),
+        "sgd": lambda groups, lr, decay: torch.optim.SGD(
+            groups, lr=lr, weight_decay=decay, momentum=0.9
+        ),
+    },
+)
+"""``finetune.optimizer``: the optimisers by name."""
+
+CLASS_WEIGHTS: Registry[bool] = Registry("class weighting", {"balanced": True, "none": False})
+"""``finetune.class_weights``: whether the loss weighs classes by the training subset's counts."""
+
+SELECT_METRICS: tuple[str, ...] = (
+    "auto",
+    *dict.fromkeys(metric for spec in TASK_TYPE_SPECS.values() for metric in spec.metrics),
+    "loss",
+)
+"""What ``select_metric`` may name: ``auto`` (the task's metric), any task type's metric, loss."""
+
+CHOICES: dict[str, Collection[str]] = {
+    "protocol": PROTOCOLS,
+    "optimizer": OPTIMIZERS,
     "select_metric": SELECT_METRICS,
     "tta": TTA_MODES,
-    "seg_loss": ("dice", "bce", "dice_bce"),
-    "class_weights": ("balanced", "none"),
+    "seg_loss": SEG_LOSSES,
+    "class_weights": CLASS_WEIGHTS,
 }
+"""The settings that name something, and the names each may take."""
+
 DEFAULT_BACKBONE = "resnet_small"
 EVAL_BATCH = 256
 SHIFT_FRACTION = 1 / 16
@@ -98,7 +127,8 @@ def resolve_settings(settings: dict[str, Any] | None) -> dict[str, Any]:
     """The config ``finetune`` section with defaults filled in and values checked.
 
     Unknown keys are errors: a misspelt setting silently replaced by its
-    default would make a whole sweep measure the wrong thing.
+    default would make a whole sweep measure the wrong thing. A value naming
+    something unknown raises :class:`~medssl.core.registry.UnknownNameError`.
     """
     given = dict(settings or {})
     unknown = sorted(set(given) - set(DEFAULT_SETTINGS))
@@ -107,25 +137,43 @@ def resolve_settings(settings: dict[str, Any] | None) -> dict[str, Any]:
             f"finetune settings: unknown key(s) {unknown}; allowed {sorted(DEFAULT_SETTINGS)}"
         )
     resolved = {**DEFAULT_SETTINGS, **given}
-    for key, allowed in CHOICES.items():
-        if resolved[key] not in allowed:
-            raise ValueError(f"finetune settings: {key}={resolved[key]!r} is not one of {allowed}")
-    if int(resolved["epochs"]) < 1 or int(resolved["batch_size"]) < 1:
+    for key, options in CHOICES.items():
+        look_up(f"finetune.{key}", resolved[key], options)
+    _check_numbers(resolved)
+    return resolved
+
+
+def _check_numbers(settings: dict[str, Any]) -> None:
+    """The ranges the schema also states, checked again for callers that skip the config."""
+    if int(settings["epochs"]) < 1 or int(settings["batch_size"]) < 1:
         raise ValueError("finetune settings: epochs and batch_size must be at least 1")
-    if not float(resolved["lr"]) > 0 or float(resolved["weight_decay"]) < 0:
+    if not float(settings["lr"]) > 0 or float(settings["weight_decay"]) < 0:
         raise ValueError("finetune settings: lr must be > 0 and weight_decay >= 0")
-    if resolved["patience"] is not None and int(resolved["patience"]) < 1:
+    if settings["patience"] is not None and int(settings["patience"]) < 1:
         raise ValueError("finetune settings: patience must be at least 1, or null for none")
-    if int(resolved["freeze_epochs"]) < 0:
+    if int(settings["freeze_epochs"]) < 0:
         raise ValueError("finetune settings: freeze_epochs must be >= 0")
     if (
-        not 0 < float(resolved["unfreeze_lr_factor"]) <= 1
-        or float(resolved["unfreeze_lr_growth"]) < 1
+        not 0 < float(settings["unfreeze_lr_factor"]) <= 1
+        or float(settings["unfreeze_lr_growth"]) < 1
     ):
         raise ValueError(
             "finetune settings: unfreeze_lr_factor must be in (0, 1] and unfreeze_lr_growth >= 1"
         )
-    return resolved
+
+
+def check_task(task: object) -> TaskType:
+    """The task type of ``task`` (a JSON object with ``name`` and ``type``), its fields checked.
+
+    A type whose labels span several columns needs ``columns``: without them
+    the bits of a partition's label code have no names.
+    """
+    if not isinstance(task, dict) or not task.get("name") or "type" not in task:
+        raise ValueError(f"task must be a JSON object with 'name' and 'type', got {task!r}")
+    kind = task_type(task["type"])
+    if kind.spec.multiple_columns and not task.get("columns"):
+        raise ValueError(f"{kind.name} task {task['name']!r} needs 'columns'")
+    return kind
 
 
 def select_metric_for(settings: dict[str, Any], task: dict[str, Any], kind: TaskType) -> str:
@@ -133,12 +181,10 @@ def select_metric_for(settings: dict[str, Any], task: dict[str, Any], kind: Task
     select = settings["select_metric"]
     if select == "auto":
         select = task.get("metric") or kind.metrics[0]
-    if select != "loss" and select not in kind.metrics:
-        raise ValueError(
-            f"task {task.get('name')!r}: select_metric {select!r} is not a {kind.name} metric "
-            f"({list(kind.metrics)} or loss)"
-        )
-    return select
+    try:
+        return look_up(f"{kind.name} metric", select, (*kind.metrics, "loss"))
+    except UnknownNameError as err:
+        raise UnknownNameError(f"task {task.get('name')!r}: select_metric: {err}") from None
 
 
 @dataclass
@@ -198,18 +244,9 @@ def balanced_class_weights(labels: torch.Tensor, task_type: str, n_outputs: int)
     ``pos_weight``; multi-class: n / (K * n_k), 0 for a class absent from the
     subset (it contributes no samples anyway); multi-label: n_neg / n_pos per label.
     """
-    criterion = TASK_TYPES[task_type].criterion({}, labels, n_outputs)
+    criterion = TASK_TYPES[task_type].criterion(DEFAULT_SETTINGS, labels, n_outputs)
     weight = getattr(criterion, "pos_weight", None)
     return weight if weight is not None else criterion.weight
-
-
-def _optimizer(settings: dict[str, Any], groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-    lr, decay = float(settings["lr"]), float(settings["weight_decay"])
-    if settings["optimizer"] == "adam":
-        return torch.optim.Adam(groups, lr=lr, weight_decay=decay)
-    if settings["optimizer"] == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, weight_decay=decay)
-    return torch.optim.SGD(groups, lr=lr, weight_decay=decay, momentum=0.9)
 
 
 def _param_groups(model: nn.Module, protocol: Protocol) -> list[dict[str, Any]]:
@@ -223,13 +260,17 @@ def _param_groups(model: nn.Module, protocol: Protocol) -> list[dict[str, Any]]:
 @torch.no_grad()
 def predict(
     model: nn.Module, images: torch.Tensor, kind: TaskType, tta: str = "none"
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Probabilities of ``model`` on ``images`` (eval mode), and the logits when tta is none."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Probabilities of ``model`` on ``images`` (eval mode) and the logits of the plain images.
+
+    The logits give the loss; a mode that only predicts the plain images
+    reuses them instead of a second forward pass.
+    """
     model.eval()
     logits = torch.cat([model(chunk) for chunk in torch.split(images, EVAL_BATCH)])
     if not torch.isfinite(logits).all():
         raise FinetuneError("model outputs are NaN/inf: the run diverged")
-    if tta == "none":
+    if not TTA_MODES[tta].augments:
         return kind.probabilities(logits), logits
 
     def probabilities(views: torch.Tensor) -> torch.Tensor:
@@ -259,54 +300,6 @@ def evaluate(
     return {**kind.score(targets, probs), "loss": loss}
 
 
-def _train_epoch(
-    model: nn.Module,
-    images: torch.Tensor,
-    targets: torch.Tensor,
-    optimizer: torch.optim.Optimizer,
-    criterion: nn.Module,
-    settings: dict[str, Any],
-    kind: TaskType,
-    train_backbone: bool,
-    generator: torch.Generator,
-    epoch: int,
-) -> float:
-    """One pass over the training subset; returns the sample-weighted mean loss."""
-    model.train()
-    model.backbone.requires_grad_(train_backbone)
-    if not train_backbone:
-        # Frozen means frozen: BatchNorm must not update its running statistics either.
-        model.backbone.eval()
-    order = torch.randperm(len(images), generator=generator)
-    total, seen = 0.0, 0
-    for batch in _batches(order, int(settings["batch_size"])):
-        x = images[batch.to(images.device)]
-        y = targets[batch.to(targets.device)]
-        if settings["augment"]:
-            if kind.dense:
-                x, y = augment_batch(x, generator, y)
-            else:
-                x = augment_batch(x, generator)
-        if train_backbone:
-            logits = model(x)
-        else:
-            with torch.no_grad():
-                features = model.features(x)
-            logits = model.decode(features)
-        loss = kind.loss(criterion, logits, y)
-        if not torch.isfinite(loss):
-            raise FinetuneError(
-                f"epoch {epoch}: training loss is {float(loss.detach())}; the run diverged "
-                f"(lr={settings['lr']}, optimizer={settings['optimizer']})"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total += float(loss.detach()) * len(batch)
-        seen += len(batch)
-    return total / seen
-
-
 def _is_better(value: float, best: float | None, metric: str) -> bool:
     """Strictly better (ties keep the earlier epoch); NaN never wins."""
     if math.isnan(value):
@@ -317,6 +310,7 @@ def _is_better(value: float, best: float | None, metric: str) -> bool:
 
 
 def _split_rows(partition: pd.DataFrame, name: str) -> pd.DataFrame:
+    """The rows of one fixed split in file order; an empty split cannot score anything."""
     rows = partition.loc[partition["split"] == name].sort_values("index")
     if rows.empty:
         raise FinetuneError(f"partition has no {name!r} rows")
@@ -368,13 +362,321 @@ def _targets(
     device: torch.device,
 ) -> torch.Tensor:
     """Training targets of the rows ``every``: label codes, label bits, or masks."""
-    if kind.dense:
+    if kind.spec.labels_from_masks:
         if masks is None:
-            raise FinetuneError("a segmentation task needs --masks (medssl.datasets.mask_sources output)")
+            raise FinetuneError(f"a {kind.name} task needs --masks (the medssl.masks output)")
         return torch.from_numpy(load_masks(masks, every)).unsqueeze(1).float().to(device)
     label_of = partition.set_index("index")["label"]
     codes = torch.as_tensor(label_of.loc[every].to_numpy(copy=True), dtype=torch.int64)
     return kind.targets(codes, n_outputs).to(device)
+
+
+@dataclass
+class SplitData:
+    """Images and targets of the three splits, on the run's device."""
+
+    train_idx: np.ndarray
+    """Partition rows of the training subset (the fraction's patients)."""
+    n_train_patients: int
+    n_outputs: int
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+    @property
+    def sizes(self) -> tuple[int, int, int]:
+        """Slices in the train, val and test splits."""
+        return len(self.x_train), len(self.x_val), len(self.x_test)
+
+
+def load_splits(
+    data: str | Path,
+    partition: pd.DataFrame,
+    subsets: pd.DataFrame,
+    fraction: float,
+    task: dict[str, Any],
+    kind: TaskType,
+    protocol: Protocol,
+    masks: str | Path | None,
+    device: torch.device,
+) -> SplitData:
+    """Read the training subset of ``fraction`` and the fixed val and test splits.
+
+    One read of the HDF5 file for all three splits: the slices are gathered
+    once, in train, val, test order, and split in memory.
+    """
+    train_idx = select_training(partition, subsets, fraction)
+    val_rows, test_rows = _split_rows(partition, "val"), _split_rows(partition, "test")
+    n_codes = int(partition["label"].max()) + 1
+    problem = kind.codes_problem(task, n_codes)
+    if problem is not None:
+        raise FinetuneError(problem)
+    if protocol.trains_backbone_ever() and len(train_idx) < 2:
+        raise FinetuneError(
+            f"protocol {protocol.name} needs at least 2 training slices (BatchNorm)"
+        )
+    n_outputs = kind.n_outputs(task, n_codes)
+    sizes = (len(train_idx), len(val_rows), len(test_rows))
+    every = np.concatenate([train_idx, val_rows["index"].to_numpy(), test_rows["index"].to_numpy()])
+    # channels_last runs the small convolutions of these networks ~20 % faster on CPU.
+    images = load_images(data, every).to(device).contiguous(memory_format=torch.channels_last)
+    targets = _targets(kind, partition, every, masks, n_outputs, device)
+    x_train, x_val, x_test = torch.split(images, sizes)
+    y_train, y_val, y_test = torch.split(targets, sizes)
+    n_patients = partition.loc[partition["index"].isin(train_idx), "patient_id"].nunique()
+    return SplitData(
+        train_idx, int(n_patients), n_outputs, x_train, y_train, x_val, y_val, x_test, y_test
+    )
+
+
+@dataclass
+class PreparedRun:
+    """One fine-tuning, ready to train: what it is, its data, model and optimiser."""
+
+    init: str
+    task: dict[str, Any]
+    fraction: float
+    seed: int
+    settings: dict[str, Any]
+    kind: TaskType
+    select: str
+    """The validation metric that picks the epoch (``loss`` when the val AUC is undefined)."""
+    protocol: Protocol
+    device: torch.device
+    generator: torch.Generator
+    data: SplitData
+    model: nn.Module
+    backbone: str
+    encoder: str | Path | None
+    encoder_info: dict | None
+    masks: str | Path | None
+    optimizer: torch.optim.Optimizer
+    criterion: nn.Module
+
+
+def prepare_run(
+    data: str | Path,
+    partition: pd.DataFrame,
+    subsets: pd.DataFrame,
+    fraction: float,
+    seed: int,
+    task: dict[str, Any],
+    settings: dict[str, Any] | None,
+    init: str,
+    encoder: str | Path | None = None,
+    backbone: str | None = None,
+    device: str | torch.device = "cpu",
+    masks: str | Path | None = None,
+) -> PreparedRun:
+    """Check the settings and task, seed every generator, load the splits, build the model.
+
+    Everything that can be refused is checked before the first random draw;
+    the seeding comes before the model is built, because the scratch backbone
+    and the head draw from torch's generator.
+    """
+    settings = resolve_settings(settings)
+    kind = check_task(task)
+    select = select_metric_for(settings, task, kind)
+    protocol = make_protocol(settings)
+    device = torch.device(device)
+    generator = seed_everything(seed)
+    split = load_splits(data, partition, subsets, fraction, task, kind, protocol, masks, device)
+    model, backbone_name, info = build_model(
+        kind.name, split.n_outputs, split.x_train.shape[1], encoder, backbone, settings
+    )
+    model.to(device=device, memory_format=torch.channels_last)
+    optimizer = OPTIMIZERS[settings["optimizer"]](
+        _param_groups(model, protocol), float(settings["lr"]), float(settings["weight_decay"])
+    )
+    weights = split.y_train if CLASS_WEIGHTS[settings["class_weights"]] else None
+    criterion = kind.criterion(settings, weights, split.n_outputs)
+    if select == "auc" and kind.classes_missing(split.y_val, split.n_outputs):
+        log.warning(
+            "val split lacks a class, so val AUC is undefined: selecting on val loss instead"
+        )
+        select = "loss"
+    return PreparedRun(
+        init=init,
+        task=task,
+        fraction=fraction,
+        seed=seed,
+        settings=settings,
+        kind=kind,
+        select=select,
+        protocol=protocol,
+        device=device,
+        generator=generator,
+        data=split,
+        model=model,
+        backbone=backbone_name,
+        encoder=encoder,
+        encoder_info=info,
+        masks=masks,
+        optimizer=optimizer,
+        criterion=criterion,
+    )
+
+
+def _train_epoch(run: PreparedRun, train_backbone: bool, epoch: int) -> float:
+    """One pass over the training subset; returns the sample-weighted mean loss."""
+    model, settings, kind, generator = run.model, run.settings, run.kind, run.generator
+    images, targets = run.data.x_train, run.data.y_train
+    model.train()
+    model.backbone.requires_grad_(train_backbone)
+    if not train_backbone:
+        # Frozen means frozen: BatchNorm must not update its running statistics either.
+        model.backbone.eval()
+    order = torch.randperm(len(images), generator=generator)
+    total, seen = 0.0, 0
+    for batch in _batches(order, int(settings["batch_size"])):
+        x = images[batch.to(images.device)]
+        y = targets[batch.to(targets.device)]
+        if settings["augment"]:
+            if kind.dense:
+                x, y = augment_batch(x, generator, y)
+            else:
+                x = augment_batch(x, generator)
+        if train_backbone:
+            logits = model(x)
+        else:
+            with torch.no_grad():
+                features = model.features(x)
+            logits = model.decode(features)
+        loss = kind.loss(run.criterion, logits, y)
+        if not torch.isfinite(loss):
+            raise FinetuneError(
+                f"epoch {epoch}: training loss is {float(loss.detach())}; the run diverged "
+                f"(lr={settings['lr']}, optimizer={settings['optimizer']})"
+            )
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        run.optimizer.step()
+        total += float(loss.detach()) * len(batch)
+        seen += len(batch)
+    return total / seen
+
+
+@dataclass
+class FitResult:
+    """What training produced: the epochs' history and the best validation epoch's state."""
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_epoch: int | None = None
+    best_value: float | None = None
+    best_val: dict[str, Any] = field(default_factory=dict)
+    best_state: dict[str, torch.Tensor] | None = None
+    stopped_early: bool = False
+
+
+def _should_stop(run: PreparedRun, fitted: FitResult, epoch: int) -> bool:
+    """Patience used up, and the protocol allows stopping this early."""
+    patience = run.settings["patience"]
+    return (
+        patience is not None
+        and fitted.best_epoch is not None
+        and epoch - fitted.best_epoch >= int(patience)
+        and epoch >= run.protocol.earliest_stop()
+    )
+
+
+def fit(run: PreparedRun) -> FitResult:
+    """Train epoch by epoch, scoring the validation split; keep the best state, stop on patience."""
+    fitted = FitResult()
+    base_lr = float(run.settings["lr"])
+    metrics = (*run.kind.metrics, "loss")
+    for epoch in range(1, int(run.settings["epochs"]) + 1):
+        plan = run.protocol.plan(epoch)
+        for group in run.optimizer.param_groups:
+            group["lr"] = base_lr * plan.lr_factor[group["name"]]
+        train_loss = _train_epoch(run, plan.train_backbone, epoch)
+        val = evaluate(run.model, run.data.x_val, run.data.y_val, run.kind, settings=run.settings)
+        lrs = {group["name"]: group["lr"] for group in run.optimizer.param_groups}
+        fitted.history.append(
+            {
+                "epoch": epoch,
+                "train_loss": train_loss,
+                "backbone_trained": plan.train_backbone,
+                "lr": lrs,
+                **{f"val_{k}": v for k, v in val.items() if k in metrics},
+            }
+        )
+        log.info(
+            "epoch %d: train_loss %.4f lr %s val %s",
+            epoch,
+            train_loss,
+            lrs,
+            " ".join(f"{k} {val[k]:.4f}" for k in metrics),
+        )
+        fault_point("finetune.epoch_end")
+        if _is_better(val[run.select], fitted.best_value, run.select):
+            fitted.best_value, fitted.best_epoch, fitted.best_val = val[run.select], epoch, val
+            fitted.best_state = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
+        elif _should_stop(run, fitted, epoch):
+            log.info(
+                "no better val %s for %d epochs: stopping at epoch %d",
+                run.select,
+                run.settings["patience"],
+                epoch,
+            )
+            fitted.stopped_early = True
+            break
+    return fitted
+
+
+def score_test(run: PreparedRun, fitted: FitResult) -> dict[str, Any]:
+    """Restore the selected epoch's state and score it once on the test split (with TTA)."""
+    if fitted.best_state is not None:
+        run.model.load_state_dict(fitted.best_state)
+    return evaluate(
+        run.model,
+        run.data.x_test,
+        run.data.y_test,
+        run.kind,
+        tta=run.settings["tta"],
+        settings=run.settings,
+    )
+
+
+def metrics_record(run: PreparedRun, fitted: FitResult, test: dict[str, Any]) -> dict[str, Any]:
+    """The metrics.json payload of one run: counts, selection, val and test scores, provenance."""
+    kind, sizes = run.kind, run.data.sizes
+    run_info = {
+        "finetune": run.settings,
+        "task": run.task,
+        "init": run.init,
+        "fraction": run.fraction,
+        "backbone": run.backbone,
+        "encoder": None if run.encoder is None else str(run.encoder),
+        "encoder_sidecar": run.encoder_info,
+        "masks": None if run.masks is None else str(run.masks),
+        "select_metric_used": run.select,
+        "device": str(run.device),
+        "threads": torch.get_num_threads(),
+    }
+    return {
+        "init": run.init,
+        "task": run.task["name"],
+        "task_type": kind.name,
+        "fraction": float(run.fraction),
+        "seed": int(run.seed),
+        "n_train": sizes[0],
+        "n_val": sizes[1],
+        "n_test": sizes[2],
+        "n_train_patients": run.data.n_train_patients,
+        "best_epoch": fitted.best_epoch,
+        "epochs_run": len(fitted.history),
+        "stopped_early": fitted.stopped_early,
+        "select_metric": run.select,
+        "val": {k: fitted.best_val.get(k, math.nan) for k in kind.metrics},
+        "test": {k: test[k] for k in kind.metrics},
+        "history": fitted.history,
+        "settings": run.settings,
+        "provenance": record("finetune", run_info, run.seed),
+        **kind.extra_metrics(run.task, test),
+    }
 
 
 def finetune(
@@ -400,268 +702,51 @@ def finetune(
     is written here.
     """
     started = time.perf_counter()
-    settings = resolve_settings(settings)
-    if not task.get("name") or "type" not in task:
-        raise ValueError(f"task must name 'name' and 'type', got {task!r}")
-    kind = task_type(task["type"])
-    if kind.name == "multilabel" and not task.get("columns"):
-        raise ValueError(f"multilabel task {task['name']!r} needs 'columns'")
-    select = select_metric_for(settings, task, kind)
-    protocol = make_protocol(settings)
-    device = torch.device(device)
-    generator = seed_everything(seed)
-
-    train_idx = select_training(partition, subsets, fraction)
-    val_rows, test_rows = _split_rows(partition, "val"), _split_rows(partition, "test")
-    n_codes = int(partition["label"].max()) + 1
-    if kind.name == "binary" and n_codes != 2:
-        raise FinetuneError(
-            f"binary task {task.get('name')!r} but partition labels are 0..{n_codes - 1}"
-        )
-    if protocol.trains_backbone_ever() and len(train_idx) < 2:
-        raise FinetuneError(
-            f"protocol {protocol.name} needs at least 2 training slices (BatchNorm)"
-        )
-    n_outputs = kind.n_outputs(task, n_codes)
-
-    sizes = (len(train_idx), len(val_rows), len(test_rows))
-    every = np.concatenate([train_idx, val_rows["index"].to_numpy(), test_rows["index"].to_numpy()])
-    # channels_last runs the small convolutions of these networks ~20 % faster on CPU.
-    images = load_images(data, every).to(device).contiguous(memory_format=torch.channels_last)
-    targets = _targets(kind, partition, every, masks, n_outputs, device)
-    x_train, x_val, x_test = torch.split(images, sizes)
-    y_train, y_val, y_test = torch.split(targets, sizes)
-
-    model, backbone_name, info = build_model(
-        kind.name, n_outputs, images.shape[1], encoder, backbone, settings
+    run = prepare_run(
+        data,
+        partition,
+        subsets,
+        fraction,
+        seed,
+        task,
+        settings,
+        init,
+        encoder,
+        backbone,
+        device,
+        masks,
     )
-    model.to(device=device, memory_format=torch.channels_last)
-    groups = _param_groups(model, protocol)
-    optimizer = _optimizer(settings, groups)
-    weights = y_train if settings["class_weights"] == "balanced" and not kind.dense else None
-    criterion = kind.criterion(settings, weights, n_outputs)
-
-    if select == "auc" and kind.classes_missing(y_val, n_outputs):
-        log.warning(
-            "val split lacks a class, so val AUC is undefined: selecting on val loss instead"
-        )
-        select = "loss"
-
-    history: list[dict[str, Any]] = []
-    best_value: float | None = None
-    best_epoch: int | None = None
-    best_state: dict[str, torch.Tensor] | None = None
-    best_val: dict[str, Any] = {}
-    stopped_early = False
-    base_lr = float(settings["lr"])
-    patience = settings["patience"]
-    for epoch in range(1, int(settings["epochs"]) + 1):
-        plan = protocol.plan(epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = base_lr * plan.lr_factor[group["name"]]
-        train_loss = _train_epoch(
-            model,
-            x_train,
-            y_train,
-            optimizer,
-            criterion,
-            settings,
-            kind,
-            plan.train_backbone,
-            generator,
-            epoch,
-        )
-        val = evaluate(model, x_val, y_val, kind, settings=settings)
-        lrs = {group["name"]: group["lr"] for group in optimizer.param_groups}
-        history.append(
-            {
-                "epoch": epoch,
-                "train_loss": train_loss,
-                "backbone_trained": plan.train_backbone,
-                "lr": lrs,
-                **{f"val_{k}": v for k, v in val.items() if k in (*kind.metrics, "loss")},
-            }
-        )
-        log.info(
-            "epoch %d: train_loss %.4f lr %s val %s",
-            epoch,
-            train_loss,
-            lrs,
-            " ".join(f"{k} {val[k]:.4f}" for k in (*kind.metrics, "loss")),
-        )
-        fault_point("finetune.epoch_end")
-        if _is_better(val[select], best_value, select):
-            best_value, best_epoch, best_val = val[select], epoch, val
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        elif (
-            patience is not None
-            and best_epoch is not None
-            and epoch - best_epoch >= int(patience)
-            and epoch >= protocol.earliest_stop()
-        ):
-            log.info(
-                "no better val %s for %d epochs: stopping at epoch %d", select, patience, epoch
-            )
-            stopped_early = True
-            break
-
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    test = evaluate(model, x_test, y_test, kind, tta=settings["tta"], settings=settings)
-    elapsed = time.perf_counter() - started
+    fitted = fit(run)
+    test = score_test(run, fitted)
     log.info(
         "best epoch %s; test %s; %.1f s",
-        best_epoch,
-        {k: round(test[k], 4) for k in kind.metrics},
-        elapsed,
+        fitted.best_epoch,
+        {k: round(test[k], 4) for k in run.kind.metrics},
+        time.perf_counter() - started,
     )
+    metrics = metrics_record(run, fitted, test)
+    return FinetuneResult(metrics=metrics, model=run.model, backbone=run.backbone)
 
-    n_train_patients = partition.loc[partition["index"].isin(train_idx), "patient_id"].nunique()
-    run_info = {
-        "finetune": settings,
+
+def export_encoder(
+    result: FinetuneResult,
+    path: str | Path,
+    task: dict[str, Any],
+    init: str,
+    start_encoder: str | Path | None,
+) -> None:
+    """Save the selected model's backbone as an encoder: a supervised initialisation.
+
+    The sidecar names the task it learnt, where it started from and its test
+    scores, so an init trained with labels is traceable like a pre-trained one.
+    """
+    info = {
+        "method": f"supervised:{task['name']}",
+        "init": init,
+        "start_encoder": start_encoder,
         "task": task,
-        "init": init,
-        "fraction": fraction,
-        "backbone": backbone_name,
-        "encoder": None if encoder is None else str(encoder),
-        "encoder_sidecar": info,
-        "masks": None if masks is None else str(masks),
-        "select_metric_used": select,
-        "device": str(device),
-        "threads": torch.get_num_threads(),
+        "best_epoch": result.metrics["best_epoch"],
+        "test": result.metrics["test"],
+        "provenance": result.metrics["provenance"],
     }
-    metrics = {
-        "init": init,
-        "task": task["name"],
-        "task_type": kind.name,
-        "fraction": float(fraction),
-        "seed": int(seed),
-        "n_train": sizes[0],
-        "n_val": sizes[1],
-        "n_test": sizes[2],
-        "n_train_patients": int(n_train_patients),
-        "best_epoch": best_epoch,
-        "epochs_run": len(history),
-        "stopped_early": stopped_early,
-        "select_metric": select,
-        "val": {k: best_val.get(k, math.nan) for k in kind.metrics},
-        "test": {k: test[k] for k in kind.metrics},
-        "history": history,
-        "settings": settings,
-        "provenance": record("finetune", run_info, seed),
-    }
-    if "auc_per_label" in test:
-        metrics["test_auc_per_label"] = dict(
-            zip(task["columns"], test["auc_per_label"], strict=True)
-        )
-    return FinetuneResult(metrics=metrics, model=model, backbone=backbone_name)
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m medssl.finetune",
-        description="Fine-tune one initialisation on one training subset; write metrics.json.",
-    )
-    parser.add_argument("--data", required=True, help="converted dataset (.h5)")
-    parser.add_argument("--partition", required=True, help="partition CSV (medssl.datasets.splits)")
-    parser.add_argument(
-        "--subsets",
-        required=True,
-        nargs="+",
-        help="subset ranks CSV (medssl.subsample), one per --seed, in the same order",
-    )
-    parser.add_argument("--fraction", required=True, type=float, help="training fraction in (0, 1]")
-    parser.add_argument(
-        "--seed",
-        required=True,
-        type=int,
-        nargs="+",
-        help="run seed (init, order, augmentation); several seeds run one after another "
-        "in this process and --out gets a list of runs",
-    )
-    parser.add_argument("--task", required=True, type=json_arg, help="task JSON with name and type")
-    parser.add_argument(
-        "--settings", type=json_arg, default={}, help="config finetune section (JSON)"
-    )
-    parser.add_argument(
-        "--init", required=True, help="initialisation name recorded in metrics.json"
-    )
-    parser.add_argument("--encoder", help="encoder.pt to start from; omit for scratch")
-    parser.add_argument("--masks", help="mask file (medssl.datasets.mask_sources) of a segmentation task")
-    parser.add_argument(
-        "--backbone",
-        choices=sorted(BACKBONES),
-        help=f"backbone for scratch runs (default {DEFAULT_BACKBONE}); an encoder's sidecar wins",
-    )
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    parser.add_argument("--out", required=True, help="metrics.json to write")
-    parser.add_argument(
-        "--export-encoder",
-        help="also save the selected model's backbone as an encoder.pt (supervised "
-        "initialisation, e.g. ImageNet then a labelled medical task); one seed only",
-    )
-    parser.add_argument("--verbose", action="store_true")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Command line entry point; returns the exit status (no file on failure)."""
-    args = _parser().parse_args(argv)
-    setup_logging(args.verbose)
-    set_threads(args.threads)
-    try:
-        if not isinstance(args.task, dict) or "type" not in args.task:
-            raise ValueError(
-                f"--task must be a JSON object with 'name' and 'type', got {args.task!r}"
-            )
-        if len(args.subsets) != len(args.seed):
-            raise ValueError(
-                f"{len(args.seed)} seeds but {len(args.subsets)} --subsets files: "
-                "give one subsets file per seed, in the same order"
-            )
-        if len(set(args.seed)) != len(args.seed):
-            raise ValueError(f"--seed lists a seed twice: {args.seed}")
-        if args.export_encoder and len(args.seed) != 1:
-            raise ValueError("--export-encoder takes one --seed: the run whose backbone it saves")
-        partition = read_partition(args.partition)
-        runs = []
-        for seed, subsets in zip(args.seed, args.subsets, strict=True):
-            result = finetune(
-                data=args.data,
-                partition=partition,
-                subsets=read_subsets(subsets),
-                fraction=args.fraction,
-                seed=seed,
-                task=args.task,
-                settings=args.settings,
-                init=args.init,
-                encoder=args.encoder,
-                backbone=args.backbone,
-                device=resolve_device(args.device),
-                masks=args.masks,
-            )
-            runs.append(result.metrics)
-    except (FinetuneError, ValueError, OSError, KeyError) as err:
-        log.error("%s: %s", args.out, err)
-        return 1
-    if args.export_encoder:
-        info = {
-            "method": f"supervised:{args.task['name']}",
-            "init": args.init,
-            "start_encoder": args.encoder,
-            "task": args.task,
-            "best_epoch": runs[0]["best_epoch"],
-            "test": runs[0]["test"],
-            "provenance": runs[0]["provenance"],
-        }
-        save_encoder(result.model.backbone, args.export_encoder, result.backbone, info)
-        log.info("wrote %s", args.export_encoder)
-    # One seed: the run itself; several (compute.seeds_per_job): the list of runs.
-    write_json(args.out, runs[0] if len(runs) == 1 else runs)
-    log.info("wrote %s (%d run%s)", args.out, len(runs), "" if len(runs) == 1 else "s")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    save_encoder(result.model.backbone, path, result.backbone, info)

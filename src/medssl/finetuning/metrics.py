@@ -21,18 +21,99 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Any
 
 import numpy as np
 import torch
 
-TASK_TYPES = ("binary", "multiclass")
-METRICS = ("auc", "accuracy", "f1")
+from medssl.core.registry import Registry
 
 
-def _check(task_type: str, labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+class ScoreLayout:
+    """How the scores of one classification task type look and become class codes.
+
+    The metric functions are the same for every layout; what differs (the
+    shape of ``scores``, the prediction rule, the AUC's target, which F1 is
+    reported) is answered here, so no function branches on a task type's name.
+    """
+
+    def check(self, labels: np.ndarray, scores: np.ndarray) -> None:
+        """Raise ``ValueError`` when ``scores`` cannot be this layout's scores of ``labels``."""
+        raise NotImplementedError
+
+    def n_classes(self, scores: np.ndarray) -> int:
+        raise NotImplementedError
+
+    def predictions(self, scores: np.ndarray) -> np.ndarray:
+        """Hard class codes of ``scores``."""
+        raise NotImplementedError
+
+    def auc_target(self, labels: np.ndarray, scores: np.ndarray) -> torch.Tensor:
+        """MONAI ``compute_roc_auc``'s target for these labels (same shape as ``scores``)."""
+        raise NotImplementedError
+
+    def f1(self, per_class: torch.Tensor, present: torch.Tensor) -> float:
+        """The reported F1 from per-class F1 and the classes present in labels or predictions."""
+        raise NotImplementedError
+
+
+class BinaryScores(ScoreLayout):
+    """``scores`` is the probability of class 1; ``score >= 0.5`` predicts it."""
+
+    def check(self, labels: np.ndarray, scores: np.ndarray) -> None:
+        if scores.shape != labels.shape:
+            raise ValueError(f"binary scores must have shape {labels.shape}, got {scores.shape}")
+        if labels.min() < 0 or labels.max() > 1:
+            raise ValueError("binary labels must be 0 or 1")
+
+    def n_classes(self, scores: np.ndarray) -> int:
+        return 2
+
+    def predictions(self, scores: np.ndarray) -> np.ndarray:
+        return (scores >= 0.5).astype(np.int64)
+
+    def auc_target(self, labels: np.ndarray, scores: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(labels).to(torch.float64)
+
+    def f1(self, per_class: torch.Tensor, present: torch.Tensor) -> float:
+        # The positive class, as scikit-learn's default ``pos_label=1``.
+        return float(per_class[1])
+
+
+class MulticlassScores(ScoreLayout):
+    """``scores`` is (N, K) class probabilities; the arg-max (first on ties) predicts."""
+
+    def check(self, labels: np.ndarray, scores: np.ndarray) -> None:
+        if scores.ndim != 2 or scores.shape[0] != len(labels) or scores.shape[1] < 2:
+            raise ValueError(
+                f"multiclass scores must have shape ({len(labels)}, K>=2), got {scores.shape}"
+            )
+        if labels.min() < 0 or labels.max() >= scores.shape[1]:
+            raise ValueError(f"labels must be in 0..{scores.shape[1] - 1}")
+
+    def n_classes(self, scores: np.ndarray) -> int:
+        return int(scores.shape[1])
+
+    def predictions(self, scores: np.ndarray) -> np.ndarray:
+        return np.argmax(scores, axis=1).astype(np.int64)
+
+    def auc_target(self, labels: np.ndarray, scores: np.ndarray) -> torch.Tensor:
+        return _one_hot(labels, scores.shape[1])
+
+    def f1(self, per_class: torch.Tensor, present: torch.Tensor) -> float:
+        # Classes absent from both labels and predictions have no F1, and
+        # scikit-learn leaves them out of the macro mean.
+        return float(per_class[present].mean())
+
+
+SCORE_LAYOUTS: Registry[ScoreLayout] = Registry(
+    "classification task type", {"binary": BinaryScores(), "multiclass": MulticlassScores()}
+)
+"""The task types whose one label per slice is scored by :func:`classification_metrics`."""
+
+
+def _check(layout: ScoreLayout, labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, ...]:
     """Validate shapes and values; fail loudly rather than score garbage."""
-    if task_type not in TASK_TYPES:
-        raise ValueError(f"task type {task_type!r} is not one of {TASK_TYPES}")
     labels = np.asarray(labels)
     scores = np.asarray(scores, dtype=np.float64)
     if labels.ndim != 1 or len(labels) == 0:
@@ -43,18 +124,7 @@ def _check(task_type: str, labels: np.ndarray, scores: np.ndarray) -> tuple[np.n
         labels = labels.astype(np.int64)
     if not np.all(np.isfinite(scores)):
         raise ValueError(f"{int((~np.isfinite(scores)).sum())} scores are NaN or infinite")
-    if task_type == "binary":
-        if scores.shape != labels.shape:
-            raise ValueError(f"binary scores must have shape {labels.shape}, got {scores.shape}")
-        if labels.min() < 0 or labels.max() > 1:
-            raise ValueError("binary labels must be 0 or 1")
-    else:
-        if scores.ndim != 2 or scores.shape[0] != len(labels) or scores.shape[1] < 2:
-            raise ValueError(
-                f"multiclass scores must have shape ({len(labels)}, K>=2), got {scores.shape}"
-            )
-        if labels.min() < 0 or labels.max() >= scores.shape[1]:
-            raise ValueError(f"labels must be in 0..{scores.shape[1] - 1}")
+    layout.check(labels, scores)
     return labels.astype(np.int64), scores
 
 
@@ -64,14 +134,12 @@ def _one_hot(codes: np.ndarray, n_classes: int) -> torch.Tensor:
 
 def roc_auc(task_type: str, labels: np.ndarray, scores: np.ndarray) -> float:
     """ROC AUC (binary) or macro one-vs-rest AUC (multi-class); NaN when undefined."""
-    labels, scores = _check(task_type, labels, scores)
+    layout = SCORE_LAYOUTS[task_type]
+    labels, scores = _check(layout, labels, scores)
     from monai.metrics import compute_roc_auc  # lazy: importing MONAI costs seconds
 
     pred = torch.from_numpy(scores)
-    if task_type == "binary":
-        target = torch.from_numpy(labels).to(torch.float64)
-    else:
-        target = _one_hot(labels, scores.shape[1])
+    target = layout.auc_target(labels, scores)
     with warnings.catch_warnings():
         # MONAI warns and returns NaN when a class is absent: NaN is the answer we want.
         warnings.simplefilter("ignore", UserWarning)
@@ -81,37 +149,31 @@ def roc_auc(task_type: str, labels: np.ndarray, scores: np.ndarray) -> float:
 
 def predictions(task_type: str, scores: np.ndarray) -> np.ndarray:
     """Hard class codes: ``score >= 0.5`` (binary) or the arg-max (multi-class)."""
-    scores = np.asarray(scores, dtype=np.float64)
-    if task_type == "binary":
-        return (scores >= 0.5).astype(np.int64)
-    return np.argmax(scores, axis=1).astype(np.int64)
+    return SCORE_LAYOUTS[task_type].predictions(np.asarray(scores, dtype=np.float64))
 
 
 def classification_metrics(task_type: str, labels: np.ndarray, scores: np.ndarray) -> dict:
     """``{"auc", "accuracy", "f1"}`` of one evaluation (see the module docstring)."""
     from monai.metrics import get_confusion_matrix  # lazy: importing MONAI costs seconds
 
-    labels, scores = _check(task_type, labels, scores)
-    n_classes = 2 if task_type == "binary" else scores.shape[1]
-    pred = predictions(task_type, scores)
+    layout = SCORE_LAYOUTS[task_type]
+    labels, scores = _check(layout, labels, scores)
+    n_classes = layout.n_classes(scores)
+    pred = layout.predictions(scores)
     # MONAI's confusion matrix is per sample (N, C, 4: tp, fp, tn, fn); sum over samples.
     matrix = get_confusion_matrix(_one_hot(pred, n_classes), _one_hot(labels, n_classes))
     matrix = matrix.to(torch.float64).sum(0)
     tp, fp, fn = matrix[:, 0], matrix[:, 1], matrix[:, 3]
     denominator = 2 * tp + fp + fn
     f1 = torch.where(denominator > 0, 2 * tp / denominator.clamp(min=1), torch.zeros_like(tp))
-    # Binary: the positive class. Multi-class: classes absent from both labels and
-    # predictions have no F1, and scikit-learn leaves them out of the macro mean.
-    present = denominator > 0
-    f1_value = float(f1[1]) if task_type == "binary" else float(f1[present].mean())
     return {
         "auc": roc_auc(task_type, labels, scores),
         "accuracy": float(np.mean(pred == labels)),
-        "f1": f1_value,
+        "f1": layout.f1(f1, denominator > 0),
     }
 
 
-def multilabel_metrics(labels: np.ndarray, scores: np.ndarray) -> dict:
+def multilabel_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
     """Mean AUC over labels, element-wise accuracy and macro F1 of a multi-label evaluation.
 
     ``labels`` and ``scores`` are (N, L): 0/1 targets and per-label
@@ -149,7 +211,9 @@ def multilabel_metrics(labels: np.ndarray, scores: np.ndarray) -> dict:
     }
 
 
-def segmentation_metrics(masks: np.ndarray | torch.Tensor, probs: np.ndarray | torch.Tensor):
+def segmentation_metrics(
+    masks: np.ndarray | torch.Tensor, probs: np.ndarray | torch.Tensor
+) -> dict[str, float]:
     """Mean per-slice Dice and IoU of binary masks (N, H, W) against probabilities >= 0.5.
 
     MONAI's ``DiceMetric``/``MeanIoU`` with ``ignore_empty=False``: a slice whose

@@ -20,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from medssl.core.registry import Registry
+
 
 @dataclass(frozen=True)
 class EpochPlan:
@@ -38,6 +40,7 @@ class Protocol:
         self.settings = settings
 
     def plan(self, epoch: int) -> EpochPlan:
+        """What epoch ``epoch`` (1-based) trains, and at what lr factor per group."""
         raise NotImplementedError
 
     def trains_backbone_ever(self) -> bool:
@@ -50,6 +53,8 @@ class Protocol:
 
 
 class Full(Protocol):
+    """Everything trains at the base lr from the first epoch."""
+
     name = "full"
 
     def plan(self, epoch: int) -> EpochPlan:
@@ -57,6 +62,8 @@ class Full(Protocol):
 
 
 class Linear(Protocol):
+    """A linear probe: only the head (or the U-Net decoder) ever trains."""
+
     name = "linear"
 
     def plan(self, epoch: int) -> EpochPlan:
@@ -67,6 +74,8 @@ class Linear(Protocol):
 
 
 class FrozenThenUnfrozen(Protocol):
+    """Head first with the backbone frozen, then everything with a growing lr (Wolf et al.)."""
+
     name = "frozen_then_unfrozen"
 
     def plan(self, epoch: int) -> EpochPlan:
@@ -83,12 +92,12 @@ class FrozenThenUnfrozen(Protocol):
         return int(self.settings["freeze_epochs"]) + 1
 
 
-PROTOCOLS: dict[str, type[Protocol]] = {cls.name: cls for cls in (Full, Linear, FrozenThenUnfrozen)}
+PROTOCOLS: Registry[type[Protocol]] = Registry(
+    "fine-tuning protocol", {cls.name: cls for cls in (Full, Linear, FrozenThenUnfrozen)}
+)
+"""The protocols by name (``finetune.protocol`` in the config)."""
 
 
 def make_protocol(settings: dict[str, Any]) -> Protocol:
-    """The protocol named by ``settings['protocol']``."""
-    name = settings["protocol"]
-    if name not in PROTOCOLS:
-        raise ValueError(f"finetune protocol {name!r} is not one of {sorted(PROTOCOLS)}")
-    return PROTOCOLS[name](settings)
+    """The protocol named by ``settings["protocol"]``; an unknown name lists the known ones."""
+    return PROTOCOLS[settings["protocol"]](settings)

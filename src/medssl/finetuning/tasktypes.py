@@ -1,8 +1,11 @@
-"""Task types of fine-tuning: outputs, targets, loss, probabilities and metrics, one class each.
+"""Task types of fine-tuning: outputs, targets, loss, probabilities and scores, one class each.
 
 The fine-tuning loop is the same for every task; what differs is registered
 here (:data:`TASK_TYPES`), so a new task type is one class and one registry
-line rather than branches in the loop.
+line rather than branches in the loop. The torch-free facts of a type (its
+metrics, how labels are encoded, whether they come from masks) are in
+:data:`medssl.core.task_types.TASK_TYPES`, under the same names; each class
+reads its metrics from there, so the two tables cannot disagree.
 
 * ``binary``: one logit, BCE with logits (``pos_weight`` = n_neg / n_pos when
   balanced); AUC, accuracy, F1 of the positive class.
@@ -13,7 +16,8 @@ line rather than branches in the loop.
   accuracy, macro F1. The partition stores the labels of a slice as a bit mask
   (bit j = ``columns[j]``), decoded here.
 * ``segmentation``: a U-Net on the encoder (:mod:`medssl.models.unet`), one logit per
-  pixel, soft-Dice (MONAI ``DiceLoss``), BCE, or their sum; per-slice Dice and IoU.
+  pixel, soft-Dice (MONAI ``DiceLoss``), BCE, or their sum (:data:`SEG_LOSSES`);
+  per-slice Dice and IoU.
 """
 
 from __future__ import annotations
@@ -24,7 +28,13 @@ import torch
 from torch import nn
 from torchvision.models.resnet import ResNet
 
-from medssl.finetuning.metrics import classification_metrics, multilabel_metrics, segmentation_metrics
+from medssl.core.registry import Registry
+from medssl.core.task_types import TaskTypeSpec, task_type_spec
+from medssl.finetuning.metrics import (
+    classification_metrics,
+    multilabel_metrics,
+    segmentation_metrics,
+)
 from medssl.models.backbones import feature_dim
 from medssl.models.unet import DEFAULT_DECODER_CHANNELS, ResNetUNet
 
@@ -38,9 +48,11 @@ class Classifier(nn.Module):
         self.head = nn.Linear(feature_dim(backbone), n_outputs)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The backbone's pooled features (what a frozen backbone computes without gradients)."""
         return self.backbone(images)
 
     def decode(self, features: torch.Tensor) -> torch.Tensor:
+        """The head on precomputed features."""
         return self.head(features)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -48,18 +60,36 @@ class Classifier(nn.Module):
 
 
 class TaskType:
-    """How one kind of task turns logits into a loss, probabilities and metrics."""
+    """How one kind of task turns logits into a loss, probabilities and metrics.
+
+    Methods take the resolved ``finetune`` settings
+    (:func:`medssl.finetuning.loop.resolve_settings`).
+    """
 
     name = ""
-    metrics: tuple[str, ...] = ()
-    """Test metrics written to metrics.json (and so to runs.csv)."""
     dense = False
     """True when targets and outputs are per-pixel maps (segmentation)."""
 
+    @property
+    def spec(self) -> TaskTypeSpec:
+        """The torch-free facts of this type (:mod:`medssl.core.task_types`)."""
+        return task_type_spec(self.name)
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """Test metrics written to metrics.json (and so to runs.csv)."""
+        return self.spec.metrics
+
     def n_outputs(self, task: dict[str, Any], n_codes: int) -> int:
+        """Outputs of the network for ``task`` whose partition has label codes 0..n_codes-1."""
         raise NotImplementedError
 
+    def codes_problem(self, task: dict[str, Any], n_codes: int) -> str | None:
+        """Why the partition's label codes cannot be this type's labels, or None when they can."""
+        return None
+
     def build_model(self, backbone: ResNet, n_outputs: int, settings: dict[str, Any]) -> nn.Module:
+        """The network to fine-tune: ``backbone`` plus what this type puts on it."""
         return Classifier(backbone, n_outputs)
 
     def targets(self, codes: torch.Tensor, n_outputs: int) -> torch.Tensor:
@@ -72,28 +102,45 @@ class TaskType:
         """The loss; ``targets`` are the training targets when class weights apply, else None."""
         raise NotImplementedError
 
-    def loss(self, criterion: nn.Module, logits: torch.Tensor, targets: torch.Tensor):
+    def loss(
+        self, criterion: nn.Module, logits: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor:
+        """``criterion`` applied to the network's raw outputs."""
         return criterion(logits, targets)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """What the metrics score: per-sample (or per-pixel) probabilities."""
         raise NotImplementedError
 
     def score(self, targets: torch.Tensor, probs: torch.Tensor) -> dict[str, Any]:
+        """Every metric of :attr:`metrics`, plus any detail this type records."""
         raise NotImplementedError
 
     def classes_missing(self, targets: torch.Tensor, n_outputs: int) -> bool:
         """True when a split lacks a class, so its AUC is undefined."""
         return False
 
+    def extra_metrics(self, task: dict[str, Any], test: dict[str, Any]) -> dict[str, Any]:
+        """Entries this type adds to metrics.json beside ``test`` (none by default)."""
+        return {}
+
 
 class Binary(TaskType):
-    name = "binary"
-    metrics = ("auc", "accuracy", "f1")
+    """One logit: the probability that the finding is present."""
 
-    def n_outputs(self, task, n_codes):
+    name = "binary"
+
+    def n_outputs(self, task: dict[str, Any], n_codes: int) -> int:
         return 1
 
-    def criterion(self, settings, targets, n_outputs):
+    def codes_problem(self, task: dict[str, Any], n_codes: int) -> str | None:
+        if n_codes != 2:
+            return f"binary task {task.get('name')!r} but partition labels are 0..{n_codes - 1}"
+        return None
+
+    def criterion(
+        self, settings: dict[str, Any], targets: torch.Tensor | None, n_outputs: int
+    ) -> nn.Module:
         weight = None
         if targets is not None:
             positives = int(targets.sum())
@@ -101,27 +148,32 @@ class Binary(TaskType):
             weight = torch.tensor([ratio], dtype=torch.float32, device=targets.device)
         return nn.BCEWithLogitsLoss(pos_weight=weight)
 
-    def loss(self, criterion, logits, targets):
+    def loss(
+        self, criterion: nn.Module, logits: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor:
         return criterion(logits.squeeze(1), targets.float())
 
-    def probabilities(self, logits):
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(logits.squeeze(1))
 
-    def score(self, targets, probs):
-        return classification_metrics("binary", targets.cpu().numpy(), probs.cpu().numpy())
+    def score(self, targets: torch.Tensor, probs: torch.Tensor) -> dict[str, Any]:
+        return classification_metrics(self.name, targets.cpu().numpy(), probs.cpu().numpy())
 
-    def classes_missing(self, targets, n_outputs):
+    def classes_missing(self, targets: torch.Tensor, n_outputs: int) -> bool:
         return len(torch.unique(targets)) < 2
 
 
 class Multiclass(TaskType):
-    name = "multiclass"
-    metrics = ("auc", "accuracy", "f1")
+    """K logits, one class per slice."""
 
-    def n_outputs(self, task, n_codes):
+    name = "multiclass"
+
+    def n_outputs(self, task: dict[str, Any], n_codes: int) -> int:
         return n_codes
 
-    def criterion(self, settings, targets, n_outputs):
+    def criterion(
+        self, settings: dict[str, Any], targets: torch.Tensor | None, n_outputs: int
+    ) -> nn.Module:
         weight = None
         if targets is not None:
             counts = torch.bincount(targets, minlength=n_outputs).float()
@@ -130,28 +182,31 @@ class Multiclass(TaskType):
             weight[present] = len(targets) / (int(present.sum()) * counts[present])
         return nn.CrossEntropyLoss(weight=weight)
 
-    def probabilities(self, logits):
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.softmax(logits, dim=1)
 
-    def score(self, targets, probs):
-        return classification_metrics("multiclass", targets.cpu().numpy(), probs.cpu().numpy())
+    def score(self, targets: torch.Tensor, probs: torch.Tensor) -> dict[str, Any]:
+        return classification_metrics(self.name, targets.cpu().numpy(), probs.cpu().numpy())
 
-    def classes_missing(self, targets, n_outputs):
+    def classes_missing(self, targets: torch.Tensor, n_outputs: int) -> bool:
         return len(torch.unique(targets)) < n_outputs
 
 
 class Multilabel(TaskType):
-    name = "multilabel"
-    metrics = ("auc", "accuracy", "f1")
+    """One logit per label column; the partition's code holds one bit per column."""
 
-    def n_outputs(self, task, n_codes):
+    name = "multilabel"
+
+    def n_outputs(self, task: dict[str, Any], n_codes: int) -> int:
         return len(task["columns"])
 
-    def targets(self, codes, n_outputs):
+    def targets(self, codes: torch.Tensor, n_outputs: int) -> torch.Tensor:
         bits = 2 ** torch.arange(n_outputs, device=codes.device)
         return ((codes.unsqueeze(1) & bits) > 0).float()
 
-    def criterion(self, settings, targets, n_outputs):
+    def criterion(
+        self, settings: dict[str, Any], targets: torch.Tensor | None, n_outputs: int
+    ) -> nn.Module:
         weight = None
         if targets is not None:
             positives = targets.sum(0)
@@ -159,15 +214,20 @@ class Multilabel(TaskType):
             weight = torch.where(positives > 0, ratio, torch.ones_like(ratio))
         return nn.BCEWithLogitsLoss(pos_weight=weight)
 
-    def probabilities(self, logits):
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(logits)
 
-    def score(self, targets, probs):
+    def score(self, targets: torch.Tensor, probs: torch.Tensor) -> dict[str, Any]:
         return multilabel_metrics(targets.cpu().numpy(), probs.cpu().numpy())
 
-    def classes_missing(self, targets, n_outputs):
+    def classes_missing(self, targets: torch.Tensor, n_outputs: int) -> bool:
         counts = targets.sum(0)
         return bool(((counts == 0) | (counts == len(targets))).all())
+
+    def extra_metrics(self, task: dict[str, Any], test: dict[str, Any]) -> dict[str, Any]:
+        # The mean AUC hides which finding the model misses; the per-label values keep it.
+        per_label = dict(zip(task["columns"], test["auc_per_label"], strict=True))
+        return {"test_auc_per_label": per_label}
 
 
 class SoftDiceBCE(nn.Module):
@@ -189,41 +249,47 @@ class SoftDiceBCE(nn.Module):
         return total
 
 
-class Segmentation(TaskType):
-    name = "segmentation"
-    metrics = ("dice", "iou")
-    dense = True
-    LOSSES = {"dice": (True, False), "bce": (False, True), "dice_bce": (True, True)}
+SEG_LOSSES: Registry[tuple[bool, bool]] = Registry(
+    "segmentation loss", {"dice": (True, False), "bce": (False, True), "dice_bce": (True, True)}
+)
+"""``finetune.seg_loss``: which terms of :class:`SoftDiceBCE` (Dice, BCE) the loss sums."""
 
-    def n_outputs(self, task, n_codes):
+
+class Segmentation(TaskType):
+    """A U-Net on the backbone, one logit per pixel; targets are the task's masks."""
+
+    name = "segmentation"
+    dense = True
+
+    def n_outputs(self, task: dict[str, Any], n_codes: int) -> int:
         return 1
 
-    def build_model(self, backbone, n_outputs, settings):
-        channels = settings.get("decoder_channels") or DEFAULT_DECODER_CHANNELS
+    def build_model(self, backbone: ResNet, n_outputs: int, settings: dict[str, Any]) -> nn.Module:
+        channels = settings["decoder_channels"] or DEFAULT_DECODER_CHANNELS
         return ResNetUNet(backbone, n_outputs, channels)
 
-    def criterion(self, settings, targets, n_outputs):
-        loss = settings.get("seg_loss", "dice")
-        if loss not in self.LOSSES:
-            raise ValueError(f"seg_loss {loss!r} is not one of {sorted(self.LOSSES)}")
-        return SoftDiceBCE(*self.LOSSES[loss])
+    def criterion(
+        self, settings: dict[str, Any], targets: torch.Tensor | None, n_outputs: int
+    ) -> nn.Module:
+        # Class weights are for label tables; a mask's pixels are not weighted, so no targets.
+        return SoftDiceBCE(*SEG_LOSSES[settings["seg_loss"]])
 
-    def probabilities(self, logits):
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(logits[:, 0])
 
-    def score(self, targets, probs):
+    def score(self, targets: torch.Tensor, probs: torch.Tensor) -> dict[str, Any]:
         return segmentation_metrics(targets[:, 0].cpu(), probs.cpu())
 
 
-TASK_TYPES: dict[str, TaskType] = {
-    t.name: t for t in (Binary(), Multiclass(), Multilabel(), Segmentation())
-}
+TASK_TYPES: Registry[TaskType] = Registry(
+    "task type", {t.name: t for t in (Binary(), Multiclass(), Multilabel(), Segmentation())}
+)
+"""The training behaviour of every task type, under the names of
+:data:`medssl.core.task_types.TASK_TYPES` (a test keeps the two equal)."""
 
 
 def task_type(name: str) -> TaskType:
-    """The registered task type ``name``; the error lists the known ones."""
-    if name not in TASK_TYPES:
-        raise ValueError(f"task type {name!r} is not one of {sorted(TASK_TYPES)}")
+    """The registered task type ``name``; an unknown name lists the known ones."""
     return TASK_TYPES[name]
 
 

@@ -78,13 +78,13 @@ def build_backbone(name: str, in_channels: int) -> ResNet:
     """
     model = BACKBONES[name]()
     if in_channels != model.conv1.in_channels:
-        old = model.conv1
+        stem = model.conv1
         model.conv1 = nn.Conv2d(
             in_channels,
-            old.out_channels,
-            kernel_size=old.kernel_size,
-            stride=old.stride,
-            padding=old.padding,
+            stem.out_channels,
+            kernel_size=stem.kernel_size,
+            stride=stem.stride,
+            padding=stem.padding,
             bias=False,
         )
         nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")

@@ -199,8 +199,11 @@ def import_checkpoint(
     stem: str = IMPORT_DEFAULTS["stem"],
     in_channels: int = IMPORT_DEFAULTS["in_channels"],
 ) -> dict[str, Any]:
-    """Import ``checkpoint`` and write the encoder and its sidecar to ``out``; returns the sidecar's
-    import facts (source file and digest, load report, provenance)."""
+    """Import ``checkpoint`` and write the encoder and its sidecar to ``out``.
+
+    Returns the facts the sidecar adds about the import (source file and its
+    digest, load report, provenance), so a caller can log or check them.
+    """
     checkpoint = Path(checkpoint)
     model, report = import_encoder(checkpoint, fmt, backbone, stem, in_channels)
     settings = {"format": fmt, "backbone": backbone, "stem": stem, "in_channels": in_channels}

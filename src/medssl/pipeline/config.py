@@ -18,6 +18,7 @@ from typing import Any
 import jsonschema
 import yaml
 
+from medssl.core.task_types import task_type_spec
 from medssl.pipeline.paths import check_outputs
 
 SCHEMA_PATH = Path(__file__).resolve().parents[3] / "workflow" / "schemas" / "config.schema.yaml"
@@ -109,15 +110,6 @@ def validate_config(config: dict, schema_path: str | Path = SCHEMA_PATH) -> dict
     return config
 
 
-TASK_METRICS: dict[str, tuple[str, ...]] = {
-    "binary": ("auc", "accuracy", "f1"),
-    "multiclass": ("auc", "accuracy", "f1"),
-    "multilabel": ("auc", "accuracy", "f1"),
-    "segmentation": ("dice", "iou"),
-}
-"""Test metrics per task type, kept equal to ``medssl.finetuning.tasktypes`` by a test (no torch here)."""
-
-
 def check_references(config: dict) -> Iterator[str]:
     """Yield one message per cross-reference the schema cannot check."""
     yield from check_outputs(config)
@@ -131,39 +123,7 @@ def check_references(config: dict) -> Iterator[str]:
             if not labels.is_file():
                 yield f"data.datasets.{name}.labels: file {str(labels)!r} does not exist"
     for name, task in config["tasks"].items():
-        if task["dataset"] not in datasets:
-            yield (
-                f"tasks.{name}.dataset: {task['dataset']!r} is not a dataset; "
-                f"choose one of {sorted(datasets)}"
-            )
-        allowed = TASK_METRICS[task["type"]]
-        if task["metric"] not in allowed:
-            kind = task["type"]
-            yield f"tasks.{name}.metric: {task['metric']!r} is not a {kind} metric {allowed}"
-        select = config["finetune"]["select_metric"]
-        if select not in ("auto", "loss", *allowed):
-            yield (
-                f"finetune.select_metric: {select!r} is not a metric of task {name!r} "
-                f"({task['type']}: {allowed}); use auto"
-            )
-        masks = task.get("masks")
-        if (
-            masks
-            and "path" not in masks
-            and datasets.get(task["dataset"], {}).get("source") != ("synthetic")
-        ):
-            yield f"tasks.{name}.masks.path: required for a dataset of source dicom"
-        size = config["data"].get("convert", {}).get("image_size")
-        if task["type"] == "segmentation" and size is not None and size % 32:
-            yield (
-                f"tasks.{name}: the U-Net needs slices a multiple of 32 pixels wide; "
-                f"data.convert.image_size is {size}"
-            )
-        if config["finetune"]["tta"] == "ten_crop" and task["type"] == "segmentation":
-            yield f"finetune.tta: ten_crop is for classification, task {name!r} is segmentation"
-        split = task["split"]
-        if split["val"] + split["test"] >= 1:
-            yield f"tasks.{name}.split: val + test must leave patients for training (< 1)"
+        yield from _check_task(config, name, task)
     pretrain = config["pretrain"]
     if pretrain["dataset"] not in datasets:
         yield (
@@ -171,6 +131,41 @@ def check_references(config: dict) -> Iterator[str]:
             f"choose one of {sorted(datasets)}"
         )
     yield from _check_inits(config)
+
+
+def _check_task(config: dict, name: str, task: dict) -> Iterator[str]:
+    """The cross-references of one task: its dataset, metrics, masks and split."""
+    datasets = config["data"]["datasets"]
+    if task["dataset"] not in datasets:
+        yield (
+            f"tasks.{name}.dataset: {task['dataset']!r} is not a dataset; "
+            f"choose one of {sorted(datasets)}"
+        )
+    spec = task_type_spec(task["type"])
+    allowed = spec.metrics
+    if task["metric"] not in allowed:
+        yield f"tasks.{name}.metric: {task['metric']!r} is not a {spec.name} metric {allowed}"
+    select = config["finetune"]["select_metric"]
+    if select not in ("auto", "loss", *allowed):
+        yield (
+            f"finetune.select_metric: {select!r} is not a metric of task {name!r} "
+            f"({spec.name}: {allowed}); use auto"
+        )
+    masks = task.get("masks")
+    source = datasets.get(task["dataset"], {}).get("source")
+    if masks and "path" not in masks and source != "synthetic":
+        yield f"tasks.{name}.masks.path: required for a dataset of source {source}"
+    size = config["data"].get("convert", {}).get("image_size")
+    if spec.dense and size is not None and size % 32:
+        yield (
+            f"tasks.{name}: the U-Net needs slices a multiple of 32 pixels wide; "
+            f"data.convert.image_size is {size}"
+        )
+    if config["finetune"]["tta"] == "ten_crop" and spec.dense:
+        yield f"finetune.tta: ten_crop is for classification, task {name!r} is {spec.name}"
+    split = task["split"]
+    if split["val"] + split["test"] >= 1:
+        yield f"tasks.{name}.split: val + test must leave patients for training (< 1)"
 
 
 INIT_KEYS = {

@@ -42,13 +42,11 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Dataset
 
-from medssl.pretraining import distributed
-from medssl.pretraining import optimizers
-from medssl.pretraining import syncbn
-from medssl.pretraining.augment import seed_worker
 from medssl.core.faults import fault_point
 from medssl.core.files import atomic_path, write_csv
 from medssl.core.registry import look_up
+from medssl.pretraining import distributed, optimizers, syncbn
+from medssl.pretraining.augment import seed_worker
 from medssl.pretraining.methods.base import Method
 
 log = logging.getLogger(__name__)
@@ -130,7 +128,10 @@ def scaled_lr(settings: Mapping[str, Any]) -> float:
 
 
 def build_optimizer(method: Method, settings: Mapping[str, Any]) -> Optimizer:
-    """The optimiser named by ``settings['optimizer']`` (:data:`medssl.pretraining.optimizers.OPTIMIZERS`)."""
+    """The optimiser named by ``settings['optimizer']``.
+
+    The names are those of :data:`medssl.pretraining.optimizers.OPTIMIZERS`.
+    """
     return optimizers.build(
         settings["optimizer"], method.optimizer_groups(), scaled_lr(settings), settings
     )
@@ -308,3 +309,360 @@ def _epoch_loader(
     return loader, generator
 
 
+def _write_history(directory: Path, history: list[dict[str, float]]) -> None:
+    if distributed.rank() == 0:
+        write_csv(directory / HISTORY_NAME, pd.DataFrame(history, columns=HISTORY_COLUMNS))
+
+
+def _precision(config: Mapping[str, Any], device: torch.device) -> bool:
+    """True for bf16 autocast plus channels_last, False for plain fp32."""
+    precision = config["precision"]
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def _wrap(method: Method, device: torch.device) -> torch.nn.Module:
+    """``method`` itself in one process; under DDP with global BatchNorm statistics first."""
+    if not distributed.active():
+        return method
+    if method.sync_batch_norm:
+        syncbn.synchronize(method)
+    # Buffers are kept equal across ranks by the methods themselves (global
+    # BatchNorm statistics, queues filled from every rank's keys), so DDP need
+    # not copy rank 0's to all ranks before every forward.
+    with warnings.catch_warnings():
+        # torch 2.9+ suggests forward_sync_buffers, which still syncs at init
+        # and is not in older releases; broadcast_buffers=False is what is meant.
+        warnings.filterwarnings("ignore", message=".*broadcast_buffers", category=FutureWarning)
+        return DistributedDataParallel(
+            method,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False,
+            find_unused_parameters=method.ddp_find_unused_parameters,
+        )
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How many optimiser steps a run takes: the schedule's and the checkpoints' clock."""
+
+    epochs: int
+    batch_size: int
+    """The global batch, over every DDP rank."""
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+
+def plan_steps(config: Mapping[str, Any], n_samples: int, world: int = 1) -> StepPlan:
+    """The :class:`StepPlan` of resolved trainer ``config`` on ``n_samples`` over ``world`` ranks.
+
+    Incomplete batches are dropped, so a pool smaller than one batch would
+    train on nothing; that is refused with the settings to change.
+    """
+    epochs = int(config["epochs"])
+    batch_size = int(config["batch_size"])
+    if batch_size % world:
+        raise ValueError(f"batch_size {batch_size} is not divisible by the {world} processes")
+    steps_per_epoch = n_samples // batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"{n_samples} pre-training samples are fewer than batch_size {batch_size}; "
+            "lower pretrain.batch_size or raise max_samples"
+        )
+    return StepPlan(
+        epochs=epochs,
+        batch_size=batch_size,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=epochs * steps_per_epoch,
+        warmup_steps=round(float(config["warmup_epochs"]) * steps_per_epoch),
+    )
+
+
+@dataclass
+class _Run:
+    """What every epoch of one :func:`train` call shares, set up once by :func:`_set_up`."""
+
+    method: Method
+    model: torch.nn.Module
+    """``method``, or its DDP wrapper: what the forward pass goes through."""
+    optimizer: Optimizer
+    scheduler: LambdaLR
+    config: dict[str, Any]
+    plan: StepPlan
+    dataset: Dataset
+    device: torch.device
+    bf16: bool
+    seed: int
+    num_workers: int
+    rank: int
+    world: int
+    checkpoint_path: Path
+    fingerprint_text: str
+    result: TrainResult
+
+    @property
+    def rank_key(self) -> int | None:
+        """The rank in the seeds of per-rank streams; None in one process (its streams stay)."""
+        return self.rank if self.world > 1 else None
+
+    @property
+    def check_every(self) -> int:
+        """Steps between NaN checks.
+
+        A check reads the loss back from the device; on CUDA it runs every few
+        steps instead of every step so the GPU is not stalled each iteration.
+        """
+        return 25 if self.device.type == "cuda" else 1
+
+
+def _set_up(
+    method: Method,
+    dataset: Dataset,
+    config: dict[str, Any],
+    checkpoint_path: Path,
+    device: torch.device,
+    seed: int,
+    num_workers: int,
+    fingerprint: Mapping[str, Any] | None,
+) -> _Run:
+    """Place the method, build optimiser and schedule, and resume from a matching checkpoint."""
+    world, rank = distributed.world_size(), distributed.rank()
+    plan = plan_steps(config, len(dataset), world)
+    bf16 = _precision(config, device)
+    method.to(device)
+    if bf16:
+        method.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(method, config)
+    scheduler = LambdaLR(
+        optimizer,
+        warmup_cosine(plan.warmup_steps, plan.total_steps, float(config["final_lr_fraction"])),
+    )
+    fingerprint_text = _fingerprint_text(fingerprint)
+    result = _resume(checkpoint_path, fingerprint_text, method, optimizer, scheduler, plan.epochs)
+    return _Run(
+        method=method,
+        model=_wrap(method, device),
+        optimizer=optimizer,
+        scheduler=scheduler,
+        config=config,
+        plan=plan,
+        dataset=dataset,
+        device=device,
+        bf16=bf16,
+        seed=seed,
+        num_workers=num_workers,
+        rank=rank,
+        world=world,
+        checkpoint_path=checkpoint_path,
+        fingerprint_text=fingerprint_text,
+        result=result,
+    )
+
+
+def _resume(
+    checkpoint_path: Path,
+    fingerprint_text: str,
+    method: Method,
+    optimizer: Optimizer,
+    scheduler: LambdaLR,
+    epochs: int,
+) -> TrainResult:
+    """An empty result, or one resumed from the checkpoint of the same run.
+
+    Resuming restores the model, optimiser, scheduler and global RNG states;
+    a checkpoint of another fingerprint is ignored with a warning.
+    """
+    result = TrainResult()
+    if not checkpoint_path.exists():
+        return result
+    state = load_checkpoint(checkpoint_path)
+    if state.get("fingerprint") != fingerprint_text:
+        log.warning(
+            "%s was written by a different configuration; starting from scratch", checkpoint_path
+        )
+        return result
+    method.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    result.resumed_from = int(state["epoch"])
+    result.history = [dict(row) for row in state["history"]]
+    log.info("resuming from %s at epoch %d of %d", checkpoint_path, result.resumed_from, epochs)
+    return result
+
+
+def _optimisation_step(run: _Run, views: list[torch.Tensor], global_step: int) -> torch.Tensor:
+    """One forward, backward and optimiser step on one batch of views; returns the loss."""
+    views = [view.to(run.device, non_blocking=True) for view in views]
+    if run.bf16:
+        views = [view.contiguous(memory_format=torch.channels_last) for view in views]
+    config, plan = run.config, run.plan
+    set_weight_decay(
+        run.optimizer,
+        weight_decay_at(
+            global_step, plan.total_steps, float(config["weight_decay"]), config["weight_decay_end"]
+        ),
+    )
+    autocast = (
+        torch.autocast(device_type=run.device.type, dtype=torch.bfloat16)
+        if run.bf16
+        else nullcontext()
+    )
+    with autocast:
+        loss = run.model(views)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if config["grad_clip"] is not None:
+        torch.nn.utils.clip_grad_norm_(run.method.parameters(), float(config["grad_clip"]))
+    run.optimizer.step()
+    run.scheduler.step()
+    run.method.on_step_end(global_step + 1, plan.total_steps)
+    fault_point("pretrain.step")
+    return loss
+
+
+def _train_epoch(run: _Run, epoch: int) -> torch.Generator:
+    """Train 0-based ``epoch`` and append its history row; returns its order generator."""
+    run.method.train()
+    run.method.on_epoch_start(epoch)
+    torch.manual_seed(epoch_seed(run.seed, epoch, 2, run.rank_key))
+    loader, generator = _epoch_loader(
+        run.dataset,
+        run.plan.batch_size,
+        run.seed,
+        epoch,
+        run.num_workers,
+        run.device.type == "cuda",
+        run.rank,
+        run.world,
+    )
+    steps_per_epoch = run.plan.steps_per_epoch
+    started = time.perf_counter()
+    waited = 0.0
+    loss_sum = torch.zeros((), device=run.device)
+    steps = 0
+    batches = iter(loader)
+    for step_in_epoch in range(steps_per_epoch):
+        # Host time blocked on the loader; on a GPU an upper bound on the
+        # time the device starves, since the host usually runs ahead.
+        before = time.perf_counter()
+        views = next(batches)
+        waited += time.perf_counter() - before
+        loss = _optimisation_step(run, views, epoch * steps_per_epoch + step_in_epoch)
+        loss_sum += loss.detach().float()
+        steps += 1
+        if steps % run.check_every == 0 or steps == steps_per_epoch:
+            _check_finite(distributed.mean(loss_sum), epoch + 1, steps, run.checkpoint_path)
+    seconds = time.perf_counter() - started
+    row = _history_row(run, epoch, loss_sum, waited / seconds, steps, seconds)
+    run.result.history.append(row)
+    log.info(
+        "epoch %d/%d loss %.4f lr %.3g %.1f images/s, %.1f %% waiting for data",
+        epoch + 1,
+        run.plan.epochs,
+        row["loss"],
+        row["lr"],
+        row["images_per_s"],
+        100 * row["data_wait_fraction"],
+    )
+    return generator
+
+
+def _history_row(
+    run: _Run,
+    epoch: int,
+    loss_sum: torch.Tensor,
+    wait_fraction: float,
+    steps: int,
+    seconds: float,
+) -> dict[str, float]:
+    """The ``history.csv`` row of 0-based ``epoch``; loss and data wait are means over ranks."""
+    decaying = [g for g in run.optimizer.param_groups if not g.get("lars_exclude", False)]
+    return {
+        "epoch": epoch + 1,
+        "loss": float(distributed.mean(loss_sum)) / steps,
+        "lr": float(run.optimizer.param_groups[0]["lr"]),
+        "weight_decay": float(decaying[0]["weight_decay"]) if decaying else 0.0,
+        "images_per_s": steps * run.plan.batch_size / seconds,
+        "seconds": seconds,
+        "data_wait_fraction": float(
+            distributed.mean(torch.tensor(wait_fraction, device=run.device))
+        ),
+    }
+
+
+def _checkpoint_if_due(run: _Run, epochs_done: int, generator: torch.Generator) -> None:
+    """On rank 0, every ``checkpoint_every`` epochs and after the last, save the run's state."""
+    if run.rank != 0:
+        return
+    if epochs_done % int(run.config["checkpoint_every"]) and epochs_done != run.plan.epochs:
+        return
+    save_checkpoint(
+        run.checkpoint_path,
+        {
+            "model": run.method.state_dict(),
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
+            "epoch": epochs_done,
+            "history": run.result.history,
+            # "data" is a record only: each epoch's order generator is
+            # reseeded from (seed, epoch), which is what makes resuming exact.
+            "rng": {**rng_state(), "data": generator.get_state()},
+            "fingerprint": run.fingerprint_text,
+        },
+    )
+    fault_point("pretrain.checkpoint_saved")
+
+
+def train(
+    method: Method,
+    dataset: Dataset,
+    settings: Mapping[str, Any],
+    *,
+    checkpoint_dir: str | Path,
+    seed: int,
+    device: torch.device | str = "cpu",
+    num_workers: int = 0,
+    fingerprint: Mapping[str, Any] | None = None,
+) -> TrainResult:
+    """Train ``method`` on ``dataset`` (items: lists of views), resuming if a checkpoint exists.
+
+    ``settings`` are the trainer keys over the method's ``optim_recipe``
+    (:func:`train_settings`). ``fingerprint`` describes the run (method,
+    settings, seed, data); a checkpoint written under a different fingerprint
+    is not resumed from, because continuing another configuration's weights
+    would silently mix two experiments. Raises :class:`NonFiniteLossError`
+    when the loss is NaN/inf. Under DDP every rank calls this with the same
+    arguments; the process group must be initialised (:func:`medssl.pretraining.distributed.init`).
+    """
+    config = train_settings(settings, method.optim_recipe)
+    directory = Path(checkpoint_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    run = _set_up(
+        method,
+        dataset,
+        config,
+        directory / CHECKPOINT_NAME,
+        torch.device(device),
+        seed,
+        num_workers,
+        fingerprint,
+    )
+    for epoch in range(run.result.resumed_from, run.plan.epochs):
+        generator = _train_epoch(run, epoch)
+        _checkpoint_if_due(run, epoch + 1, generator)
+        _write_history(directory, run.result.history)
+    if run.result.resumed_from == run.plan.epochs:
+        _write_history(directory, run.result.history)
+    distributed.barrier()
+    return run.result
+
+
+def _check_finite(loss_sum: torch.Tensor, epoch: int, step: int, checkpoint: Path) -> None:
+    """Raise :class:`NonFiniteLossError` if any loss summed so far is NaN or infinite."""
+    if not bool(torch.isfinite(loss_sum)):
+        raise NonFiniteLossError(
+            f"pre-training loss became {float(loss_sum)} at epoch {epoch}, step {step} "
+            f"(checked every few steps on GPU); the last good checkpoint, if any, is "
+            f"{checkpoint}. Lower pretrain.lr, set pretrain.grad_clip, or check the data."
+        )

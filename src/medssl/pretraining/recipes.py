@@ -1,33 +1,20 @@
-"""Stage ``pretrain``: self-supervised pre-training of an encoder on the unlabelled pool.
-
-::
-
-    python -m medssl.pretrain --method simclr --data results/data/lidc.h5 \\
-        --settings '<pretrain section as JSON>' --seed 0 \\
-        --out results/init/simclr/encoder.pt --checkpoint-dir results/pretrain/simclr \\
-        [--threads N] [--device auto|cpu|cuda] [--num-workers N] [--init-encoder PATH] [--nproc N]
-
-``--nproc N`` (alias ``--gpus``) with N > 1 restarts the command as N
-processes under ``torch.distributed.run`` on this node: one per GPU (NCCL),
-or N gloo processes on CPU. A job started by torchrun itself (several
-nodes under ``srun``) needs no flag: the process group comes from torchrun's
-environment. ``batch_size`` is the global batch in every case.
+"""Self-supervised pre-training of an encoder on the unlabelled pool (stage ``pretrain``).
 
 Every slice of the HDF5 file is used (or a seeded random ``max_samples``
 subset for quick runs); no label is read. The checkpoint directory holds
 ``checkpoint.pt`` and ``history.csv``; a rerun resumes from the checkpoint.
 The encoder is exported only after training finished with a finite loss.
-With ``--init-encoder`` (continual, domain-adaptive pre-training) the backbone
+With ``init_encoder`` (continual, domain-adaptive pre-training) the backbone
 starts from that encoder file, whose sidecar decides the backbone and stem,
-instead of from random weights.
+instead of from random weights. Under DDP (:mod:`medssl.pretraining.distributed`)
+every rank runs :func:`pretrain`; ``batch_size`` is the global batch.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,16 +23,18 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from medssl.datasets import hdf5 as data
-from medssl.pretraining import distributed
-from medssl.models import backbones as models
+from medssl.cli import resolve_device
 from medssl.core import provenance
-from medssl.pretraining.augment import MultiViewDataset
-from medssl.cli import json_arg, resolve_device, set_threads, setup_logging
-from medssl.pipeline.codedeps import code_digest
-from medssl.pretraining.methods import METHODS, build_method
+from medssl.core.registry import look_up
 from medssl.core.seeding import seed_everything
-from medssl.pretraining.loop import NonFiniteLossError, train
+from medssl.datasets import hdf5 as data
+from medssl.models import backbones as models
+from medssl.pipeline.codedeps import code_digest
+from medssl.pretraining import distributed
+from medssl.pretraining.augment import MultiViewDataset
+from medssl.pretraining.loop import TrainResult, train
+from medssl.pretraining.methods import build_method, method_module
+from medssl.pretraining.methods.base import Method
 
 OPTIM_KEYS = frozenset(
     {
@@ -61,6 +50,14 @@ OPTIM_KEYS = frozenset(
     }
 )
 """Trainer keys a method's ``optim`` sub-section may set for that method alone."""
+
+PRETRAIN_DEFAULTS: dict[str, Any] = {
+    "backbone": "resnet_small",
+    "max_samples": None,
+    "augment": {},
+}
+"""Values of the ``pretrain`` keys this module reads when the settings lack them
+(trainer keys: :data:`medssl.pretraining.loop.TRAINER_DEFAULTS`)."""
 
 log = logging.getLogger(__name__)
 
@@ -114,16 +111,105 @@ def split_method_settings(
 
     The trainer settings are the shared ``pretrain`` keys overridden by
     ``pretrain.<method>.optim``; keys neither sets come from the method's
-    recipe of the original's optimiser (:attr:`medssl.pretraining.methods.Method.optim_recipe`).
+    recipe of the original's optimiser
+    (:attr:`medssl.pretraining.methods.base.Method.optim_recipe`).
     """
     method_settings = dict(settings.get(method) or {})
     optim = dict(method_settings.pop("optim", None) or {})
-    unknown = sorted(set(optim) - OPTIM_KEYS)
-    if unknown:
-        raise KeyError(
-            f"pretrain.{method}.optim has unknown keys {unknown}; allowed: {sorted(OPTIM_KEYS)}"
-        )
+    for key in sorted(set(optim) - OPTIM_KEYS):
+        look_up(f"pretrain.{method}.optim key", key, OPTIM_KEYS)
     return method_settings, {**settings, **optim}
+
+
+@dataclass(frozen=True)
+class Start:
+    """The network a run begins with: a fresh backbone or that of an encoder file."""
+
+    backbone: nn.Module
+    backbone_name: str
+    sidecar: dict[str, Any] | None
+    """The start encoder's sidecar; None for random weights."""
+
+
+def start_backbone(
+    settings: Mapping[str, Any], channels: int, init_encoder: str | Path | None
+) -> Start:
+    """Random ``settings['backbone']`` weights, or the backbone of encoder file ``init_encoder``."""
+    if init_encoder is None:
+        name = settings.get("backbone", PRETRAIN_DEFAULTS["backbone"])
+        return Start(models.build_backbone(name, channels), name, None)
+    backbone, sidecar = start_from_encoder(init_encoder, channels)
+    return Start(backbone, sidecar["backbone"], sidecar)
+
+
+def start_from_encoder(path: str | Path, channels: int) -> tuple[nn.Module, dict[str, Any]]:
+    """The backbone of encoder file ``path`` and its sidecar; it must take ``channels`` inputs."""
+    backbone, info = models.load_encoder(path)
+    if int(info["in_channels"]) != channels:
+        raise ValueError(
+            f"{path}: encoder takes {info['in_channels']} input channels, the pool has {channels}"
+        )
+    log.info("starting from encoder %s (%s)", path, info.get("method", info["backbone"]))
+    return backbone, info
+
+
+def view_dataset(
+    model: Method,
+    settings: Mapping[str, Any],
+    seed: int,
+    data_path: str | Path,
+    indices: np.ndarray,
+) -> MultiViewDataset:
+    """The pool as lists of the method's views (its augmentation keys over ``pretrain.augment``)."""
+    augment = {
+        **(settings.get("augment") or PRETRAIN_DEFAULTS["augment"]),
+        **model.augment_overrides(),
+    }
+    views = model.make_views(augment, seed)
+    return MultiViewDataset(image_pool(data_path, indices), views)
+
+
+def run_fingerprint(
+    method: str,
+    settings: Mapping[str, Any],
+    seed: int,
+    data_path: str | Path,
+    indices: np.ndarray,
+    init_encoder: str | Path | None,
+    world_size: int,
+) -> dict[str, Any]:
+    """What makes a checkpoint resumable: the same settings, seed, pool file and code.
+
+    A finished run's checkpoint is thus never "resumed" after an edit that
+    Snakemake reruns the job for. The code is the stage's and the method's own
+    module (which the stage imports by name, out of reach of static imports).
+    """
+    data_stat = Path(data_path).stat()
+    fingerprint = {
+        "method": method,
+        "settings": settings,
+        "seed": seed,
+        "n_samples": len(indices),
+        "image_shape": list(data.image_shape(data_path)),
+        "data": {"size": data_stat.st_size, "mtime_ns": data_stat.st_mtime_ns},
+        "code": code_digest("pretrain", method_module(method).removeprefix("medssl.")),
+        "init_encoder": None if init_encoder is None else _file_stamp(init_encoder),
+    }
+    if world_size > 1:
+        # Another process count trains on other per-rank streams: not the same run.
+        fingerprint["world_size"] = world_size
+    return fingerprint
+
+
+def _warn_about_process_count(settings: Mapping[str, Any], world_size: int) -> None:
+    """``pretrain.gpus`` is a resource request; a job that got another count says so."""
+    if int(settings.get("gpus", world_size)) != world_size:
+        log.warning(
+            "pretrain.gpus is %s but this job runs %d process(es); pass --nproc %s",
+            settings["gpus"],
+            world_size,
+            settings["gpus"],
+        )
 
 
 def pretrain(
@@ -145,32 +231,24 @@ def pretrain(
     Raises :class:`medssl.pretraining.loop.NonFiniteLossError` (and writes no encoder)
     when the loss diverges.
     """
-    if method not in METHODS:
-        raise KeyError(f"unknown method {method!r}; registered: {sorted(METHODS)}")
+    method_module(method)  # an unknown method fails here, before any work
     settings = dict(settings)
     method_settings, train_settings = split_method_settings(method, settings)
     ctx, torch_device = distributed.init(resolve_device(device))
     # The same seed on every rank: identical initial weights (DDP also
     # broadcasts rank 0's); the trainer gives each rank its own data streams.
     seed_everything(seed)
-    backbone_name = settings.get("backbone", "resnet_small")
     indices = pool_indices(data_path, settings.get("max_samples"), seed)
     channels, height, width = data.image_shape(data_path)
-    start: dict[str, Any] | None = None
-    if init_encoder is None:
-        backbone = models.build_backbone(backbone_name, channels)
-    else:
-        backbone, start = start_from_encoder(init_encoder, channels)
-        backbone_name = start["backbone"]
-        settings["backbone"] = backbone_name
-    model = build_method(method, backbone, method_settings)
-    augment = {**(settings.get("augment") or {}), **model.augment_overrides()}
-    views = model.make_views(augment, seed)
-    dataset = MultiViewDataset(image_pool(data_path, indices), views)
+    start = start_backbone(settings, channels, init_encoder)
+    if start.sidecar is not None:
+        settings["backbone"] = start.backbone_name
+    model = build_method(method, start.backbone, method_settings)
+    dataset = view_dataset(model, settings, seed, data_path, indices)
     log.info(
         "pre-training %s (%s) on %d slices of %dx%dx%d from %s on %s",
         method,
-        backbone_name,
+        start.backbone_name,
         len(dataset),
         channels,
         height,
@@ -178,30 +256,10 @@ def pretrain(
         data_path,
         torch_device,
     )
-    data_stat = Path(data_path).stat()
-    # A checkpoint is resumed only by the same job: same settings and seed, the
-    # same pool file and the same code. A finished run's checkpoint is thus never
-    # "resumed" after an edit that Snakemake reruns the job for.
-    fingerprint = {
-        "method": method,
-        "settings": settings,
-        "seed": seed,
-        "n_samples": len(indices),
-        "image_shape": [channels, height, width],
-        "data": {"size": data_stat.st_size, "mtime_ns": data_stat.st_mtime_ns},
-        "code": code_digest("pretrain"),
-        "init_encoder": None if init_encoder is None else _file_stamp(init_encoder),
-    }
-    if ctx.world_size > 1:
-        # Another process count trains on other per-rank streams: not the same run.
-        fingerprint["world_size"] = ctx.world_size
-    if int(settings.get("gpus", ctx.world_size)) != ctx.world_size:
-        log.warning(
-            "pretrain.gpus is %s but this job runs %d process(es); pass --nproc %s",
-            settings["gpus"],
-            ctx.world_size,
-            settings["gpus"],
-        )
+    fingerprint = run_fingerprint(
+        method, settings, seed, data_path, indices, init_encoder, ctx.world_size
+    )
+    _warn_about_process_count(settings, ctx.world_size)
     result = train(
         model,
         dataset,
@@ -212,109 +270,37 @@ def pretrain(
         num_workers=num_workers,
         fingerprint=fingerprint,
     )
-    info = {
-        "method": method,
-        "epochs": len(result.history),
-        "final_loss": result.final_loss,
-        "loss_history": [row["loss"] for row in result.history],
-        "n_samples": len(indices),
-        "init_encoder": None if start is None else {"path": str(init_encoder), "sidecar": start},
-        "provenance": provenance.record("pretrain", settings, seed),
-    }
+    info = encoder_info(method, settings, seed, result, len(indices), init_encoder, start)
     if ctx.is_main:
-        models.save_encoder(model.encoder().cpu(), out, backbone_name, info)
+        models.save_encoder(model.encoder().cpu(), out, start.backbone_name, info)
         log.info("wrote %s (final loss %.4f)", out, result.final_loss)
     distributed.barrier()
     return info
 
 
-def start_from_encoder(path: str | Path, channels: int) -> tuple[nn.Module, dict[str, Any]]:
-    """The backbone of encoder file ``path`` and its sidecar; it must take ``channels`` inputs."""
-    backbone, info = models.load_encoder(path)
-    if int(info["in_channels"]) != channels:
-        raise ValueError(
-            f"{path}: encoder takes {info['in_channels']} input channels, the pool has {channels}"
-        )
-    log.info("starting from encoder %s (%s)", path, info.get("method", info["backbone"]))
-    return backbone, info
+def encoder_info(
+    method: str,
+    settings: Mapping[str, Any],
+    seed: int,
+    result: TrainResult,
+    n_samples: int,
+    init_encoder: str | Path | None,
+    start: Start,
+) -> dict[str, Any]:
+    """What the encoder's sidecar records about its pre-training."""
+    return {
+        "method": method,
+        "epochs": len(result.history),
+        "final_loss": result.final_loss,
+        "loss_history": [row["loss"] for row in result.history],
+        "n_samples": n_samples,
+        "init_encoder": (
+            None if start.sidecar is None else {"path": str(init_encoder), "sidecar": start.sidecar}
+        ),
+        "provenance": provenance.record("pretrain", settings, seed),
+    }
 
 
 def _file_stamp(path: str | Path) -> dict[str, Any]:
     stat = Path(path).stat()
     return {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The stage's command line."""
-    parser = argparse.ArgumentParser(prog="python -m medssl.pretrain", description=__doc__)
-    parser.add_argument("--method", required=True, help=f"one of {sorted(METHODS)}")
-    parser.add_argument("--data", required=True, type=Path, help="converted HDF5 pool")
-    parser.add_argument("--settings", required=True, type=json_arg, help="pretrain section (JSON)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", required=True, type=Path, help="encoder file to write")
-    parser.add_argument("--checkpoint-dir", required=True, type=Path)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
-    parser.add_argument(
-        "--init-encoder", type=Path, default=None, help="encoder.pt to start the backbone from"
-    )
-    parser.add_argument(
-        "--nproc",
-        "--gpus",
-        dest="nproc",
-        type=int,
-        default=1,
-        help="processes on this node (one per GPU; gloo processes on CPU); >1 starts torchrun",
-    )
-    parser.add_argument("--verbose", action="store_true")
-    return parser
-
-
-def without_nproc(argv: Sequence[str]) -> list[str]:
-    """``argv`` without ``--nproc N`` / ``--gpus N``, which torchrun would read as its own."""
-    kept: list[str] = []
-    skip = False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg in ("--nproc", "--gpus"):
-            skip = True
-        elif not arg.startswith(("--nproc=", "--gpus=")):
-            kept.append(arg)
-    return kept
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; exits with a one-line error when the loss diverges."""
-    args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
-    if args.nproc < 1:
-        raise SystemExit(f"error: --nproc must be at least 1, got {args.nproc}")
-    if args.nproc > 1 and not distributed.launched():
-        forwarded = without_nproc(sys.argv[1:] if argv is None else argv)
-        return distributed.relaunch("medssl.pretraining.recipes", forwarded, args.nproc)
-    if args.threads is not None:
-        set_threads(args.threads)
-    try:
-        pretrain(
-            args.method,
-            args.data,
-            args.settings,
-            args.seed,
-            args.out,
-            args.checkpoint_dir,
-            device=args.device,
-            num_workers=args.num_workers,
-            init_encoder=args.init_encoder,
-        )
-    except NonFiniteLossError as err:
-        log.error("%s", err)
-        raise SystemExit(f"error: {err}") from None
-    finally:
-        distributed.shutdown()
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

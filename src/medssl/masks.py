@@ -1,0 +1,54 @@
+"""Stage ``masks``: a segmentation task's masks, aligned row by row with its dataset.
+
+``python -m medssl.masks --data H5 --format seg|rtstruct|folder --source PATH
+--structure NAME [--dicom-dir DIR] --out results/masks/TASK.h5``
+
+The readers and the mask file layout are :mod:`medssl.datasets.mask_sources`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from medssl.cli import Stage, run_stage
+from medssl.core.provenance import record
+from medssl.datasets.mask_sources import READERS, build_masks, write_masks
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="converted dataset (.h5)")
+    parser.add_argument("--format", required=True, choices=READERS.names())
+    parser.add_argument("--source", required=True, help="SEG/RTSTRUCT file or folder, or PNG root")
+    parser.add_argument("--structure", required=True, help="segment label, ROI name or subfolder")
+    parser.add_argument("--dicom-dir", help="the dataset's DICOM folder (RTSTRUCT geometry)")
+    parser.add_argument("--out", required=True, help="mask file (.h5) to write")
+
+
+def run(args: argparse.Namespace) -> None:
+    masks, annotated = build_masks(
+        args.data, args.format, args.source, args.structure, args.dicom_dir
+    )
+    settings = {"format": args.format, "source": args.source, "structure": args.structure}
+    provenance = record("masks", settings, 0)
+    write_masks(args.out, masks, annotated, {**settings, "provenance": provenance})
+    log.info("wrote %s", args.out)
+
+
+STAGE = Stage(
+    name="masks",
+    description="Attach segmentation masks to a converted dataset; write the mask file.",
+    add_arguments=add_arguments,
+    run=run,
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_stage(STAGE, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

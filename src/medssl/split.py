@@ -1,0 +1,55 @@
+"""Stage ``split``: the patient-level partition of one task's labelled slices.
+
+``python -m medssl.split --data H5 --labels CSV --task JSON --out results/splits/TASK.csv``
+
+Labels are joined to the dataset and partitioned by
+:func:`medssl.datasets.splits.partition_files`; a segmentation task's ``--labels``
+is its mask file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from medssl.cli import Stage, json_arg, run_stage
+from medssl.core.files import write_csv
+from medssl.datasets.splits import partition_files
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="converted dataset (.h5)")
+    parser.add_argument(
+        "--labels", required=True, help="label table (.csv); the mask file for segmentation"
+    )
+    parser.add_argument(
+        "--task",
+        required=True,
+        type=json_arg,
+        help="task JSON: name, dataset, column, type, labels_key, split {val, test, seed}",
+    )
+    parser.add_argument("--out", required=True, help="partition CSV to write")
+
+
+def run(args: argparse.Namespace) -> None:
+    write_csv(args.out, partition_files(args.data, args.labels, args.task))
+    log.info("wrote %s", args.out)
+
+
+STAGE = Stage(
+    name="split",
+    description="Join labels to a converted dataset and write the patient-level partition.",
+    add_arguments=add_arguments,
+    run=run,
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_stage(STAGE, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

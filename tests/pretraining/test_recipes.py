@@ -1,0 +1,132 @@
+"""pretraining.recipes: pool subsets, lazy pools, fingerprints, divergence, method settings."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from medssl.core.registry import UnknownNameError
+from medssl.datasets.hdf5 import SliceDataset
+from medssl.pipeline.codedeps import code_digest
+from medssl.pretraining import recipes as pretrain_module
+from medssl.pretraining.loop import NonFiniteLossError
+from medssl.pretraining.recipes import (
+    PRETRAIN_DEFAULTS,
+    pretrain,
+    run_fingerprint,
+    split_method_settings,
+)
+from tests.pretraining.hdf5_pool import make_h5
+
+SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+
+SETTINGS = {
+    "backbone": "resnet_small",
+    "epochs": 2,
+    "batch_size": 8,
+    "lr": 0.05,
+    "weight_decay": 1e-4,
+    "optimizer": "adamw",
+    "warmup_epochs": 1,
+    "checkpoint_every": 1,
+    "max_samples": None,
+    "augment": {"crop_scale": [0.3, 1.0]},
+    "simclr": {"temperature": 0.2, "proj_dim": 16},
+}
+
+
+@pytest.fixture
+def pool(tmp_path: Path) -> Path:
+    return make_h5(tmp_path / "pool.h5")
+
+
+def test_max_samples_and_lars(pool: Path, tmp_path: Path, one_thread) -> None:
+    """A seeded subset and the LARS optimiser; 16 of 32 slices at batch 8 is 2 steps per epoch."""
+    settings = {**SETTINGS, "epochs": 1, "max_samples": 16, "optimizer": "lars", "lr": 0.3}
+    info = pretrain("simclr", pool, settings, 0, tmp_path / "e.pt", tmp_path / "ck", "cpu")
+    assert info["n_samples"] == 16 and math.isfinite(info["final_loss"])
+
+
+def test_lazy_pool_with_workers_matches_in_memory(
+    pool: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_thread
+) -> None:
+    """Reading slices lazily from HDF5 in 2 workers trains exactly like the in-memory pool."""
+    settings = {**SETTINGS, "epochs": 1}
+    memory = tmp_path / "memory.pt"
+    pretrain("simclr", pool, settings, 0, memory, tmp_path / "ck_memory", "cpu", num_workers=2)
+    monkeypatch.setattr(pretrain_module, "IN_MEMORY_LIMIT_BYTES", 0)
+    assert isinstance(pretrain_module.image_pool(pool, np.arange(4)), SliceDataset)
+    lazy = tmp_path / "lazy.pt"
+    pretrain("simclr", pool, settings, 0, lazy, tmp_path / "ck_lazy", "cpu", num_workers=2)
+    expected = torch.load(memory, weights_only=True)
+    for key, tensor in torch.load(lazy, weights_only=True).items():
+        assert torch.equal(tensor, expected[key]), key
+
+
+def test_changed_settings_do_not_resume(pool: Path, tmp_path: Path, one_thread, caplog) -> None:
+    checkpoints = tmp_path / "ck"
+    pretrain("simclr", pool, {**SETTINGS, "epochs": 1}, 0, tmp_path / "a.pt", checkpoints, "cpu")
+    changed = {**SETTINGS, "epochs": 1, "lr": 0.01}
+    with caplog.at_level("WARNING"):
+        info = pretrain("simclr", pool, changed, 0, tmp_path / "b.pt", checkpoints, "cpu")
+    assert "different configuration" in caplog.text
+    assert info["epochs"] == 1
+
+
+def test_nan_loss_stops_without_encoder(
+    pool: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_thread
+) -> None:
+    import medssl.pretraining.methods.simclr as simclr
+
+    monkeypatch.setattr(simclr, "nt_xent", lambda z1, z2, t: (z1.sum() + z2.sum()) * float("nan"))
+    out = tmp_path / "encoder.pt"
+    with pytest.raises(NonFiniteLossError, match="loss became nan at epoch 1, step 1"):
+        pretrain("simclr", pool, SETTINGS, 0, out, tmp_path / "ck", "cpu")
+    assert not out.exists() and not out.with_suffix(".json").exists()
+
+
+def test_too_few_samples_for_a_batch(pool: Path, tmp_path: Path, one_thread) -> None:
+    settings = {**SETTINGS, "max_samples": 4}
+    with pytest.raises(ValueError, match="fewer than batch_size"):
+        pretrain("simclr", pool, settings, 0, tmp_path / "e.pt", tmp_path / "ck", "cpu")
+
+
+def test_method_optim_section_overrides_the_shared_keys() -> None:
+    settings = {
+        "lr": 0.1,
+        "optimizer": "adamw",
+        "spark": {"mask_ratio": 0.5, "optim": {"lr": 1e-3}},
+    }
+    method_settings, train = split_method_settings("spark", settings)
+    assert method_settings == {"mask_ratio": 0.5}
+    assert train["lr"] == 1e-3 and train["optimizer"] == "adamw"
+    with pytest.raises(KeyError, match=r"unknown pretrain\.spark\.optim key 'epochs'"):
+        split_method_settings("spark", {"spark": {"optim": {"epochs": 3}}})
+
+
+def test_unknown_method_fails_before_any_work(pool: Path, tmp_path: Path) -> None:
+    with pytest.raises(UnknownNameError, match="did you mean 'spark'"):
+        pretrain("sparc", pool, SETTINGS, 0, tmp_path / "e.pt", tmp_path / "ck", "cpu")
+    assert not (tmp_path / "ck").exists()
+
+
+def test_fingerprint_holds_the_method_code(pool: Path) -> None:
+    """A checkpoint is resumed only under the same stage code and the same method module."""
+    indices = np.arange(4)
+    simclr = run_fingerprint("simclr", SETTINGS, 0, pool, indices, None, 1)
+    swav = run_fingerprint("swav", SETTINGS, 0, pool, indices, None, 1)
+    assert simclr["code"] == code_digest("pretrain", "pretraining.methods.simclr")
+    assert simclr["code"] != swav["code"] and "world_size" not in simclr
+    assert run_fingerprint("simclr", SETTINGS, 0, pool, indices, None, 2)["world_size"] == 2
+
+
+def test_schema_defaults_of_the_pretrain_keys_equal_the_code() -> None:
+    """``pretrain`` keys this module defaults: the schema's default is the code's, key by key."""
+    section = yaml.safe_load(SCHEMA.read_text())["properties"]["pretrain"]["properties"]
+    for key, value in PRETRAIN_DEFAULTS.items():
+        assert section[key]["default"] == value, key

@@ -1,0 +1,90 @@
+"""A killed snakemake, unlocked and rerun, gives what an uninterrupted run gives.
+
+The killed run is on the smallest grid (one fraction, one seed, two tasks):
+enough to kill fine-tuning half-way, and every run it ends with is also a run
+of the shared uninterrupted run, whose files it must equal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from tests.workflow.tree import SMALLEST, copy_workflow, drop_task, snakemake, snakemake_env
+
+pytestmark = pytest.mark.workflow
+
+
+def start_killable_run(workdir: Path) -> subprocess.Popen:
+    command = [
+        sys.executable, "-m", "snakemake", "--cores", "2",
+        "--configfile", "tiny.yaml", "smallest.yaml",
+    ]  # fmt: skip
+    return subprocess.Popen(
+        command,
+        cwd=workdir,
+        env=snakemake_env(workdir),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group: kill snakemake and its jobs at once
+    )
+
+
+def kill_once_fine_tuning_is_under_way(job: subprocess.Popen, workdir: Path) -> None:
+    """SIGKILL snakemake and its jobs when the first fine-tune has finished."""
+    try:
+        deadline = time.monotonic() + 900
+        while not list((workdir / "results/finetune").rglob("metrics.json")):
+            assert job.poll() is None, "snakemake ended before the kill"
+            assert time.monotonic() < deadline, "no fine-tuning run finished within 15 min"
+            time.sleep(0.2)
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+
+
+def without_provenance(path: Path) -> dict:
+    payload = json.loads(path.read_text())
+    payload.pop("provenance")
+    return payload
+
+
+def test_killed_snakemake_reruns_to_the_uninterrupted_runs(
+    workflow_run: Path, tmp_path: Path
+) -> None:
+    """The killed snakemake leaves its lock, so the user runs --unlock, then reruns
+    with --rerun-incomplete (the SLURM profile sets it) so Snakemake redoes any job
+    whose output it had started."""
+    workdir = copy_workflow(tmp_path / "killed")
+    drop_task(workdir, "region")
+    (workdir / "smallest.yaml").write_text(yaml.safe_dump(SMALLEST))
+    kill_once_fine_tuning_is_under_way(start_killable_run(workdir), workdir)
+    finished = list((workdir / "results/finetune").rglob("metrics.json"))
+    assert not (workdir / "results/tables/runs.csv").exists()
+    for metrics in finished:  # whatever exists under its final name is complete
+        assert json.loads(metrics.read_text())["test"]
+
+    snakemake(workdir, "--unlock", configfiles=("tiny.yaml", "smallest.yaml"))
+    snakemake(workdir, "--rerun-incomplete", configfiles=("tiny.yaml", "smallest.yaml"))
+    rerun = sorted((workdir / "results/finetune").rglob("metrics.json"))
+    assert len(rerun) == 4  # 2 inits x 2 tasks x 1 fraction x 1 seed
+    for path in rerun:
+        reference = workflow_run / path.relative_to(workdir)
+        assert without_provenance(path) == without_provenance(reference), path
+    encoder = "results/init/simclr/encoder.pt"
+    assert (workdir / encoder).read_bytes() == (workflow_run / encoder).read_bytes()
+    runs = pd.read_csv(workdir / "results/tables/runs.csv")
+    full = pd.read_csv(workflow_run / "results/tables/runs.csv")
+    same_cells = full[
+        (full["fraction"] == 1.0) & (full["seed"] == 0) & full["task"].isin(runs["task"])
+    ]
+    pd.testing.assert_frame_equal(runs, same_cells.reset_index(drop=True), check_exact=True)
