@@ -1,4 +1,4 @@
-"""Conversion and read throughput of :mod:`medssl.datasets.conversion`, against dcm2niix and pydicom.
+"""Conversion and read throughput of :mod:`medssl.convert` against dcm2niix and pydicom.
 
 One run, one machine, one synthetic cohort (``medssl.datasets.synthetic`` at 512 x 512):
 
@@ -93,7 +93,9 @@ def bench_convert(dicom: Path, work: Path) -> int:
     reference = n / seconds
     print(f"  {n} slices (same series) -> {reference:.0f} slices/s", flush=True)
     for threads, rate in rates.items():
-        print(f"  medssl.datasets.conversion {threads} worker(s) / dcm2niix = {rate / reference:.2f}")
+        print(
+            f"  medssl.datasets.conversion {threads} worker(s) / dcm2niix = {rate / reference:.2f}"
+        )
     return n
 
 
@@ -130,7 +132,7 @@ def bench_reads(h5: Path, dicom: Path, count: int, seed: int = 0) -> None:
 
 
 class _DicomSlices:
-    """The per-file alternative to :class:`medssl.datasets.hdf5.SliceDataset`: one dcmread per item."""
+    """The per-file alternative to :class:`medssl.datasets.hdf5.SliceDataset`: a dcmread an item."""
 
     def __init__(self, files: list[Path]) -> None:
         self.files = files

@@ -37,9 +37,9 @@ REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src"
 sys.path.insert(0, str(SRC))
 
+from medssl.core.files import write_csv  # noqa: E402
 from medssl.datasets.conversion import convert  # noqa: E402
 from medssl.datasets.hdf5 import read_meta  # noqa: E402
-from medssl.core.files import write_csv  # noqa: E402
 from medssl.datasets.splits import make_partition, make_subsets, read_label_table  # noqa: E402
 from medssl.datasets.synthetic import synthesize  # noqa: E402
 

@@ -34,11 +34,11 @@ from typing import Any
 
 import torch
 
-from medssl.pretraining.augment import MultiViewDataset
-from medssl.pretraining.methods import METHODS, build_method
 from medssl.models.backbones import build_backbone
-from medssl.pretraining.recipes import TensorImages
+from medssl.pretraining.augment import MultiViewDataset
 from medssl.pretraining.loop import train
+from medssl.pretraining.methods import METHODS, build_method
+from medssl.pretraining.recipes import TensorImages
 
 NARROW_HEADS: dict[str, dict[str, Any]] = {
     "barlow_twins": {"proj_dims": [512, 512, 512]},

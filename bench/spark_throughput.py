@@ -14,8 +14,8 @@ import time
 import torch
 
 from medssl.models import backbones as models
-from medssl.pretraining.methods import build_method
 from medssl.pretraining.loop import build_optimizer, train_settings
+from medssl.pretraining.methods import build_method
 
 
 def main() -> None:

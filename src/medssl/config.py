@@ -14,7 +14,6 @@ from medssl.cli import Stage, run_stage
 from medssl.pipeline.config import load_config
 
 
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="config YAML")
     parser.add_argument("overrides", nargs="*", help="further YAML files merged on top")

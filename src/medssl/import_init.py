@@ -3,7 +3,7 @@
 ::
 
     python -m medssl.import_init --checkpoint moco_v2_800ep_pretrain.pth.tar \\
-        --format moco_v2 --backbone resnet50 --stem sum --in-channels 1 \\
+        --format moco_v2 --backbone resnet50 --stem repeat --in-channels 1 \\
         --out results/init/moco_v2_in/encoder.pt
 
 The checkpoint is read with ``torch.load(weights_only=True)``: tensors and

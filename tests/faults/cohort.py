@@ -17,8 +17,8 @@ from pathlib import Path
 
 from medssl import convert
 from medssl.core import faults
-from medssl.datasets.hdf5 import read_meta
 from medssl.core.files import write_csv
+from medssl.datasets.hdf5 import read_meta
 from medssl.datasets.splits import make_partition, make_subsets, read_label_table
 from medssl.datasets.synthetic import synthesize
 

@@ -21,16 +21,17 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from tests.faults.cohort import SRC, leftover_parts
 
+from medssl import aggregate as aggregate_stage
 from medssl.analysis import runs as aggregate
 from medssl.core import files as io
-from medssl.pipeline import paths
-from medssl.pretraining import loop as trainer
-from medssl.pipeline.config import ConfigError, check_references, validate_config
 from medssl.datasets.hdf5 import load_images, open_h5
-from medssl.models.backbones import build_backbone, load_encoder, save_encoder
 from medssl.datasets.synthetic import synthesize
+from medssl.models.backbones import build_backbone, load_encoder, save_encoder
+from medssl.pipeline import paths
+from medssl.pipeline.config import ConfigError, check_references, validate_config
+from medssl.pretraining import loop as trainer
+from tests.faults.cohort import SRC, leftover_parts
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -269,7 +270,7 @@ def test_aggregate_refuses_a_nan_metric_naming_the_file(tmp_path: Path) -> None:
     with pytest.raises(aggregate.MetricsError, match=r"diverged/metrics\.json: metric 'test\.auc'"):
         aggregate.build_runs([bad])
     out = tmp_path / "runs.csv"
-    assert aggregate.main(["--out", str(out), str(bad)]) == 1
+    assert aggregate_stage.main(["--out", str(out), str(bad)]) == 1
     assert not out.exists()
 
 

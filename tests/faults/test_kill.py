@@ -21,6 +21,10 @@ import h5py
 import numpy as np
 import pytest
 import torch
+
+from medssl import convert, finetune, pretrain
+from medssl.models.backbones import sidecar_path
+from medssl.pretraining import loop as trainer
 from tests.faults.cohort import (
     build_cohort,
     convert_args,
@@ -30,12 +34,6 @@ from tests.faults.cohort import (
     run_killed,
     run_stage,
 )
-
-from medssl import convert
-from medssl import finetune
-from medssl import pretrain
-from medssl.pretraining import loop as trainer
-from medssl.models.backbones import sidecar_path
 
 
 @pytest.fixture(scope="module")

@@ -32,21 +32,7 @@ def _import_defaults_in_schema() -> dict:
     return {key: spec["default"] for key, spec in branch.items() if "default" in spec}
 
 
-@pytest.mark.parametrize(
-    "key",
-    [
-        "backbone",
-        pytest.param(
-            "stem",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="the schema's import default is stem 'repeat', the code's (and the "
-                "stage's --stem default) 'sum'; the workflow always passes --stem, so only "
-                "direct callers see the difference. Left for a decision, not changed here.",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("key", ["backbone", "stem"])
 def test_import_defaults_equal_the_schema(key: str) -> None:
     assert _import_defaults_in_schema()[key] == IMPORT_DEFAULTS[key]
 

@@ -65,6 +65,10 @@ def synthetic_settings(wildcards):
     return PLAN.synthetic_settings(wildcards.dataset)
 
 
+def convert_settings(wildcards):
+    return PLAN.convert_settings()
+
+
 def dicom_folder(wildcards):
     return PLAN.dicom_folder(wildcards.dataset)
 
@@ -106,6 +110,10 @@ def masks_argument(wildcards, input):
 
 
 # --- pre-training ------------------------------------------------------------
+
+
+def pretrain_h5(wildcards):
+    return PLAN.pretrain_h5()
 
 
 def pretrain_code_version(wildcards):

@@ -1,1 +1,1 @@
-"""Datasets on disk: the HDF5 layout and its readers, conversion, masks, splits, the synthetic cohort."""
+"""Datasets on disk: the HDF5 layout and readers, conversion, masks, splits, synthetic CT."""

@@ -36,7 +36,7 @@ from medssl.models.checkpoint_formats import (
 
 log = logging.getLogger(__name__)
 
-IMPORT_DEFAULTS: dict[str, Any] = {"backbone": "resnet50", "stem": "sum", "in_channels": 1}
+IMPORT_DEFAULTS: dict[str, Any] = {"backbone": "resnet50", "stem": "repeat", "in_channels": 1}
 """What an import assumes when not told: the one place the stage's and the functions'
 defaults come from (most publishers released a ResNet-50; CT has one channel)."""
 

@@ -64,8 +64,8 @@ HISTORY_COLUMNS = [
 ]
 
 TRAINER_DEFAULTS: dict[str, Any] = {
-    "epochs": 100,
-    "batch_size": 256,
+    "epochs": 5,
+    "batch_size": 64,
     "lr": 1e-3,
     "lr_scaling": "linear",
     "optimizer": "adamw",
@@ -75,7 +75,7 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     "warmup_epochs": 10,
     "final_lr_fraction": 0.0,
     "grad_clip": None,
-    "checkpoint_every": 10,
+    "checkpoint_every": 1,
     "precision": "auto",
 }
 """Values for keys that neither the ``pretrain`` settings nor the method's recipe set."""
