@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
+import re
 import subprocess
 import sys
 
@@ -88,3 +90,40 @@ def test_a_stage_from_the_shell_fails_in_one_line_without_traceback(tmp_path) ->
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "error: subsample:" in lines[0] and "missing.csv" in lines[0]
     assert not (tmp_path / "out.csv").exists()
+
+
+STAGE_OPTIONS = {
+    "synth": "--labels --masks-dir --out-dir --settings",
+    "convert": "--compression --dicom-dir --dtype --gap-policy --gap-tolerance --image-size"
+    " --max-reject-fraction --modalities --out --policy --pseudonym-key-env --rejects"
+    " --settings --threads --tilt-policy --window",
+    "masks": "--data --dicom-dir --format --out --source --structure",
+    "split": "--data --labels --out --task",
+    "subsample": "--out --partition --seed",
+    "pretrain": "--checkpoint-dir --data --device --gpus --init-encoder --method --nproc"
+    " --num-workers --out --seed --settings --threads",
+    "import_init": "--backbone --checkpoint --format --in-channels --out --stem",
+    "finetune": "--backbone --data --device --encoder --export-encoder --fraction --init"
+    " --masks --out --partition --seed --settings --subsets --task --threads",
+    "aggregate": "--no-provenance --out --partial --root",
+    "stats": "--no-provenance --out --runs --settings",
+    "tables": "--csv --decimals --init-order --latex --metric-order --out --settings"
+    " --summary --task",
+    "efficiency": "--no-provenance --out --runs --settings",
+    "plots": "--metric --out --settings --summary --task",
+    "figures": "--fraction --metric --metrics --out --settings --table --task",
+    "config": "--print",
+}
+"""Every option each stage's command line has: scripts that call a stage keep working."""
+
+
+@pytest.mark.parametrize("stage", sorted(STAGE_OPTIONS))
+def test_every_stage_keeps_its_options(stage: str, capsys: pytest.CaptureFixture) -> None:
+    module = importlib.import_module(f"medssl.{stage}")
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"usage: python -m medssl.{stage}")
+    for option in [*STAGE_OPTIONS[stage].split(), "--verbose", "-v"]:
+        assert re.search(rf"(^|[\s,\[]){re.escape(option)}\b", text), (stage, option)

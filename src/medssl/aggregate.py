@@ -13,31 +13,26 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 from medssl.analysis.runs import build_runs, discover
-from medssl.cli import Stage, run_stage
-from medssl.core.files import write_csv
-from medssl.core.provenance import write_sidecar
+from medssl.cli import add_output_argument, stage_main
+from medssl.core.provenance import write_table
 
 log = logging.getLogger(__name__)
+
+DESCRIPTION = "Collect metrics.json files into the tidy runs.csv table."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("metrics", nargs="*", help="metrics.json files (or @listfile)")
-    parser.add_argument("--out", required=True, help="runs.csv to write")
+    add_output_argument(parser, "runs.csv to write", provenance=True)
     parser.add_argument(
         "--partial",
         action="store_true",
         help="ignore the file list and take every metrics.json under --root",
     )
     parser.add_argument("--root", default="results/finetune", help="root searched by --partial")
-    parser.add_argument(
-        "--no-provenance",
-        action="store_true",
-        help="do not write the <out>.provenance.json sidecar",
-    )
 
 
 def metrics_files(args: argparse.Namespace) -> list[Path]:
@@ -54,27 +49,20 @@ def metrics_files(args: argparse.Namespace) -> list[Path]:
 def run(args: argparse.Namespace) -> None:
     paths = metrics_files(args)
     runs = build_runs(paths)
-    write_csv(args.out, runs)
-    if not args.no_provenance:
-        settings = {"partial": args.partial, "root": args.root if args.partial else None}
-        write_sidecar(
-            args.out, "aggregate", settings, extra={"n_files": len(paths), "n_rows": len(runs)}
-        )
+    settings = {"partial": args.partial, "root": args.root if args.partial else None}
+    counts = {"n_files": len(paths), "n_rows": len(runs)}
+    write_table(args.out, runs, "aggregate", settings, sidecar=not args.no_provenance, extra=counts)
     log.info("wrote %d rows from %d runs to %s", len(runs), len(paths), args.out)
 
 
-STAGE = Stage(
-    name="aggregate",
-    description="Collect metrics.json files into the tidy runs.csv table.",
-    add_arguments=add_arguments,
-    run=run,
+main = stage_main(
+    "aggregate",
+    DESCRIPTION,
+    add_arguments,
+    run,
     epilog="Arguments may be read from a file, one per line: @list.txt",
     fromfile_prefix_chars="@",
 )
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    return run_stage(STAGE, argv)
 
 
 if __name__ == "__main__":

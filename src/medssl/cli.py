@@ -115,10 +115,54 @@ def error_line(stage: str, err: BaseException) -> str:
     return f"error: {stage}: {message}"
 
 
+def stage_main(
+    name: str,
+    description: str,
+    add_arguments: Callable[[argparse.ArgumentParser], None],
+    run: Callable[[argparse.Namespace], None],
+    **options: Any,
+) -> Callable[[Sequence[str] | None], int]:
+    """The ``main(argv)`` of a stage module: :func:`run_stage` bound to its :class:`Stage`
+    (``options`` are the other fields of :class:`Stage`)."""
+    stage = Stage(name, description, add_arguments, run, **options)
+
+    def main(argv: Sequence[str] | None = None) -> int:
+        return run_stage(stage, argv)
+
+    main.__doc__ = f"``python -m medssl.{stage.name}``; returns the exit status."
+    return main
+
+
+def add_output_argument(
+    parser: argparse.ArgumentParser, help: str, *, provenance: bool = False
+) -> None:
+    """``--out`` (and, for tables, ``--no-provenance``: skip the sidecar)."""
+    parser.add_argument("--out", required=True, help=help)
+    if provenance:
+        parser.add_argument(
+            "--no-provenance",
+            action="store_true",
+            help="do not write the <out>.provenance.json sidecar",
+        )
+
+
+def add_table_arguments(
+    parser: argparse.ArgumentParser, source: str, out_help: str, settings_help: str
+) -> None:
+    """A table stage's options: ``--<source>`` (the CSV it reads), ``--settings``,
+    ``--out`` and ``--no-provenance`` (``stats`` and ``efficiency`` read runs.csv)."""
+    parser.add_argument(f"--{source}", required=True, help=f"{source}.csv to read")
+    add_settings_argument(parser, settings_help)
+    add_output_argument(parser, out_help, provenance=True)
+
+
 def run_stage(stage: Stage, argv: Sequence[str] | None = None) -> int:
     """Parse, set up logging and threads, run; returns the exit status."""
     parser = build_parser(stage)
-    args = parser.parse_args(argv)
+    command_line = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(command_line)
+    # The arguments as given, for a stage that restarts itself (pretrain --nproc).
+    args.command_line = command_line
     setup_logging(args.verbose)
     try:
         if stage.uses_torch:

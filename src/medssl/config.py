@@ -10,8 +10,10 @@ import sys
 
 import yaml
 
-from medssl.cli import Stage, run_stage
+from medssl.cli import stage_main
 from medssl.pipeline.config import load_config
+
+DESCRIPTION = "Check a medssl config file."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,13 +30,7 @@ def run(args: argparse.Namespace) -> None:
         print(f"{args.config}: valid")
 
 
-STAGE = Stage(
-    name="config", description="Check a medssl config file.", add_arguments=add_arguments, run=run
-)
-
-
-def main(argv: list[str] | None = None) -> int:
-    return run_stage(STAGE, argv)
+main = stage_main("config", DESCRIPTION, add_arguments, run)
 
 
 if __name__ == "__main__":

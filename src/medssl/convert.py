@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from medssl.cli import Stage, json_object, run_stage
+from medssl.cli import json_object, stage_main
 from medssl.datasets.conversion import COMPRESSION, INTENSITY_POLICIES, STANDALONE_DEFAULTS, convert
 from medssl.datasets.conversion.intensity import HU_DTYPES
 from medssl.dicom.geometry import (
@@ -22,6 +22,12 @@ from medssl.dicom.geometry import (
     GAP_POLICIES,
     TILT_POLICIES,
     TILT_TOLERANCE_DEG,
+)
+
+DESCRIPTION = (
+    "Convert a folder of DICOM files (any nesting, any names) into one HDF5 "
+    "dataset. Defaults: CT only, raw HU as int16, native size, gaps split. "
+    "Writes OUT.rejects.csv beside OUT.h5 unless --rejects is given."
 )
 
 LAYOUT_HELP = """\
@@ -156,22 +162,7 @@ def run(args: argparse.Namespace) -> None:
     convert(src, out, rejects, settings_from(args), threads=args.threads)
 
 
-STAGE = Stage(
-    name="convert",
-    description=(
-        "Convert a folder of DICOM files (any nesting, any names) into one HDF5 "
-        "dataset. Defaults: CT only, raw HU as int16, native size, gaps split. "
-        "Writes OUT.rejects.csv beside OUT.h5 unless --rejects is given."
-    ),
-    add_arguments=add_arguments,
-    run=run,
-    epilog=LAYOUT_HELP,
-    raw_help=True,
-)
-
-
-def main(argv: list[str] | None = None) -> int:
-    return run_stage(STAGE, argv)
+main = stage_main("convert", DESCRIPTION, add_arguments, run, epilog=LAYOUT_HELP, raw_help=True)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
 ``python -m medssl.efficiency --runs runs.csv --settings '<stats JSON>' --out label_efficiency.csv``
 
-The table is :func:`medssl.analysis.efficiency.label_efficiency`'s; the
-settings that made it are recorded in ``<out>.provenance.json``.
+One model per task and metric (:func:`medssl.analysis.efficiency.label_efficiency`);
+``<out>.provenance.json`` records the settings it was fitted with.
 """
 
 from __future__ import annotations
@@ -11,46 +11,32 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
 
 import pandas as pd
 
 from medssl.analysis.efficiency import efficiency_settings, label_efficiency
-from medssl.cli import Stage, add_settings_argument, run_stage
-from medssl.core.files import write_csv
-from medssl.core.provenance import write_sidecar
+from medssl.cli import add_table_arguments, stage_main
+from medssl.core.provenance import write_table
 
 log = logging.getLogger(__name__)
 
+DESCRIPTION = "Label-efficiency slopes, slope tests, normalised AUC and relative drops."
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--runs", required=True, help="tidy runs.csv from medssl.aggregate")
-    add_settings_argument(parser, "JSON of the config's stats section")
-    parser.add_argument("--out", required=True, help="label_efficiency.csv to write")
-    parser.add_argument(
-        "--no-provenance", action="store_true", help="skip the <out>.provenance.json sidecar"
+    add_table_arguments(
+        parser, "runs", "label_efficiency.csv to write", "JSON of the config's stats section"
     )
 
 
 def run(args: argparse.Namespace) -> None:
     settings = efficiency_settings(args.settings)
     table = label_efficiency(pd.read_csv(args.runs), settings)
-    write_csv(args.out, table)
-    if not args.no_provenance:
-        write_sidecar(args.out, "efficiency", settings)
+    write_table(args.out, table, "efficiency", settings, sidecar=not args.no_provenance)
     log.info("wrote %d rows to %s", len(table), args.out)
 
 
-STAGE = Stage(
-    name="efficiency",
-    description="Label-efficiency slopes, slope tests, normalised AUC and relative drops.",
-    add_arguments=add_arguments,
-    run=run,
-)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    return run_stage(STAGE, argv)
+main = stage_main("efficiency", DESCRIPTION, add_arguments, run)
 
 
 if __name__ == "__main__":

@@ -15,15 +15,16 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
 
 import pandas as pd
 
 from medssl.analysis.curves import save_figure
 from medssl.analysis.figures import FIGURES, draw_figure
-from medssl.cli import Stage, add_settings_argument, run_stage
+from medssl.cli import add_settings_argument, stage_main
 
 log = logging.getLogger(__name__)
+
+DESCRIPTION = "Comparison figures (PNG + PDF): grouped bars, heat map, forest plot."
 
 
 def task_metric_map(text: str) -> dict[str, str]:
@@ -59,16 +60,7 @@ def run(args: argparse.Namespace) -> None:
     log.info("wrote %s and %s", png, pdf)
 
 
-STAGE = Stage(
-    name="figures",
-    description="Comparison figures (PNG + PDF): grouped bars, heat map, forest plot.",
-    add_arguments=add_arguments,
-    run=run,
-)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    return run_stage(STAGE, argv)
+main = stage_main("figures", DESCRIPTION, add_arguments, run)
 
 
 if __name__ == "__main__":

@@ -18,13 +18,15 @@ import argparse
 import logging
 import sys
 
-from medssl.cli import Stage, add_settings_argument, json_arg, resolve_device, run_stage
+from medssl.cli import add_settings_argument, json_arg, resolve_device, stage_main
 from medssl.core.files import write_json
 from medssl.datasets.splits import read_partition, read_subsets
 from medssl.finetuning.loop import DEFAULT_BACKBONE, check_task, export_encoder, finetune
 from medssl.models.backbones import BACKBONES
 
 log = logging.getLogger(__name__)
+
+DESCRIPTION = "Fine-tune one initialisation on one training subset; write metrics.json."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -113,18 +115,7 @@ def run(args: argparse.Namespace) -> None:
     log.info("wrote %s (%d run%s)", args.out, len(runs), "" if len(runs) == 1 else "s")
 
 
-STAGE = Stage(
-    name="finetune",
-    description="Fine-tune one initialisation on one training subset; write metrics.json.",
-    add_arguments=add_arguments,
-    run=run,
-    uses_torch=True,
-)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Command line entry point; returns the exit status (no file on failure)."""
-    return run_stage(STAGE, argv)
+main = stage_main("finetune", DESCRIPTION, add_arguments, run, uses_torch=True)
 
 
 if __name__ == "__main__":

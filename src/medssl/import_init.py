@@ -23,10 +23,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from medssl.cli import Stage, run_stage
+from medssl.cli import stage_main
 from medssl.models.backbones import STEM_POLICIES
 from medssl.models.checkpoint_formats import format_names
 from medssl.models.importing import IMPORT_DEFAULTS, import_checkpoint
+
+DESCRIPTION = __doc__
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,18 +64,7 @@ def run(args: argparse.Namespace) -> None:
     )
 
 
-STAGE = Stage(
-    name="import_init",
-    description=__doc__,
-    add_arguments=add_arguments,
-    run=run,
-    raw_help=True,
-)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point; a failed import prints one line naming the file and exits 1."""
-    return run_stage(STAGE, argv)
+main = stage_main("import_init", DESCRIPTION, add_arguments, run, raw_help=True)
 
 
 if __name__ == "__main__":

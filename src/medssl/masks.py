@@ -12,11 +12,13 @@ import argparse
 import logging
 import sys
 
-from medssl.cli import Stage, run_stage
+from medssl.cli import stage_main
 from medssl.core.provenance import record
 from medssl.datasets.mask_sources import READERS, build_masks, write_masks
 
 log = logging.getLogger(__name__)
+
+DESCRIPTION = "Attach segmentation masks to a converted dataset; write the mask file."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,16 +40,7 @@ def run(args: argparse.Namespace) -> None:
     log.info("wrote %s", args.out)
 
 
-STAGE = Stage(
-    name="masks",
-    description="Attach segmentation masks to a converted dataset; write the mask file.",
-    add_arguments=add_arguments,
-    run=run,
-)
-
-
-def main(argv: list[str] | None = None) -> int:
-    return run_stage(STAGE, argv)
+main = stage_main("masks", DESCRIPTION, add_arguments, run)
 
 
 if __name__ == "__main__":

@@ -11,15 +11,16 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
 
 import pandas as pd
 
 from medssl.analysis.curves import label_efficiency_figure, save_figure
 from medssl.analysis.statistics import resolve_settings
-from medssl.cli import Stage, add_settings_argument, run_stage
+from medssl.cli import add_settings_argument, stage_main
 
 log = logging.getLogger(__name__)
+
+DESCRIPTION = "Label-efficiency figure (PNG + PDF) of one task and metric."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,16 +43,7 @@ def run(args: argparse.Namespace) -> None:
     log.info("wrote %s and %s", png, pdf)
 
 
-STAGE = Stage(
-    name="plots",
-    description="Label-efficiency figure (PNG + PDF) of one task and metric.",
-    add_arguments=add_arguments,
-    run=run,
-)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    return run_stage(STAGE, argv)
+main = stage_main("plots", DESCRIPTION, add_arguments, run)
 
 
 if __name__ == "__main__":

@@ -21,19 +21,19 @@ The work is :func:`medssl.pretraining.recipes.pretrain`.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import functools
 import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from medssl.cli import Stage, add_settings_argument, run_stage
+from medssl.cli import add_settings_argument, stage_main
 from medssl.pretraining import distributed
 from medssl.pretraining.methods import method_names
 from medssl.pretraining.recipes import pretrain
 
 log = logging.getLogger(__name__)
+
+DESCRIPTION = "Self-supervised pre-training of an encoder on the unlabelled pool."
 
 NPROC_FLAGS = ("--nproc", "--gpus")
 
@@ -84,15 +84,12 @@ def relaunch(argv: Sequence[str], nproc: int) -> None:
         )
 
 
-def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> None:
-    """Pre-train here, or relaunch the command line as several processes.
-
-    ``argv`` is the command line as given to :func:`main` (``sys.argv`` when None).
-    """
+def run(args: argparse.Namespace) -> None:
+    """Pre-train here, or relaunch the command line as several processes."""
     if args.nproc < 1:
         raise ValueError(f"--nproc must be at least 1, got {args.nproc}")
     if args.nproc > 1 and not distributed.launched():
-        relaunch(sys.argv[1:] if argv is None else argv, args.nproc)
+        relaunch(args.command_line, args.nproc)
         return
     try:
         pretrain(
@@ -110,21 +107,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> None:
         distributed.shutdown()
 
 
-STAGE = Stage(
-    name="pretrain",
-    description="Self-supervised pre-training of an encoder on the unlabelled pool.",
-    add_arguments=add_arguments,
-    run=run,
-    uses_torch=True,
-)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; an explicit ``argv`` is also what a ``--nproc`` relaunch forwards."""
-    if argv is None:
-        return run_stage(STAGE)
-    argv = list(argv)
-    return run_stage(dataclasses.replace(STAGE, run=functools.partial(run, argv=argv)), argv)
+main = stage_main("pretrain", DESCRIPTION, add_arguments, run, uses_torch=True)
 
 
 if __name__ == "__main__":

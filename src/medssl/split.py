@@ -13,11 +13,13 @@ import argparse
 import logging
 import sys
 
-from medssl.cli import Stage, json_arg, run_stage
+from medssl.cli import json_arg, stage_main
 from medssl.core.files import write_csv
 from medssl.datasets.splits import partition_files
 
 log = logging.getLogger(__name__)
+
+DESCRIPTION = "Join labels to a converted dataset and write the patient-level partition."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,16 +41,7 @@ def run(args: argparse.Namespace) -> None:
     log.info("wrote %s", args.out)
 
 
-STAGE = Stage(
-    name="split",
-    description="Join labels to a converted dataset and write the patient-level partition.",
-    add_arguments=add_arguments,
-    run=run,
-)
-
-
-def main(argv: list[str] | None = None) -> int:
-    return run_stage(STAGE, argv)
+main = stage_main("split", DESCRIPTION, add_arguments, run)
 
 
 if __name__ == "__main__":

@@ -11,49 +11,32 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
 
 import pandas as pd
 
 from medssl.analysis.statistics import resolve_settings, summarise
-from medssl.cli import Stage, add_settings_argument, run_stage
-from medssl.core.files import write_csv
-from medssl.core.provenance import write_sidecar
+from medssl.cli import add_table_arguments, stage_main
+from medssl.core.provenance import write_table
 
 log = logging.getLogger(__name__)
 
+DESCRIPTION = "Per-cell statistics, tests against the best and marks: summary.csv."
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--runs", required=True, help="tidy runs.csv from medssl.aggregate")
-    add_settings_argument(
-        parser, "JSON of the config's stats section (confidence, alpha, test, reference, ...)"
-    )
-    parser.add_argument("--out", required=True, help="summary.csv to write")
-    parser.add_argument(
-        "--no-provenance", action="store_true", help="skip the <out>.provenance.json sidecar"
-    )
+    settings_help = "JSON of the config's stats section (confidence, alpha, test, reference...)"
+    add_table_arguments(parser, "runs", "summary.csv to write", settings_help)
 
 
 def run(args: argparse.Namespace) -> None:
     settings = resolve_settings(args.settings)
     summary = summarise(pd.read_csv(args.runs), settings)
-    write_csv(args.out, summary)
-    if not args.no_provenance:
-        write_sidecar(args.out, "stats", settings)
+    write_table(args.out, summary, "stats", settings, sidecar=not args.no_provenance)
     counts = summary["mark"].value_counts().to_dict()
     log.info("wrote %d rows to %s (marks: %s)", len(summary), args.out, counts)
 
 
-STAGE = Stage(
-    name="stats",
-    description="Per-cell statistics, tests against the best and marks: summary.csv.",
-    add_arguments=add_arguments,
-    run=run,
-)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    return run_stage(STAGE, argv)
+main = stage_main("stats", DESCRIPTION, add_arguments, run)
 
 
 if __name__ == "__main__":

@@ -14,11 +14,13 @@ import argparse
 import logging
 import sys
 
-from medssl.cli import Stage, run_stage
+from medssl.cli import stage_main
 from medssl.core.files import write_csv
 from medssl.datasets.splits import make_subsets, read_partition
 
 log = logging.getLogger(__name__)
+
+DESCRIPTION = "Rank the training patients of a partition for nested subsets."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,16 +37,7 @@ def run(args: argparse.Namespace) -> None:
     )
 
 
-STAGE = Stage(
-    name="subsample",
-    description="Rank the training patients of a partition for nested subsets.",
-    add_arguments=add_arguments,
-    run=run,
-)
-
-
-def main(argv: list[str] | None = None) -> int:
-    return run_stage(STAGE, argv)
+main = stage_main("subsample", DESCRIPTION, add_arguments, run)
 
 
 if __name__ == "__main__":

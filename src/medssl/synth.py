@@ -12,8 +12,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from medssl.cli import Stage, add_settings_argument, run_stage
+from medssl.cli import add_settings_argument, stage_main
 from medssl.datasets.synthetic import synthesize
+
+DESCRIPTION = "Synthetic chest/abdomen CT cohort written as real DICOM, with slice labels."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,16 +31,7 @@ def run(args: argparse.Namespace) -> None:
     synthesize(args.out_dir, args.labels, args.settings, args.masks_dir)
 
 
-STAGE = Stage(
-    name="synth",
-    description="Synthetic chest/abdomen CT cohort written as real DICOM, with slice labels.",
-    add_arguments=add_arguments,
-    run=run,
-)
-
-
-def main(argv: list[str] | None = None) -> int:
-    return run_stage(STAGE, argv)
+main = stage_main("synth", DESCRIPTION, add_arguments, run)
 
 
 if __name__ == "__main__":

@@ -14,16 +14,17 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
 
 import pandas as pd
 
 from medssl.analysis.tables import markdown_table, task_csv, task_latex
-from medssl.cli import Stage, add_settings_argument, run_stage
+from medssl.cli import add_settings_argument, stage_main
 from medssl.core.files import write_csv, write_text
 from medssl.core.provenance import write_sidecar
 
 log = logging.getLogger(__name__)
+
+DESCRIPTION = "Render summary.csv as Markdown tables with bold best and † equivalents."
 
 OPTIONS = (
     "summary",
@@ -93,16 +94,7 @@ def run(args: argparse.Namespace) -> None:
             write_sidecar(written, "tables", settings)
 
 
-STAGE = Stage(
-    name="tables",
-    description="Render summary.csv as Markdown tables with bold best and † equivalents.",
-    add_arguments=add_arguments,
-    run=run,
-)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    return run_stage(STAGE, argv)
+main = stage_main("tables", DESCRIPTION, add_arguments, run)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
 slurmd with two fake GPUs. The workflow then runs as a user runs it on a
 cluster, ``snakemake --cores all --profile slurm``, on a copy of the repository
 whose profile is the shipped one with its sizes shrunk to this node and its
-status polling shortened, on the smallest grid (one fraction, one seed, two
+status polling shortened, on the smallest grid (two fractions, one seed, two
 tasks); its ``runs.csv`` must equal the same cells of the shared local run.
 Select with ``-m slurm``, leave out with ``-m 'not slurm'``.
 """
@@ -29,9 +29,9 @@ from tests.workflow.tree import REPO, SMALLEST, copy_workflow, drop_task
 SCRIPT = REPO / "scripts" / "slurm-test-cluster.sh"
 PROFILE = Path("slurm") / "config.v8+.yaml"
 # The tiny config (merged on config.yaml) on the smallest grid, without the region
-# task; fine-tunes in groups of two, so that there are two groups.
+# task; fine-tunes in groups of four, so that there are two groups.
 DROPPED_TASK = "region"
-GROUP_SIZE = 2
+GROUP_SIZE = 4
 _DEFAULT = yaml.safe_load((REPO / "config.yaml").read_text())
 TASKS = {name: task for name, task in _DEFAULT["tasks"].items() if name != DROPPED_TASK}
 SEGMENTATION_TASKS = [name for name, task in TASKS.items() if task["type"] == "segmentation"]

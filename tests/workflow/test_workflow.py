@@ -75,8 +75,9 @@ def test_finetune_setting_reruns_finetunes_and_what_follows(workflow_run: Path) 
     result = snakemake(workflow_run, "--dry-run", configfiles=("tiny.yaml", "changed.yaml"))
     jobs = planned_jobs(result)
     grid = tiny_grid()
-    n_runs = len(grid["inits"]) * len(grid["tasks"]) * len(grid["fractions"]) * len(grid["seeds"])
-    assert jobs.pop("finetune") == n_runs
+    # The tiny config runs both seeds of a cell in one job (compute.seeds_per_job: 2).
+    cells = len(grid["inits"]) * len(grid["tasks"]) * len(grid["fractions"])
+    assert jobs.pop("finetune") == cells
     assert jobs.pop("plots") == len(grid["tasks"])
     assert jobs.pop("bars") == jobs.pop("task_tables") == len(grid["tasks"])
     assert jobs.pop("heatmap") == len(grid["fractions"])
@@ -91,18 +92,22 @@ def test_finetune_setting_reruns_finetunes_and_what_follows(workflow_run: Path) 
 
 
 def test_seeds_per_job_runs_blocks_of_seeds(workflow_run: Path) -> None:
-    """compute.seeds_per_job: 2 puts both tiny seeds into one job per cell."""
-    blocks = workflow_run / "blocks.yaml"
-    blocks.write_text(yaml.safe_dump({"compute": {"seeds_per_job": 2}}))
-    result = snakemake(
-        workflow_run, "--dry-run", "--printshellcmds", configfiles=("tiny.yaml", "blocks.yaml")
-    )
+    """The tiny config ran both seeds in one job per cell; one seed per job is a new job each."""
     grid = tiny_grid()
     cells = len(grid["inits"]) * len(grid["tasks"]) * len(grid["fractions"])
-    assert planned_jobs(result)["finetune"] == cells
+    blocks = sorted((workflow_run / "results/finetune").rglob("metrics.json"))
+    assert len(blocks) == cells and {path.parent.name for path in blocks} == {"seeds0_1"}
+    runs = json.loads(blocks[0].read_text())
+    assert [run["seed"] for run in runs] == grid["seeds"]
+    single = workflow_run / "single.yaml"
+    single.write_text(yaml.safe_dump({"compute": {"seeds_per_job": 1}}))
+    result = snakemake(
+        workflow_run, "--dry-run", "--printshellcmds", configfiles=("tiny.yaml", "single.yaml")
+    )
+    assert planned_jobs(result)["finetune"] == cells * len(grid["seeds"])
     text = result.stdout + result.stderr
-    assert "/seeds0_1/metrics.json" in text
-    assert "--seed 0 1 " in text
+    assert "/seed1/metrics.json" in text
+    assert "--seed 1 " in text
 
 
 def test_report_contains_figures(workflow_run: Path) -> None:

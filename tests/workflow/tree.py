@@ -18,9 +18,10 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "tests" / "configs" / "tiny.yaml"
 WORKFLOW_FILES = ("Snakefile", "config.yaml", "workflow", "src", "envs", "slurm")
-SMALLEST = {"fractions": [1.0], "seeds": [0]}
+SMALLEST = {"fractions": [0.5, 1.0], "seeds": [0]}
 """Overlay on the tiny config for the runs that test a mechanism (killing, SLURM) rather
-than the grid: one fraction and one seed; :func:`drop_task` removes a task too."""
+than the grid: one seed, and the two fractions a label-efficiency slope needs;
+:func:`drop_task` removes a task too."""
 
 
 def copy_workflow(workdir: Path, names: tuple[str, ...] = WORKFLOW_FILES) -> Path:

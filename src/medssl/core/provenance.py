@@ -84,3 +84,20 @@ def write_sidecar(
     path = sidecar_path(output)
     write_json(path, {**record(stage, settings, seed), **(extra or {})})
     return path
+
+
+def write_table(
+    output: str | Path,
+    frame: Any,
+    stage: str,
+    settings: dict[str, Any] | None = None,
+    *,
+    sidecar: bool = True,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """A CSV table (atomically) and, unless ``sidecar`` is False, its provenance sidecar."""
+    from medssl.core.files import write_csv
+
+    write_csv(output, frame)
+    if sidecar:
+        write_sidecar(output, stage, settings, extra=extra)

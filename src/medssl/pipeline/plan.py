@@ -20,9 +20,7 @@ from typing import Any
 
 from medssl.core.task_types import task_type_spec
 from medssl.pipeline.codedeps import code_digest
-
-METHOD_MODULES = "pretraining.methods"
-"""Package of the method modules; a pre-training job also runs ``<this>.<method>``."""
+from medssl.pretraining import methods as method_modules
 
 
 def fraction_label(fraction: float | str) -> str:
@@ -127,7 +125,8 @@ class WorkflowPlan:
 
     def pretrain_code_version(self, job: str) -> str:
         """Digest of the pre-training loop plus this job's own method module only."""
-        return code_digest("pretrain", f"{METHOD_MODULES}.{self.pretrain_method(job)}")
+        method_module = method_modules.method_module(self.pretrain_method(job))
+        return code_digest("pretrain", method_module.removeprefix("medssl."))
 
     # --- data ---------------------------------------------------------------
 
