@@ -2,10 +2,29 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers on two cores: one torch thread each, not two each.
+    torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Keep a module's tests on one pytest-xdist worker (``--dist loadgroup``), so its
+    module-scoped fixtures are built once, and every whole-workflow test on one worker,
+    since they share the session's one workflow run."""
+    root = Path(str(config.rootpath))
+    for item in items:
+        if "workflow" in item.keywords:
+            group = "workflow"
+        else:
+            group = Path(str(item.path)).relative_to(root).as_posix()
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture
