@@ -5,7 +5,7 @@ opens its data before the first step. Study B's grid has thousands of runs,
 so this fixed cost matters. This benchmark makes a small synthetic cohort,
 then measures on it, in one run:
 
-* start-up: ``python -c "import medssl.finetuning.loop"`` (interpreter, torch, medssl);
+* start-up: ``python -c "import medssl.finetune"`` (interpreter, torch, medssl);
 * N seeds as N processes (``compute.seeds_per_job: 1``, what a job per seed
   costs without Snakemake's own overhead);
 * the same N seeds in one process (``--seed 0 1 ... N-1``,
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
         root = Path(tmp)
         prepared = prepare(root, args.seeds)
         startup = statistics.median(
-            timed([sys.executable, "-c", "import medssl.finetuning.loop"]) for _ in range(3)
+            timed([sys.executable, "-c", "import medssl.finetune"]) for _ in range(3)
         )
         seeds = list(range(args.seeds))
         apart = sum(

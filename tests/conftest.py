@@ -14,6 +14,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Keep a module's tests on one pytest-xdist worker (``--dist loadgroup``), so its
     module-scoped fixtures are built once, and every whole-workflow test on one worker,

@@ -90,7 +90,7 @@ def _as_metric(value: Any, key: str, path: Path) -> float:
     if math.isnan(value):
         raise MetricsError(
             f"{path}: metric {key!r} is NaN; an undefined metric must be written as null, "
-            "a NaN means the run diverged or the file was not written by medssl.finetuning.loop"
+            "a NaN means the run diverged or the file was not written by medssl.finetune"
         )
     return value
 
