@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,18 +13,32 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+WORKFLOW_TESTS = "tests/workflow/"
+"""Whole-workflow tests: they share one run (tests/workflow/conftest.py) and edit or
+read its folder in turn, so they run one after another in one process."""
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Keep a module's tests on one pytest-xdist worker (``--dist loadgroup``), so its
-    module-scoped fixtures are built once, and every whole-workflow test on one worker,
-    since they share the session's one workflow run."""
-    root = Path(str(config.rootpath))
-    for item in items:
-        if "workflow" in item.keywords:
-            group = "workflow"
-        else:
-            group = Path(str(item.path)).relative_to(root).as_posix()
-        item.add_marker(pytest.mark.xdist_group(group))
+    """Whole-workflow tests first: with two workers they are the longest share of the
+    suite, so one worker starts them while the other takes the rest."""
+    items.sort(key=lambda item: not item.nodeid.startswith(WORKFLOW_TESTS))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """pytest-xdist's scheduler by module, with every whole-workflow test in one scope.
+
+    A module's tests stay on one worker (its module fixtures are built once), and
+    the whole-workflow modules share one worker and one run.
+    """
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return WORKFLOW_TESTS if module.startswith(WORKFLOW_TESTS) else module
+
+    return ModuleScheduling(config, log)
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from medssl.core.registry import Registry, UnknownNameError, look_up
-from medssl.core.task_types import TASK_TYPES, task_type_spec
 
 
 def test_registry_is_a_mapping_filled_by_decorator() -> None:
@@ -48,13 +47,3 @@ def test_registering_a_name_twice_is_refused() -> None:
     kinds = Registry("kind", {"a": 1})
     with pytest.raises(ValueError, match="kind 'a' is registered twice"):
         kinds.add("a", 2)
-
-
-def test_task_type_table_answers_what_stages_ask() -> None:
-    assert TASK_TYPES.names() == ["binary", "multiclass", "multilabel", "segmentation"]
-    assert task_type_spec("segmentation").labels_from_masks
-    assert task_type_spec("segmentation").default_metric == "dice"
-    assert task_type_spec("multilabel").multiple_columns
-    assert not task_type_spec("binary").labels_from_masks
-    with pytest.raises(UnknownNameError, match="did you mean 'binary'"):
-        task_type_spec("binar")

@@ -1,0 +1,18 @@
+"""The one table of task types answers what the config check, the plan and the split ask."""
+
+from __future__ import annotations
+
+import pytest
+
+from medssl.core.registry import UnknownNameError
+from medssl.core.task_types import TASK_TYPES, task_type_spec
+
+
+def test_task_type_table_answers_what_stages_ask() -> None:
+    assert TASK_TYPES.names() == ["binary", "multiclass", "multilabel", "segmentation"]
+    assert task_type_spec("segmentation").labels_from_masks
+    assert task_type_spec("segmentation").default_metric == "dice"
+    assert task_type_spec("multilabel").multiple_columns
+    assert not task_type_spec("binary").labels_from_masks
+    with pytest.raises(UnknownNameError, match="did you mean 'binary'"):
+        task_type_spec("binar")
