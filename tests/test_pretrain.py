@@ -18,47 +18,12 @@ import torch
 from medssl.models import backbones as models
 from medssl.pretrain import main, without_nproc
 from medssl.pretraining import loop as trainer
-from tests.pretraining.hdf5_pool import make_h5
-
-SETTINGS = {
-    "backbone": "resnet_small",
-    "epochs": 2,
-    "batch_size": 8,
-    "lr": 0.05,
-    "weight_decay": 1e-4,
-    "optimizer": "adamw",
-    "warmup_epochs": 1,
-    "checkpoint_every": 1,
-    "max_samples": None,
-    "augment": {"crop_scale": [0.3, 1.0]},
-    "simclr": {"temperature": 0.2, "proj_dim": 16},
-}
+from tests.pretraining.hdf5_pool import SETTINGS, cli_args, make_h5
 
 
 @pytest.fixture
 def pool(tmp_path: Path) -> Path:
     return make_h5(tmp_path / "pool.h5")
-
-
-def cli_args(data: Path, out: Path, checkpoints: Path, settings: dict) -> list[str]:
-    return [
-        "--method",
-        "simclr",
-        "--data",
-        str(data),
-        "--settings",
-        json.dumps(settings),
-        "--seed",
-        "3",
-        "--out",
-        str(out),
-        "--checkpoint-dir",
-        str(checkpoints),
-        "--threads",
-        "1",
-        "--device",
-        "cpu",
-    ]
 
 
 def test_cli_writes_encoder_sidecar_and_history(pool: Path, tmp_path: Path, one_thread) -> None:

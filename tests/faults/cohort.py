@@ -21,6 +21,7 @@ from medssl.core.files import write_csv
 from medssl.datasets.hdf5 import read_meta
 from medssl.datasets.splits import make_partition, make_subsets, read_label_table
 from medssl.datasets.synthetic import synthesize
+from tests.pretraining.hdf5_pool import cli_args
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 SYNTH = {"patients": 8, "series_per_patient": 1, "slices": 8, "matrix": 32, "seed": 0}
@@ -75,24 +76,7 @@ def convert_args(cohort: dict[str, Path], out: Path) -> list[str]:
 
 def pretrain_args(cohort: dict[str, Path], out: Path, checkpoints: Path) -> list[str]:
     """``medssl.pretrain`` arguments (SimCLR, seed 3, CPU, one thread)."""
-    return [
-        "--method",
-        "simclr",
-        "--data",
-        str(cohort["h5"]),
-        "--settings",
-        json.dumps(PRETRAIN),
-        "--seed",
-        "3",
-        "--out",
-        str(out),
-        "--checkpoint-dir",
-        str(checkpoints),
-        "--threads",
-        "1",
-        "--device",
-        "cpu",
-    ]
+    return cli_args(cohort["h5"], out, checkpoints, PRETRAIN)
 
 
 def finetune_args(

@@ -1,4 +1,5 @@
-"""A tiny unlabelled pool in medssl.datasets.hdf5's layout, for pre-training tests."""
+"""A tiny unlabelled pool in medssl.datasets.hdf5's layout, and the settings and command
+line that pre-train on it, for the pre-training tests."""
 
 from __future__ import annotations
 
@@ -7,6 +8,30 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+
+SETTINGS = {
+    "backbone": "resnet_small",
+    "epochs": 2,
+    "batch_size": 8,
+    "lr": 0.05,
+    "weight_decay": 1e-4,
+    "optimizer": "adamw",
+    "warmup_epochs": 1,
+    "checkpoint_every": 1,
+    "max_samples": None,
+    "augment": {"crop_scale": [0.3, 1.0]},
+    "simclr": {"temperature": 0.2, "proj_dim": 16},
+}
+"""A short SimCLR run of the small ResNet (the ``pretrain`` section)."""
+
+
+def cli_args(data: Path, out: Path, checkpoints: Path, settings: dict) -> list[str]:
+    """``python -m medssl.pretrain`` arguments: SimCLR, seed 3, CPU, one thread."""
+    return [
+        "--method", "simclr", "--data", str(data), "--settings", json.dumps(settings),
+        "--seed", "3", "--out", str(out), "--checkpoint-dir", str(checkpoints),
+        "--threads", "1", "--device", "cpu",
+    ]  # fmt: skip
 
 
 def make_h5(path: Path, n: int = 32, channels: int = 1, size: int = 32, seed: int = 0) -> Path:

@@ -21,23 +21,9 @@ from medssl.pretraining.recipes import (
     run_fingerprint,
     split_method_settings,
 )
-from tests.pretraining.hdf5_pool import make_h5
+from tests.pretraining.hdf5_pool import SETTINGS, make_h5
 
 SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
-
-SETTINGS = {
-    "backbone": "resnet_small",
-    "epochs": 2,
-    "batch_size": 8,
-    "lr": 0.05,
-    "weight_decay": 1e-4,
-    "optimizer": "adamw",
-    "warmup_epochs": 1,
-    "checkpoint_every": 1,
-    "max_samples": None,
-    "augment": {"crop_scale": [0.3, 1.0]},
-    "simclr": {"temperature": 0.2, "proj_dim": 16},
-}
 
 
 @pytest.fixture
