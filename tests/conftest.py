@@ -13,32 +13,41 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
-WORKFLOW_TESTS = "tests/workflow/"
-"""Whole-workflow tests: they share one run (tests/workflow/conftest.py) and edit or
-read its folder in turn, so they run one after another in one process."""
+SHARED_RUN_TESTS = tuple(
+    f"tests/workflow/test_{name}.py" for name in ("kill", "reruns", "workflow")
+)
+"""Tests that edit or read the folder of the session's one workflow run
+(tests/workflow/conftest.py) in turn: one scope, run one after another in one process."""
+SLURM_TESTS = "tests/workflow/test_slurm.py"
+"""The SLURM run, mostly waiting on the scheduler: its own scope, beside the shared run."""
+SHARED_RUN_SCOPE = "tests/workflow/shared-run"
+
+
+def scope_of(nodeid: str) -> str:
+    """A test's scheduling scope: the shared-run scope, or its module."""
+    module = nodeid.split("::", 1)[0]
+    return SHARED_RUN_SCOPE if module in SHARED_RUN_TESTS else module
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Whole-workflow tests first: with two workers they are the longest share of the
-    suite, so one worker starts them while the other takes the rest."""
-    items.sort(key=lambda item: not item.nodeid.startswith(WORKFLOW_TESTS))
+    """The two longest scopes first, the shared run then the SLURM run, so that with two
+    workers each starts one of them while the short modules fill in around them."""
+    first = {SHARED_RUN_SCOPE: 0, SLURM_TESTS: 1}
+    items.sort(key=lambda item: first.get(scope_of(item.nodeid), 2))
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
-    """pytest-xdist's scheduler by module, with every whole-workflow test in one scope.
-
-    A module's tests stay on one worker (its module fixtures are built once), and
-    the whole-workflow modules share one worker and one run.
-    """
+    """pytest-xdist's scheduler by :func:`scope_of`, in collection order
+    (``--no-loadscope-reorder``): a module's tests stay on one worker, so its module
+    fixtures are built once, and the shared-run tests share one worker."""
     from xdist.scheduler import LoadScopeScheduling
 
-    class ModuleScheduling(LoadScopeScheduling):
+    class ScopeScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            module = nodeid.split("::", 1)[0]
-            return WORKFLOW_TESTS if module.startswith(WORKFLOW_TESTS) else module
+            return scope_of(nodeid)
 
-    return ModuleScheduling(config, log)
+    return ScopeScheduling(config, log)
 
 
 @pytest.fixture
