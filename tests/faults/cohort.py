@@ -21,25 +21,14 @@ from medssl.core.files import write_csv
 from medssl.datasets.hdf5 import read_meta
 from medssl.datasets.splits import make_partition, make_subsets, read_label_table
 from medssl.datasets.synthetic import synthesize
-from tests.pretraining.hdf5_pool import cli_args
+from tests.finetuning.cohorts import finetune_cli_args
+from tests.pretraining.hdf5_pool import SETTINGS, cli_args
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 SYNTH = {"patients": 8, "series_per_patient": 1, "slices": 8, "matrix": 32, "seed": 0}
 CONVERT = {"image_size": 32}
 TASK = {"name": "region", "dataset": "d", "column": "region", "type": "multiclass"}
-PRETRAIN = {
-    "backbone": "resnet_small",
-    "epochs": 3,
-    "batch_size": 16,
-    "lr": 0.05,
-    "weight_decay": 1e-4,
-    "optimizer": "adamw",
-    "warmup_epochs": 1,
-    "checkpoint_every": 1,
-    "max_samples": None,
-    "augment": {"crop_scale": [0.3, 1.0]},
-    "simclr": {"temperature": 0.2, "proj_dim": 16},
-}
+PRETRAIN = {**SETTINGS, "epochs": 3, "batch_size": 16}
 FINETUNE = {"epochs": 4, "batch_size": 16, "lr": 0.001}
 
 
@@ -83,30 +72,8 @@ def finetune_args(
     cohort: dict[str, Path], out: Path, settings: dict | None = None, seed: int = 0
 ) -> list[str]:
     """``medssl.finetune`` arguments (scratch init, fraction 1, CPU, one thread)."""
-    return [
-        "--data",
-        str(cohort["h5"]),
-        "--partition",
-        str(cohort["partition"]),
-        "--subsets",
-        str(cohort["subsets"]),
-        "--fraction",
-        "1.0",
-        "--seed",
-        str(seed),
-        "--task",
-        json.dumps(TASK),
-        "--settings",
-        json.dumps(settings or FINETUNE),
-        "--init",
-        "scratch",
-        "--threads",
-        "1",
-        "--device",
-        "cpu",
-        "--out",
-        str(out),
-    ]
+    inputs = (cohort["h5"], cohort["partition"], cohort["subsets"], TASK)
+    return [*finetune_cli_args(*inputs, settings or FINETUNE, out, seed), "--init", "scratch"]
 
 
 def run_stage(

@@ -82,30 +82,23 @@ def bright_square_cohort(root: Path) -> dict:
     }
 
 
+def finetune_cli_args(
+    h5: Path, partition: Path, subsets: Path, task: dict, settings: dict, out: Path, seed: int = 0
+) -> list[str]:
+    """``python -m medssl.finetune`` arguments of one seed at fraction 1, CPU, one thread
+    (add ``--init``)."""
+    return [
+        "--data", str(h5), "--partition", str(partition), "--subsets", str(subsets),
+        "--fraction", "1.0", "--seed", str(seed), "--task", json.dumps(task),
+        "--settings", json.dumps(settings), "--threads", "1", "--device", "cpu", "--out", str(out),
+    ]  # fmt: skip
+
+
 def square_cli_args(cohort: dict, out: Path, settings: dict = SQUARE_SETTINGS) -> list[str]:
     """``medssl.finetune`` arguments of one seed on the bright-square cohort (add ``--init``)."""
-    return [
-        "--data",
-        str(cohort["h5"]),
-        "--partition",
-        str(cohort["root"] / "partition.csv"),
-        "--subsets",
-        str(cohort["root"] / "seed0.csv"),
-        "--fraction",
-        "1.0",
-        "--seed",
-        "0",
-        "--task",
-        json.dumps(cohort["task"]),
-        "--settings",
-        json.dumps(settings),
-        "--threads",
-        "1",
-        "--device",
-        "cpu",
-        "--out",
-        str(out),
-    ]
+    root = cohort["root"]
+    partition, subsets = root / "partition.csv", root / "seed0.csv"
+    return finetune_cli_args(cohort["h5"], partition, subsets, cohort["task"], settings, out)
 
 
 def task_type_cohort(converted_cohort: dict, root: Path) -> dict:

@@ -36,11 +36,6 @@ class TaskTypeSpec:
     multiple_columns: bool = False
     dense: bool = False
 
-    @property
-    def default_metric(self) -> str:
-        """The metric a task of this type is reported in unless the config says otherwise."""
-        return self.metrics[0]
-
 
 TASK_TYPES: Registry[TaskTypeSpec] = Registry("task type")
 for _spec in (

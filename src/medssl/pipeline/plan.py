@@ -274,8 +274,7 @@ class WorkflowPlan:
 
     def init_encoder(self, init: str) -> list[str]:
         """Encoder file an init starts from; none for scratch."""
-        path = self.encoder_path(init)
-        return [] if path is None else [path]
+        return self._start_encoder(init)
 
     def run_subsets(self, task: str, run: str) -> list[str]:
         """The subset-rank files of the seeds a fine-tune job runs, in seed order."""
