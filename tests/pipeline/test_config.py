@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -66,6 +67,16 @@ MUTATIONS = [
     ("stats.correction", "bonferroni", "stats.correction"),
     ("compute.device", "tpu", "compute.device"),
     ("finetune", _DELETE, "finetune"),
+    ("tasks.nodule.finetune", {"tta": "twelve_crop"}, "tasks.nodule.finetune.tta"),
+    ("tasks.nodule.finetune", {"learning_rate": 1}, "tasks.nodule.finetune: unknown key"),
+    ("tasks.lung.finetune", {"tta": "ten_crop"}, "ten_crop is for classification"),
+    ("data.datasets.synthct.convert", {"image_size": 8}, "synthct.convert.image_size"),
+    ("data.datasets.synthct.convert", {"intensity": {"policy": "x"}}, "convert.intensity.policy"),
+    ("data.datasets.synthct.convert", {"image_size": 80}, "multiple of 32"),
+    ("tasks.nodule.split", {"source": "released"}, "tasks.nodule.split.source"),
+    ("tasks.lung.masks", {"format": "rle", "structure": "lung"}, "reads a preset release"),
+    ("pretrain.seeds", [], "pretrain.seeds"),
+    ("pretrain.seed", 0, "unknown key(s) ['seed']"),
 ]
 
 
@@ -156,6 +167,33 @@ def test_dicom_dataset_needs_existing_folder(config: dict, tmp_path: Path) -> No
     }
     with pytest.raises(ConfigError, match="data.datasets.mine.dicom_dir"):
         validate_config(config)
+
+
+@pytest.mark.parametrize(
+    ("dataset", "named"),
+    [
+        ({"source": "images", "root": "nowhere", "manifest": "m.csv"}, "mine.root: folder"),
+        ({"source": "npz", "path": "nowhere.npz"}, "mine.path: file"),
+        ({"source": "preset", "preset": "drive", "root": "nowhere"}, "mine.root: folder"),
+        ({"source": "preset", "preset": "drvie", "root": "."}, "choose one of"),
+        ({"source": "images", "root": "."}, "'manifest' is a required property"),
+    ],
+)
+def test_dataset_sources_need_their_files(config: dict, dataset: dict, named: str) -> None:
+    config["data"]["datasets"]["mine"] = dataset
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        validate_config(config)
+
+
+def test_a_classification_task_on_a_dicom_folder_without_labels_is_refused(
+    config: dict, tmp_path: Path
+) -> None:
+    config["data"]["datasets"]["mine"] = {"source": "dicom", "dicom_dir": str(tmp_path)}
+    config["tasks"]["mine_nodule"] = {"dataset": "mine", "type": "binary", "column": "nodule"}
+    with pytest.raises(ConfigError, match="data.datasets.mine.labels is not set"):
+        validate_config(config)
+    del config["tasks"]["mine_nodule"]
+    validate_config(config)  # a pre-training pool needs no labels
 
 
 def test_snakemake_refuses_bad_config_before_any_job(tmp_path: Path) -> None:

@@ -68,7 +68,7 @@ def test_pretrain_settings_hold_the_shared_keys_and_the_own_method_only(config: 
     pretrain = {**config["pretrain"], "methods": ["simclr", "byol"]}
     settings = json.loads(plan(revalidated(config, pretrain=pretrain)).pretrain_settings("simclr"))
     assert "simclr" in settings and "byol" not in settings
-    assert not {"methods", "dataset"} & set(settings)
+    assert not {"methods", "dataset", "seeds"} & set(settings)
     assert settings["epochs"] == config["pretrain"]["epochs"]
 
 
@@ -142,10 +142,14 @@ def test_import_and_continual_inits_resolve(config: dict, checkpoint: Path) -> N
         "imagenet_spark": {"method": "spark", "from": "imagenet"},
     }
     jobs = plan(resolved)
-    assert jobs.pretrain_start("imagenet_spark") == ["results/init/imagenet/encoder.pt"]
-    assert jobs.pretrain_start("simclr") == []
+    assert jobs.pretrain_start("imagenet_spark", "0") == ["results/init/imagenet/encoder.pt"]
+    assert jobs.pretrain_start("simclr", "0") == []
     assert jobs.pretrain_method("imagenet_spark") == "spark"
-    assert jobs.init_encoder("scratch") == []
+    assert jobs.init_encoders("scratch", "seed0") == []
+    assert jobs.init_encoders("imagenet", "seed1") == ["results/init/imagenet/encoder.pt"]
+    assert jobs.init_encoders("imagenet_spark", "seed1") == [
+        "results/init/imagenet_spark/pseed0/encoder.pt"
+    ]
     assert jobs.import_settings("imagenet") == {
         "format": "torchvision",
         "backbone": "resnet50",
@@ -174,3 +178,83 @@ def test_final_outputs_cover_every_task_fraction_and_dataset(config: dict) -> No
     assert "results/data/synthct.rejects.csv" in outputs
     n_runs = len(jobs.inits) * len(jobs.tasks) * len(jobs.fractions) * len(jobs.seed_blocks)
     assert len(set(jobs.finetune_metrics())) == n_runs
+
+
+def test_fine_tune_seeds_are_spread_over_the_pre_training_runs(config: dict) -> None:
+    pretrain = {**config["pretrain"], "seeds": [0, 7]}
+    compute = {**config["compute"], "seeds_per_job": 2}
+    jobs = plan(revalidated(config, pretrain=pretrain, seeds=[0, 1, 2, 3, 4], compute=compute))
+    assert [jobs.pretrain_seed_of(s) for s in jobs.seeds] == ["0", "7", "0", "7", "0"]
+    assert jobs.init_encoders("simclr", "seeds0_1") == [
+        "results/init/simclr/pseed0/encoder.pt",
+        "results/init/simclr/pseed7/encoder.pt",
+    ]
+    assert jobs.init_encoder_files("simclr", "seed4") == ["results/init/simclr/pseed0/encoder.pt"]
+    # A second pre-training run changes no settings of the first one.
+    assert jobs.pretrain_settings("simclr") == plan(config).pretrain_settings("simclr")
+
+
+def test_a_tasks_finetune_keys_reach_its_fine_tunes_only(config: dict) -> None:
+    tasks = copy.deepcopy(config["tasks"])
+    tasks["nodule"]["finetune"] = {"tta": "flip", "epochs": 3}
+    before, after = plan(config), plan(revalidated(config, tasks=tasks))
+    changed = json.loads(after.finetune_settings("nodule"))
+    assert changed["tta"] == "flip" and changed["epochs"] == 3
+    assert changed["lr"] == config["finetune"]["lr"]
+    assert after.finetune_settings("lung") == before.finetune_settings("lung")
+    # The split reads the task's own keys, not its fine-tune recipe.
+    assert after.task_settings("nodule") == before.task_settings("nodule")
+
+
+def test_a_datasets_convert_keys_replace_the_shared_ones_for_it_only(
+    config: dict, tmp_path: Path
+) -> None:
+    (tmp_path / "dicom").mkdir()
+    datasets = {
+        **config["data"]["datasets"],
+        "other": {
+            "source": "dicom",
+            "dicom_dir": str(tmp_path / "dicom"),
+            "convert": {"image_size": 96},
+        },
+    }
+    jobs = plan(revalidated(config, data={**config["data"], "datasets": datasets}))
+    assert json.loads(jobs.convert_settings("other"))["image_size"] == 96
+    assert json.loads(jobs.convert_settings("synthct"))["image_size"] == 64
+    assert jobs.convert_settings("synthct") == plan(config).convert_settings("synthct")
+
+
+def test_converted_sources_read_the_label_table_the_conversion_writes(
+    config: dict, tmp_path: Path
+) -> None:
+    (tmp_path / "cxr").mkdir()
+    (tmp_path / "manifest.csv").write_text("file,patient_id,finding\n")
+    (tmp_path / "montgomery").mkdir()
+    datasets = {
+        **config["data"]["datasets"],
+        "xray": {
+            "source": "images",
+            "root": str(tmp_path / "cxr"),
+            "manifest": str(tmp_path / "manifest.csv"),
+        },
+        "mc": {"source": "preset", "preset": "montgomery", "root": str(tmp_path / "montgomery")},
+    }
+    tasks = {
+        **config["tasks"],
+        "finding": {"dataset": "xray", "type": "binary", "column": "finding"},
+        "mc_lung": {
+            "dataset": "mc",
+            "type": "segmentation",
+            "masks": {"format": "preset", "structure": "lung"},
+        },
+    }
+    jobs = plan(revalidated(config, data={**config["data"], "datasets": datasets}, tasks=tasks))
+    assert jobs.task_labels("finding") == "results/data/xray.labels.csv"
+    assert json.loads(jobs.task_settings("finding"))["labels_key"] == "sop_uid"
+    assert jobs.convert_source("xray") == str(tmp_path / "cxr")
+    assert jobs.convert_manifest("xray") == [str(tmp_path / "manifest.csv")]
+    assert jobs.convert_source_options("xray") == "--source images"
+    assert jobs.convert_source_options("mc").startswith("--preset montgomery --preset-options ")
+    assert jobs.mask_source("mc_lung") == str(tmp_path / "montgomery")
+    assert jobs.mask_preset_option("mc_lung") == "--preset montgomery"
+    assert jobs.mask_preset_option("lung") == ""

@@ -15,7 +15,7 @@ SRC = Path(workflow.basedir) / "src"
 sys.path.insert(0, str(SRC))
 
 from medssl.pipeline.config import method_names, validate_config
-from medssl.pipeline.plan import WorkflowPlan, as_json
+from medssl.pipeline.plan import WorkflowPlan
 
 validate_config(config)
 PLAN = WorkflowPlan(config, method_names())
@@ -41,6 +41,7 @@ wildcard_constraints:
     supervised=alternatives(PLAN.supervised),
     fraction=r"[0-9.e-]+",
     seed=r"[0-9]+",
+    pseed=r"[0-9]+",
     run=alternatives(PLAN.seed_blocks),
 
 
@@ -66,11 +67,23 @@ def synthetic_settings(wildcards):
 
 
 def convert_settings(wildcards):
-    return PLAN.convert_settings()
+    return PLAN.convert_settings(wildcards.dataset)
 
 
-def dicom_folder(wildcards):
-    return PLAN.dicom_folder(wildcards.dataset)
+def convert_source(wildcards):
+    return PLAN.convert_source(wildcards.dataset)
+
+
+def convert_manifest(wildcards):
+    return PLAN.convert_manifest(wildcards.dataset)
+
+
+def convert_source_options(wildcards):
+    return PLAN.convert_source_options(wildcards.dataset)
+
+
+def manifest_argument(wildcards, input):
+    return option("--manifest", input.manifest)
 
 
 def task_dataset_h5(wildcards):
@@ -101,6 +114,10 @@ def mask_structure(wildcards):
     return PLAN.mask_structure(wildcards.task)
 
 
+def mask_preset_option(wildcards):
+    return PLAN.mask_preset_option(wildcards.task)
+
+
 def task_masks(wildcards):
     return PLAN.task_masks(wildcards.task)
 
@@ -129,7 +146,7 @@ def pretrain_settings(wildcards):
 
 
 def pretrain_start(wildcards):
-    return PLAN.pretrain_start(wildcards.method)
+    return PLAN.pretrain_start(wildcards.method, wildcards.pseed)
 
 
 def init_encoder_argument(wildcards, input):
@@ -175,15 +192,29 @@ def supervised_start(wildcards):
     return PLAN.supervised_start(wildcards.supervised)
 
 
+def supervised_encoder_argument(wildcards, input):
+    return option("--encoder", input.encoder)
+
+
+def supervised_finetune_settings(wildcards):
+    return PLAN.finetune_settings(PLAN.supervised_task(wildcards.supervised).task)
+
+
 # --- fine-tuning --------------------------------------------------------------
 
 
-def init_encoder(wildcards):
-    return PLAN.init_encoder(wildcards.init)
+def init_encoder_files(wildcards):
+    return PLAN.init_encoder_files(wildcards.init, wildcards.run)
 
 
-def encoder_argument(wildcards, input):
-    return option("--encoder", input.encoder)
+def encoder_argument(wildcards):
+    """``--encoder`` with one file per seed of the job (pre-training runs differ by seed)."""
+    encoders = PLAN.init_encoders(wildcards.init, wildcards.run)
+    return f"--encoder {' '.join(map(shlex.quote, encoders))}" if encoders else ""
+
+
+def finetune_settings(wildcards):
+    return PLAN.finetune_settings(wildcards.task)
 
 
 def run_subsets(wildcards):

@@ -23,10 +23,12 @@ rule synthesize:
 
 rule convert:
     input:
-        dicom=dicom_folder,
+        source=convert_source,
+        manifest=convert_manifest,
     output:
         h5="results/data/{dataset}.h5",
         rejects="results/data/{dataset}.rejects.csv",
+        labels="results/data/{dataset}.labels.csv",
     log:
         "logs/convert/{dataset}.log",
     benchmark:
@@ -37,10 +39,12 @@ rule convert:
     params:
         code=code_version("convert"),
         settings=convert_settings,
+        source=convert_source_options,
+        manifest=manifest_argument,
     shell:
-        "python -m medssl.convert --dicom-dir {input.dicom:q} --out {output.h5}"
-        " --rejects {output.rejects} --settings {params.settings:q} --threads {threads}"
-        " > {log} 2>&1"
+        "python -m medssl.convert {params.source} --root {input.source:q} {params.manifest}"
+        " --out {output.h5} --rejects {output.rejects} --labels-out {output.labels}"
+        " --settings {params.settings:q} --threads {threads} > {log} 2>&1"
 
 
 rule masks:
@@ -60,8 +64,9 @@ rule masks:
         code=code_version("masks"),
         fmt=mask_format,
         structure=mask_structure,
+        preset=mask_preset_option,
     shell:
-        "python -m medssl.masks --data {input.h5} --format {params.fmt}"
+        "python -m medssl.masks --data {input.h5} --format {params.fmt} {params.preset}"
         " --source {input.source:q} --structure {params.structure:q}"
         " --dicom-dir {input.dicom:q} --out {output} > {log} 2>&1"
 

@@ -7,7 +7,7 @@ rule finetune:
         h5=task_dataset_h5,
         partition="results/splits/{task}.csv",
         subsets=run_subsets,
-        encoder=init_encoder,
+        encoder=init_encoder_files,
         masks=task_masks,
     output:
         "results/finetune/{init}/{task}/frac{fraction}/{run}/metrics.json",
@@ -24,7 +24,7 @@ rule finetune:
         code=code_version("finetune"),
         seeds=run_seeds,
         task=task_settings,
-        settings=as_json(config["finetune"]),
+        settings=finetune_settings,
         encoder=encoder_argument,
         masks=masks_argument,
         backbone=config["pretrain"]["backbone"],

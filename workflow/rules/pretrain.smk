@@ -1,6 +1,7 @@
-# Self-supervised pre-training on the unlabelled pool; one encoder per method,
-# and one per continual (domain-adaptive) init, which starts from the encoder of
-# the init named in its `from` ({method} is then the init's name).
+# Self-supervised pre-training on the unlabelled pool; one encoder per method and
+# pre-training seed (`pretrain.seeds`), and one per continual (domain-adaptive)
+# init, which starts from the encoder of the init named in its `from` ({method}
+# is then the init's name).
 
 
 rule pretrain:
@@ -8,12 +9,12 @@ rule pretrain:
         h5=pretrain_h5,
         start=pretrain_start,
     output:
-        encoder="results/init/{method}/encoder.pt",
-        sidecar="results/init/{method}/encoder.json",
+        encoder="results/init/{method}/pseed{pseed}/encoder.pt",
+        sidecar="results/init/{method}/pseed{pseed}/encoder.json",
     log:
-        "logs/pretrain/{method}.log",
+        "logs/pretrain/{method}/pseed{pseed}.log",
     benchmark:
-        "benchmarks/pretrain/{method}.tsv"
+        "benchmarks/pretrain/{method}/pseed{pseed}.tsv"
     conda:
         "../../envs/medssl.yaml"
     threads: THREADS["pretrain"]
@@ -25,12 +26,11 @@ rule pretrain:
         method=pretrain_method,
         settings=pretrain_settings,
         start=init_encoder_argument,
-        checkpoints="results/pretrain/{method}",
-        seed=config["pretrain"]["seed"],
+        checkpoints="results/pretrain/{method}/pseed{pseed}",
         device=config["compute"]["device"],
     shell:
         "python -m medssl.pretrain --method {params.method} --data {input.h5} {params.start}"
-        " --settings {params.settings:q} --seed {params.seed} --out {output.encoder}"
+        " --settings {params.settings:q} --seed {wildcards.pseed} --out {output.encoder}"
         " --checkpoint-dir {params.checkpoints} --threads {threads} --device {params.device}"
         " --nproc {resources.gpu}"
         " > {log} 2>&1"

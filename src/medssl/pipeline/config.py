@@ -103,11 +103,66 @@ def validate_config(config: dict, schema_path: str | Path = SCHEMA_PATH) -> dict
     if errors:
         lines = "\n".join(f"  - {_describe(e)}" for e in errors)
         raise ConfigError(f"invalid configuration:\n{lines}")
-    problems = list(check_references(config))
+    problems = list(_check_overrides(config, schema, validator_class))
+    problems += list(check_references(config))
     if problems:
         lines = "\n".join(f"  - {p}" for p in problems)
         raise ConfigError(f"invalid configuration:\n{lines}")
     return config
+
+
+OVERRIDES = (
+    ("data.datasets", ("data", "datasets"), "convert", ("data", "convert")),
+    ("tasks", ("tasks",), "finetune", ("finetune",)),
+)
+"""Per-dataset and per-task sections that replace keys of a shared section:
+(where, path to the named entries, override key, path to the shared section)."""
+
+
+def _check_overrides(config: dict, schema: dict, validator_class: type) -> Iterator[str]:
+    """A dataset's ``convert`` and a task's ``finetune`` keys are keys of the shared
+    section, and the shared section with them replaced is valid like the section."""
+    for where, entries_path, key, shared_path in OVERRIDES:
+        shared_schema, shared = schema, config
+        for part in shared_path:
+            shared_schema = shared_schema["properties"][part]
+            shared = shared[part]
+        entries = config
+        for part in entries_path:
+            entries = entries[part]
+        allowed = sorted(shared_schema["properties"])
+        for name, entry in entries.items():
+            override = entry.get(key) or {}
+            unknown = sorted(set(override) - set(allowed))
+            if unknown:
+                yield f"{where}.{name}.{key}: unknown key(s) {unknown}; allowed keys are {allowed}"
+                continue
+            merged = _copy({**shared, **override})
+            # The section's schema with the definitions its $refs point at.
+            section = {**shared_schema, "definitions": schema.get("definitions", {})}
+            for error in validator_class(section).iter_errors(merged):
+                path = ".".join(str(p) for p in error.absolute_path)
+                yield f"{where}.{name}.{key}.{path}: {error.message}"
+
+
+FILE_KEYS = {
+    "dicom": (("dicom_dir", "folder"), ("labels", "file")),
+    "images": (("root", "folder"), ("manifest", "file")),
+    "npz": (("path", "file"),),
+    "nifti": (("root", "folder"), ("manifest", "file"), ("labels", "file")),
+    "preset": (("root", "folder"),),
+}
+"""Per dataset source: the keys naming the user's files, and what each must be."""
+
+
+def _check_dataset_files(name: str, dataset: dict) -> Iterator[str]:
+    for key, kind in FILE_KEYS.get(dataset["source"], ()):
+        if key not in dataset:
+            continue
+        path = Path(dataset[key])
+        exists = path.is_dir() if kind == "folder" else path.is_file()
+        if not exists:
+            yield f"data.datasets.{name}.{key}: {kind} {str(path)!r} does not exist"
 
 
 def check_references(config: dict) -> Iterator[str]:
@@ -115,13 +170,7 @@ def check_references(config: dict) -> Iterator[str]:
     yield from check_outputs(config)
     datasets = config["data"]["datasets"]
     for name, dataset in datasets.items():
-        if dataset["source"] == "dicom":
-            folder = Path(dataset["dicom_dir"])
-            if not folder.is_dir():
-                yield f"data.datasets.{name}.dicom_dir: folder {str(folder)!r} does not exist"
-            labels = Path(dataset["labels"])
-            if not labels.is_file():
-                yield f"data.datasets.{name}.labels: file {str(labels)!r} does not exist"
+        yield from _check_dataset_files(name, dataset)
     for name, task in config["tasks"].items():
         yield from _check_task(config, name, task)
     pretrain = config["pretrain"]
@@ -145,27 +194,50 @@ def _check_task(config: dict, name: str, task: dict) -> Iterator[str]:
     allowed = spec.metrics
     if task["metric"] not in allowed:
         yield f"tasks.{name}.metric: {task['metric']!r} is not a {spec.name} metric {allowed}"
-    select = config["finetune"]["select_metric"]
+    select = {**config["finetune"], **task.get("finetune", {})}["select_metric"]
     if select not in ("auto", "loss", *allowed):
         yield (
             f"finetune.select_metric: {select!r} is not a metric of task {name!r} "
             f"({spec.name}: {allowed}); use auto"
         )
-    masks = task.get("masks")
-    source = datasets.get(task["dataset"], {}).get("source")
-    if masks and "path" not in masks and source != "synthetic":
-        yield f"tasks.{name}.masks.path: required for a dataset of source {source}"
-    size = config["data"].get("convert", {}).get("image_size")
+    dataset = datasets.get(task["dataset"], {})
+    source = dataset.get("source")
+    yield from _check_task_masks(name, task, dataset)
+    if not spec.labels_from_masks and source in ("dicom", "nifti") and "labels" not in dataset:
+        yield (
+            f"tasks.{name}: a {spec.name} task needs labels; data.datasets."
+            f"{task['dataset']}.labels is not set"
+        )
+    convert = {**config["data"].get("convert", {}), **dataset.get("convert", {})}
+    size = convert.get("image_size")
     if spec.dense and size is not None and size % 32:
         yield (
             f"tasks.{name}: the U-Net needs slices a multiple of 32 pixels wide; "
-            f"data.convert.image_size is {size}"
+            f"image_size of dataset {task['dataset']!r} is {size}"
         )
-    if config["finetune"]["tta"] == "ten_crop" and spec.dense:
-        yield f"finetune.tta: ten_crop is for classification, task {name!r} is {spec.name}"
+    finetune = {**config["finetune"], **task.get("finetune", {})}
+    if finetune["tta"] == "ten_crop" and spec.dense:
+        yield f"tasks.{name}: tta ten_crop is for classification, the task is {spec.name}"
     split = task["split"]
-    if split["val"] + split["test"] >= 1:
+    if split["source"] == "random" and split["val"] + split["test"] >= 1:
         yield f"tasks.{name}.split: val + test must leave patients for training (< 1)"
+
+
+def _check_task_masks(name: str, task: dict, dataset: dict) -> Iterator[str]:
+    """A segmentation task's masks: a path for the user's own files; the preset mask
+    formats only on a preset dataset."""
+    masks = task.get("masks")
+    if not masks:
+        return
+    source = dataset.get("source")
+    if masks["format"] in ("rle", "preset"):
+        if source != "preset":
+            yield (
+                f"tasks.{name}.masks.format: {masks['format']!r} reads a preset release's "
+                f"masks; dataset {task['dataset']!r} has source {source}"
+            )
+    elif "path" not in masks and source != "synthetic":
+        yield f"tasks.{name}.masks.path: required for a dataset of source {source}"
 
 
 INIT_KEYS = {

@@ -15,6 +15,7 @@ method's sub-section only, so adding a second method does not rerun the first.
 from __future__ import annotations
 
 import json
+import shlex
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,11 +40,11 @@ def as_json(value: Any) -> str:
 
 
 def encoder_name(config: dict, init: str) -> str | None:
-    """The folder ``results/init/<name>/`` holding the encoder ``init`` starts from.
+    """The folder ``results/init/<name>/`` holding the encoder(s) ``init`` starts from.
 
-    None for scratch. A plain pre-trained init shares its method's encoder
-    (``results/init/<method>``); an imported or continually pre-trained init
-    has its own (``results/init/<init>``).
+    None for scratch. A plain pre-trained init shares its method's encoders
+    (``results/init/<method>/pseed<s>``); an imported or continually pre-trained
+    init has its own (``results/init/<init>``).
     """
     spec = config["inits"][init]
     if spec["source"] == "scratch":
@@ -79,10 +80,28 @@ def supervised_jobs(config: dict) -> list[str]:
     return [name for name, spec in config["inits"].items() if spec["source"] == "supervised"]
 
 
-def data_channels(config: dict) -> int:
-    """Channels of the converted images: one per HU window, else one."""
-    intensity = config["data"]["convert"]["intensity"]
+def dataset_convert_settings(config: dict, dataset: str) -> dict:
+    """``data.convert`` with the dataset's own ``convert`` keys replacing it, key by key."""
+    return {**config["data"]["convert"], **config["data"]["datasets"][dataset].get("convert", {})}
+
+
+def data_channels(config: dict, dataset: str | None = None) -> int:
+    """Channels of a dataset's converted images (default: the pre-training pool's):
+    one per HU window of a CT source, three for colour images kept as RGB, else one."""
+    dataset = config["pretrain"]["dataset"] if dataset is None else dataset
+    settings = dataset_convert_settings(config, dataset)
+    source = config["data"]["datasets"][dataset]["source"]
+    if source in IMAGE_SOURCES:
+        return 3 if settings.get("rgb") == "keep" else 1
+    intensity = settings["intensity"]
     return len(intensity["windows"]) if intensity["policy"] == "window" else 1
+
+
+IMAGE_SOURCES = ("images", "npz")
+"""Sources of photographs/radiographs rather than HU: no CT intensity policy applies."""
+
+CONVERTED_LABELS = ("images", "npz", "preset")
+"""Sources whose label table the conversion writes (results/data/<dataset>.labels.csv)."""
 
 
 @dataclass(frozen=True)
@@ -108,6 +127,7 @@ class WorkflowPlan:
         self.supervised = sorted(supervised_jobs(config))
         self.fractions = [fraction_label(f) for f in config["fractions"]]
         self.seeds = [str(s) for s in config["seeds"]]
+        self.pretrain_seeds = [str(s) for s in config["pretrain"]["seeds"]]
         self.seed_blocks = self._seed_blocks(config["compute"]["seeds_per_job"])
         self.threads = config["compute"]["threads"]
 
@@ -139,14 +159,54 @@ class WorkflowPlan:
     def synthetic_settings(self, dataset: str) -> str:
         return as_json(self.dataset(dataset)["synthetic"])
 
-    def convert_settings(self) -> str:
-        return as_json(self.config["data"]["convert"])
+    def convert_settings(self, dataset: str) -> str:
+        return as_json(dataset_convert_settings(self.config, dataset))
+
+    def convert_source(self, dataset: str) -> str:
+        """What the conversion reads: the synthetic cohort's DICOM folder, the user's
+        DICOM or image folder, the archive, or the release's root folder."""
+        spec = self.dataset(dataset)
+        source = spec["source"]
+        if source == "synthetic":
+            return f"results/dicom/{dataset}"
+        if source == "dicom":
+            return spec["dicom_dir"]
+        if source == "npz":
+            return spec["path"]
+        return spec["root"]
+
+    def convert_manifest(self, dataset: str) -> list[str]:
+        """The manifest CSV of an images (or nifti) dataset; a rule input, so an edit reruns."""
+        manifest = self.dataset(dataset).get("manifest")
+        return [] if manifest is None else [manifest]
+
+    def convert_source_options(self, dataset: str) -> str:
+        """``--source``/``--preset`` options of the conversion (the manifest is an input)."""
+        spec = self.dataset(dataset)
+        source = spec["source"]
+        if source == "preset":
+            options = as_json(spec["preset_options"])
+            return f"--preset {spec['preset']} --preset-options {shlex.quote(options)}"
+        return f"--source {'dicom' if source == 'synthetic' else source}"
 
     def dicom_folder(self, dataset: str) -> str:
-        """The DICOM folder a dataset converts from: the synthetic cohort's or the user's."""
-        if self.is_synthetic(dataset):
-            return f"results/dicom/{dataset}"
-        return self.dataset(dataset)["dicom_dir"]
+        """The folder a dataset's mask sources sit beside (RTSTRUCT and SEG geometry)."""
+        return self.convert_source(dataset)
+
+    def dataset_labels(self, dataset: str) -> str | None:
+        """The label table of a dataset: the synthetic cohort's, the user's, or the one
+        the conversion writes; None for a DICOM or NIfTI folder without labels."""
+        spec = self.dataset(dataset)
+        if spec["source"] == "synthetic":
+            return f"results/dicom/{dataset}.labels.csv"
+        if spec["source"] in CONVERTED_LABELS:
+            return f"results/data/{dataset}.labels.csv"
+        return spec.get("labels")
+
+    def labels_key(self, dataset: str) -> str:
+        """The metadata column the label table is keyed by (image id for converted tables)."""
+        spec = self.dataset(dataset)
+        return "sop_uid" if spec["source"] in CONVERTED_LABELS else spec["labels_key"]
 
     # --- tasks --------------------------------------------------------------
 
@@ -164,14 +224,21 @@ class WorkflowPlan:
         if self.labels_from_masks(task):
             return f"results/masks/{task}.h5"
         dataset = self.task(task)["dataset"]
-        if self.is_synthetic(dataset):
-            return f"results/dicom/{dataset}.labels.csv"
-        return self.dataset(dataset)["labels"]
+        labels = self.dataset_labels(dataset)
+        if labels is None:  # refused by the config check; kept for direct callers
+            raise ValueError(f"task {task!r}: dataset {dataset!r} has no label table")
+        return labels
 
     def task_settings(self, task: str) -> str:
-        spec = self.task(task)
-        labels_key = self.dataset(spec["dataset"])["labels_key"]
+        """The task's own keys (without its fine-tune overrides, which only fine-tunes
+        read: a changed recipe must not rerun the split)."""
+        spec = {key: value for key, value in self.task(task).items() if key != "finetune"}
+        labels_key = self.labels_key(spec["dataset"])
         return as_json({"name": task, "labels_key": labels_key, **spec})
+
+    def finetune_settings(self, task: str) -> str:
+        """The finetune section with this task's overrides replacing it, key by key."""
+        return as_json({**self.config["finetune"], **self.task(task).get("finetune", {})})
 
     def task_metric(self, task: str) -> str:
         return self.task(task)["metric"]
@@ -186,12 +253,21 @@ class WorkflowPlan:
         return self.task(task)
 
     def mask_source(self, task: str) -> str:
-        """Where a segmentation task's masks are read: the configured path, or the
-        synthetic cohort's own mask folder."""
+        """Where a segmentation task's masks are read: the configured path, the synthetic
+        cohort's own mask folder, or a preset release's root folder."""
         spec = self._mask_task(task)
         if "path" in spec["masks"]:
             return spec["masks"]["path"]
-        return f"results/dicom/{spec['dataset']}.masks"
+        if self.is_synthetic(spec["dataset"]):
+            return f"results/dicom/{spec['dataset']}.masks"
+        return self.convert_source(spec["dataset"])
+
+    def mask_preset_option(self, task: str) -> str:
+        """``--preset NAME`` for the mask formats a preset reads (rle, preset); else nothing."""
+        spec = self._mask_task(task)
+        if spec["masks"]["format"] not in ("rle", "preset"):
+            return ""
+        return f"--preset {self.dataset(spec['dataset'])['preset']}"
 
     def mask_dicom_folder(self, task: str) -> str:
         """The DICOM folder of a segmentation task's dataset (RTSTRUCT geometry)."""
@@ -226,22 +302,38 @@ class WorkflowPlan:
             {
                 key: value
                 for key, value in section.items()
-                if key not in others and key not in ("methods", "dataset")
+                if key not in others and key not in ("methods", "dataset", "seeds")
             }
         )
 
-    def encoder_path(self, init: str) -> str | None:
-        """``results/init/<name>/encoder.pt`` of an init; None for scratch."""
-        name = encoder_name(self.config, init)
-        return None if name is None else f"results/init/{name}/encoder.pt"
+    def is_pretrained(self, init: str) -> bool:
+        """Whether an init's encoder comes from pre-training jobs (one per pre-training seed)."""
+        return self.config["inits"][init]["source"] == "pretrain"
 
-    def _start_encoder(self, start: str | None) -> list[str]:
-        path = None if start is None else self.encoder_path(start)
+    def pretrain_seed_of(self, seed: str) -> str:
+        """The pre-training run a fine-tune seed starts from: the k-th of ``seeds`` uses run
+        k modulo the number of runs, so appending seeds never moves an existing one."""
+        return self.pretrain_seeds[self.seeds.index(seed) % len(self.pretrain_seeds)]
+
+    def encoder_path(self, init: str, pretrain_seed: str | None = None) -> str | None:
+        """The encoder file of an init (of its run ``pretrain_seed`` when it is pre-trained,
+        the first run by default); None for scratch."""
+        name = encoder_name(self.config, init)
+        if name is None:
+            return None
+        if not self.is_pretrained(init):
+            return f"results/init/{name}/encoder.pt"
+        pretrain_seed = self.pretrain_seeds[0] if pretrain_seed is None else pretrain_seed
+        return f"results/init/{name}/pseed{pretrain_seed}/encoder.pt"
+
+    def _start_encoder(self, start: str | None, pretrain_seed: str | None = None) -> list[str]:
+        path = None if start is None else self.encoder_path(start, pretrain_seed)
         return [] if path is None else [path]
 
-    def pretrain_start(self, job: str) -> list[str]:
-        """The encoder a continual pre-training job starts from; none from random weights."""
-        return self._start_encoder(self.pretrain_jobs[job]["from"])
+    def pretrain_start(self, job: str, pretrain_seed: str) -> list[str]:
+        """The encoder a continual pre-training run starts from (the same run of a
+        pre-trained parent, the one file of an import); none from random weights."""
+        return self._start_encoder(self.pretrain_jobs[job]["from"], pretrain_seed)
 
     # --- imports and supervised inits --------------------------------------
 
@@ -272,9 +364,21 @@ class WorkflowPlan:
 
     # --- fine-tuning and the report -----------------------------------------
 
-    def init_encoder(self, init: str) -> list[str]:
-        """Encoder file an init starts from; none for scratch."""
-        return self._start_encoder(init)
+    def init_encoders(self, init: str, run: str) -> list[str]:
+        """The encoder each seed of a fine-tune job starts from, in seed order; none for
+        scratch, one file for all seeds of an imported or supervised init."""
+        if encoder_name(self.config, init) is None:
+            return []
+        if not self.is_pretrained(init):
+            return self._start_encoder(init)
+        return [
+            str(self.encoder_path(init, self.pretrain_seed_of(seed)))
+            for seed in self.seed_blocks[run]
+        ]
+
+    def init_encoder_files(self, init: str, run: str) -> list[str]:
+        """The distinct encoder files of a fine-tune job (its rule inputs)."""
+        return sorted(set(self.init_encoders(init, run)))
 
     def run_subsets(self, task: str, run: str) -> list[str]:
         """The subset-rank files of the seeds a fine-tune job runs, in seed order."""
