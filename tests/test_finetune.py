@@ -1,18 +1,27 @@
-"""Stage ``finetune``: the metrics.json contract, seeds per job, encoder export, failures."""
+"""Stage ``finetune``: the metrics.json contract, the predictions file, seeds per job,
+encoder export, failures."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from medssl import finetune
 from medssl.core.files import write_csv
+from medssl.core.provenance import record
 from medssl.datasets.splits import make_subsets
 from medssl.finetuning import loop as ft
-from medssl.models.backbones import build_backbone
+from medssl.finetuning.metrics import (
+    OverlapCounts,
+    classification_metrics,
+    load_predictions,
+    metrics_from_counts,
+)
+from medssl.models.backbones import build_backbone, save_encoder
 from tests.finetuning.cohorts import (
     SQUARE_SETTINGS,
     TASK_SETTINGS,
@@ -36,6 +45,12 @@ TOP_KEYS = {
     "epochs_run",
     "stopped_early",
     "select_metric",
+    "pretrain_seed",
+    "threshold",
+    "threshold_rule",
+    "flags",
+    "metric_definitions",
+    "test_predictions",
     "val",
     "test",
     "history",
@@ -78,8 +93,21 @@ def test_writes_documented_metrics(cohort: dict, tmp_path: Path) -> None:
     assert metrics["n_train_patients"] == part.loc[part["split"] == "train", "patient_id"].nunique()
     assert metrics["best_epoch"] in (1, 2)
     for split in ("val", "test"):
-        assert set(metrics[split]) == {"auc", "accuracy", "f1"}
+        assert set(metrics[split]) == {"auc", "accuracy", "f1", "balanced_accuracy"}
         assert all(0 <= v <= 1 for v in metrics[split].values())
+    assert set(metrics["metric_definitions"]) == set(metrics["test"])
+    assert metrics["threshold_rule"] == "youden" and 0 <= metrics["threshold"] <= 1
+    assert isinstance(metrics["flags"], list) and metrics["pretrain_seed"] is None
+    # The predictions file beside metrics.json reproduces the test metrics.
+    assert metrics["test_predictions"] == "test_predictions.npz"
+    saved = load_predictions(out.parent / "test_predictions.npz")
+    test_rows = part.loc[part["split"] == "test"].sort_values("index")
+    np.testing.assert_array_equal(saved["sample_index"], test_rows["index"])
+    assert saved["patient_id"].tolist() == test_rows["patient_id"].tolist()
+    np.testing.assert_array_equal(saved["labels"], test_rows["label"])
+    assert saved["threshold"] == metrics["threshold"]
+    again = classification_metrics("binary", saved["labels"], saved["scores"], metrics["threshold"])
+    assert again == pytest.approx(metrics["test"], abs=1e-12)
     assert [h["epoch"] for h in metrics["history"]] == [1, 2]
     assert {"train_loss", "val_auc", "val_accuracy", "val_f1", "val_loss"} <= set(
         metrics["history"][0]
@@ -97,6 +125,19 @@ def test_encoder_init_is_recorded(cohort: dict, tmp_path: Path) -> None:
     assert run_info["encoder"] == str(cohort["encoder"])
     assert run_info["encoder_sidecar"]["method"] == "test"
     assert run_info["backbone"] == "resnet_small"
+    assert json.loads(out.read_text())["pretrain_seed"] is None  # the sidecar records no seed
+
+
+def test_pretrain_seed_of_a_pretrained_encoder(cohort: dict, tmp_path: Path) -> None:
+    """An encoder whose sidecar records its pre-training's seed passes it to metrics.json."""
+    encoder = tmp_path / "init" / "simclr" / "encoder.pt"
+    torch.manual_seed(5)
+    info = {"method": "simclr", "provenance": record("pretrain", {"epochs": 1}, 11)}
+    save_encoder(build_backbone("resnet_small", 1), encoder, "resnet_small", info)
+    out = tmp_path / "simclr" / "metrics.json"
+    args = [*square_cli_args(cohort, out), "--init", "simclr", "--encoder", str(encoder)]
+    assert finetune.main(args) == 0
+    assert json.loads(out.read_text())["pretrain_seed"] == 11
 
 
 def test_divergence_is_one_error_line_and_writes_nothing(cohort, tmp_path, caplog) -> None:
@@ -144,6 +185,21 @@ def test_each_task_type_trains_and_writes_metrics(prepared, name, tmp_path, one_
         assert value is None or 0 <= value <= 1
     if task["type"] == "multilabel":
         assert set(metrics["test_auc_per_label"]) == set(task["columns"])
+        assert set(metrics["threshold"]) == set(task["columns"])
+    saved = load_predictions(out.parent / metrics["test_predictions"])
+    assert len(saved["sample_index"]) == metrics["n_test"]
+    if task["type"] == "segmentation":
+        counts = OverlapCounts(
+            saved["slice_intersection"],
+            saved["slice_pred_sum"],
+            saved["slice_ref_sum"],
+            int(saved["pixels_per_slice"]),
+        )
+        again = metrics_from_counts(counts, saved["patient_id"], "exclude")
+        assert {k: again[k] for k in metrics["test"]} == pytest.approx(metrics["test"])
+        assert saved["case_id"].tolist() == sorted(set(saved["patient_id"].tolist()))
+        assert saved["intersection"].sum() == saved["slice_intersection"].sum()
+        assert metrics["test_detail"]["n_cases"] == len(saved["case_id"])
 
 
 def test_several_seeds_in_one_process_equal_one_process_per_seed(
@@ -161,6 +217,9 @@ def test_several_seeds_in_one_process_equal_one_process_per_seed(
     assert run([0, 1], tmp_path / "both.json") == 0
     both = json.loads((tmp_path / "both.json").read_text())
     assert [r["seed"] for r in both] == [0, 1]
+    names = [r["test_predictions"] for r in both]
+    assert names == ["test_predictions_seed0.npz", "test_predictions_seed1.npz"]
+    assert all((tmp_path / name).exists() for name in names)
     for seed, together in zip((0, 1), both, strict=True):
         assert run([seed], tmp_path / f"seed{seed}.json") == 0
         alone = json.loads((tmp_path / f"seed{seed}.json").read_text())

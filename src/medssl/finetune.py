@@ -1,7 +1,7 @@
 """Stage ``finetune``: fine-tune one initialisation on one training subset; write metrics.json.
 
 ``python -m medssl.finetune --data H5 --partition CSV --subsets CSV... --fraction F --seed S...
---task JSON --settings JSON --init NAME [--masks H5] [--encoder PATH] [--backbone NAME]
+--task JSON --settings JSON --init NAME [--masks H5] [--encoder PATH...] [--backbone NAME]
 [--threads N] [--device auto|cpu|cuda] --out results/finetune/INIT/TASK/fracF/seedS/metrics.json``
 
 One run = one (init, task, fraction, seed) cell of the benchmark
@@ -10,6 +10,12 @@ file each) run one after another in one process, to spare a large grid a
 process start per run; ``--out`` then holds their list. ``--export-encoder``
 also saves the selected model's backbone: a supervised initialisation. A run
 that fails (a diverged loss, unusable inputs) writes nothing.
+
+Beside ``--out``, each run's test predictions go to ``test_predictions.npz``
+(one seed) or ``test_predictions_seed<s>.npz`` (several seeds in one job), named
+by the run's ``test_predictions`` key; the format is in
+:mod:`medssl.finetuning.metrics`. They are written before metrics.json, so a
+metrics.json on disk always has its predictions beside it.
 """
 
 from __future__ import annotations
@@ -17,11 +23,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from medssl.cli import add_settings_argument, json_arg, resolve_device, stage_main
 from medssl.core.files import write_json
 from medssl.datasets.splits import read_partition, read_subsets
 from medssl.finetuning.loop import DEFAULT_BACKBONE, check_task, export_encoder, finetune
+from medssl.finetuning.metrics import save_predictions
 from medssl.models.backbones import BACKBONES
 
 log = logging.getLogger(__name__)
@@ -53,7 +61,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--init", required=True, help="initialisation name recorded in metrics.json"
     )
-    parser.add_argument("--encoder", help="encoder.pt to start from; omit for scratch")
+    parser.add_argument(
+        "--encoder",
+        nargs="+",
+        help="encoder.pt to start from; omit for scratch. One file for every seed, or one "
+        "per --seed in the same order (each seed's own pre-training run)",
+    )
     parser.add_argument("--masks", help="mask file (medssl.masks) of a segmentation task")
     parser.add_argument(
         "--backbone",
@@ -81,17 +94,29 @@ def check_arguments(args: argparse.Namespace) -> None:
         )
     if len(set(args.seed)) != len(args.seed):
         raise ValueError(f"--seed lists a seed twice: {args.seed}")
+    if args.encoder is not None and len(args.encoder) not in (1, len(args.seed)):
+        raise ValueError(
+            f"--encoder gives {len(args.encoder)} files for {len(args.seed)} seeds; "
+            "give one for all seeds or one per seed"
+        )
     if args.export_encoder and len(args.seed) != 1:
         raise ValueError("--export-encoder takes one --seed: the run whose backbone it saves")
 
 
+def predictions_name(seed: int, n_seeds: int) -> str:
+    """File name of a run's test predictions, beside its metrics.json."""
+    return "test_predictions.npz" if n_seeds == 1 else f"test_predictions_seed{seed}.npz"
+
+
 def run(args: argparse.Namespace) -> None:
-    """Every seed's run, then the encoder (if asked for), then metrics.json last."""
+    """Every seed's run, then the encoder (if asked for), the predictions, metrics.json last."""
     check_arguments(args)
     device = resolve_device(args.device)
     partition = read_partition(args.partition)
-    runs = []
-    for seed, subsets in zip(args.seed, args.subsets, strict=True):
+    runs, predictions = [], []
+    encoders = [None] * len(args.seed) if args.encoder is None else args.encoder
+    encoders = encoders * len(args.seed) if len(encoders) == 1 else encoders
+    for seed, subsets, encoder in zip(args.seed, args.subsets, encoders, strict=True):
         result = finetune(
             data=args.data,
             partition=partition,
@@ -101,15 +126,20 @@ def run(args: argparse.Namespace) -> None:
             task=args.task,
             settings=args.settings,
             init=args.init,
-            encoder=args.encoder,
+            encoder=encoder,
             backbone=args.backbone,
             device=device,
             masks=args.masks,
         )
-        runs.append(result.metrics)
+        name = predictions_name(seed, len(args.seed))
+        runs.append({**result.metrics, "test_predictions": name})
+        predictions.append((Path(args.out).parent / name, result.predictions))
     if args.export_encoder:
-        export_encoder(result, args.export_encoder, args.task, args.init, args.encoder)
+        export_encoder(result, args.export_encoder, args.task, args.init, encoders[0])
         log.info("wrote %s", args.export_encoder)
+    for path, arrays in predictions:
+        save_predictions(path, arrays)
+        log.info("wrote %s", path)
     # One seed: the run itself; several (compute.seeds_per_job): the list of runs.
     write_json(args.out, runs[0] if len(runs) == 1 else runs)
     log.info("wrote %s (%d run%s)", args.out, len(runs), "" if len(runs) == 1 else "s")

@@ -1,4 +1,5 @@
-"""The fine-tuning loop: init handling, protocols in training, selection, determinism, defaults."""
+"""The fine-tuning loop: init handling, protocols in training, selection, thresholds, flags,
+determinism, defaults."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from medssl.datasets import mask_sources as mk
 from medssl.datasets.hdf5 import load_images, read_meta
 from medssl.datasets.splits import make_partition, make_subsets, read_label_table
 from medssl.finetuning import loop as ft
+from medssl.finetuning.metrics import youden_threshold
+from medssl.finetuning.tasktypes import Threshold
 from medssl.finetuning.tta import ten_crop_views
 from medssl.models.backbones import build_backbone, load_encoder, save_encoder
 from medssl.pipeline.config import SCHEMA_PATH
@@ -255,7 +258,7 @@ def test_balanced_class_weights_equalise_class_totals() -> None:
 
 
 def test_segmentation_dice_matches_a_numpy_reference(prepared, one_thread) -> None:
-    """The run's test Dice is the mean per-slice Dice of its model's thresholded output."""
+    """The run's test Dice is the mean per-patient Dice of its model's thresholded output."""
     data = prepared["lung"]
     result = ft.finetune(
         prepared["h5"],
@@ -274,13 +277,26 @@ def test_segmentation_dice_matches_a_numpy_reference(prepared, one_thread) -> No
         probs = torch.sigmoid(result.model(load_images(prepared["h5"], rows))[:, 0]).numpy()
     truth = mk.load_masks(prepared["masks"], rows).astype(bool)
     pred = probs >= 0.5
-    inter = (pred & truth).sum(axis=(1, 2))
-    total = pred.sum(axis=(1, 2)) + truth.sum(axis=(1, 2))
-    dice = np.where(total > 0, 2 * inter / np.maximum(total, 1), 1.0)  # empty vs empty = 1
-    assert result.metrics["test"]["dice"] == pytest.approx(dice.mean(), abs=1e-6)
-    union = (pred | truth).sum(axis=(1, 2))
-    iou = np.where(union > 0, inter / np.maximum(union, 1), 1.0)
-    assert result.metrics["test"]["iou"] == pytest.approx(iou.mean(), abs=1e-6)
+    patients = data["partition"].set_index("index").loc[rows, "patient_id"].to_numpy()
+    dice, iou = [], []
+    for patient in np.unique(patients):
+        mine = patients == patient
+        ref, out = truth[mine], pred[mine]
+        if ref.any():  # a patient without reference foreground is left out
+            inter = (ref & out).sum()
+            dice.append(2 * inter / (ref.sum() + out.sum()))
+            iou.append(inter / (ref | out).sum())
+    test = result.metrics["test"]
+    assert test["dice"] == pytest.approx(np.mean(dice), abs=1e-6)
+    assert test["iou"] == pytest.approx(np.mean(iou), abs=1e-6)
+    expected_global = 2 * (pred & truth).sum() / (pred.sum() + truth.sum())
+    assert test["dice_global"] == pytest.approx(expected_global, abs=1e-6)
+    detail = result.metrics["test_detail"]
+    assert detail["n_cases"] == len(np.unique(patients)) and detail["n_cases_scored"] == len(dice)
+    assert result.metrics["threshold"] == 0.5 and result.metrics["threshold_rule"] == "fixed"
+    assert result.metrics["select_metric"] == "dice"
+    np.testing.assert_array_equal(result.predictions["sample_index"], rows)
+    assert sorted(result.predictions["case_id"]) == sorted(np.unique(patients))
 
 
 def test_metrics_json_of_a_ten_crop_run(prepared, one_thread) -> None:
@@ -336,18 +352,23 @@ def test_frozen_epochs_leave_the_backbone_unchanged(region, monkeypatch, one_thr
     assert any(key.endswith("running_mean") for key in changed)
 
 
+def scripted_evaluation(value: float) -> ft.Evaluation:
+    """A validation result with every classification metric at ``value`` (no threshold)."""
+    names = ("auc", "accuracy", "f1", "balanced_accuracy")
+    return ft.Evaluation({**dict.fromkeys(names, value), "loss": 1 - value}, Threshold(None, "x"))
+
+
 def test_early_stopping_restores_the_best_epoch(region, monkeypatch, one_thread) -> None:
     """Scripted val AUCs 0.5, 0.9, 0.6, 0.7: best epoch 2, patience 2 stops after epoch 4."""
     script = [0.5, 0.9, 0.6, 0.7]
     snapshots: list[dict[str, torch.Tensor]] = []
     real_evaluate = ft.evaluate
 
-    def scripted(model, images, targets, kind, tta="none", settings=None):
+    def scripted(model, images, targets, kind, tta="none", settings=None, **rows_threshold):
         snapshots.append({k: v.detach().clone() for k, v in model.state_dict().items()})
         if len(snapshots) <= len(script):
-            value = script[len(snapshots) - 1]
-            return {"auc": value, "accuracy": value, "f1": value, "loss": 1 - value}
-        return real_evaluate(model, images, targets, kind, tta, settings)
+            return scripted_evaluation(script[len(snapshots) - 1])
+        return real_evaluate(model, images, targets, kind, tta, settings, **rows_threshold)
 
     monkeypatch.setattr(ft, "evaluate", scripted)
     result = run_region(region, {"epochs": 10, "patience": 2})
@@ -363,12 +384,69 @@ def test_early_stopping_restores_the_best_epoch(region, monkeypatch, one_thread)
 def test_early_stopping_waits_for_the_unfrozen_backbone(region, monkeypatch, one_thread) -> None:
     script = iter([0.9, 0.5, 0.5, 0.5, 0.5, 0.5])
 
-    def scripted(model, images, targets, kind, tta="none", settings=None):
-        value = next(script, 0.5)
-        return {"auc": value, "accuracy": value, "f1": value, "loss": 1 - value}
+    def scripted(model, images, targets, kind, tta="none", settings=None, **rows_threshold):
+        return scripted_evaluation(next(script, 0.5))
 
     monkeypatch.setattr(ft, "evaluate", scripted)
     settings = {"protocol": "frozen_then_unfrozen", "freeze_epochs": 3, "patience": 1}
     result = run_region(region, {**settings, "epochs": 6})
     assert result.metrics["epochs_run"] == 4  # not before the first unfrozen epoch
     assert result.metrics["best_epoch"] == 1
+
+
+# --------------------------------------------------------------------------- thresholds, flags
+
+
+def test_the_validation_threshold_is_applied_to_the_test_split(cohort: dict) -> None:
+    """The selected epoch's val scores fix the threshold; the test predictions use it as is."""
+    settings = {**SQUARE_SETTINGS, "epochs": 3, "augment": False}
+    args = (cohort["h5"], cohort["partition"], cohort["subsets"], 1.0, 0, cohort["task"])
+    prepared = ft.prepare_run(*args, settings, "scratch")
+    fitted = ft.fit(prepared)
+    test = ft.score_test(prepared, fitted)  # the selected state is now loaded
+    record = ft.metrics_record(prepared, fitted, test)
+    val_probs, _ = ft.predict(prepared.model, prepared.data.x_val, prepared.kind)
+    val_labels = prepared.data.y_val.numpy()
+    expected = youden_threshold(val_labels, val_probs.numpy())
+    assert record["threshold"] == pytest.approx(expected) and record["threshold_rule"] == "youden"
+    scores, labels = test.arrays["scores"], test.arrays["labels"]
+    pred = (scores >= record["threshold"]).astype(int)
+    np.testing.assert_array_equal(test.arrays["predictions"], pred)
+    assert record["test"]["accuracy"] == pytest.approx(np.mean(pred == labels))
+    assert record["test"]["balanced_accuracy"] == pytest.approx(
+        (pred[labels == 1].mean() + (1 - pred[labels == 0]).mean()) / 2
+    )
+    fixed = run(cohort, settings={**settings, "threshold": 0.5})
+    assert fixed.metrics["threshold"] == 0.5 and fixed.metrics["threshold_rule"] == 0.5
+    assert fixed.metrics["test"]["auc"] == record["test"]["auc"]  # same model, other cut
+
+
+def test_a_constant_model_is_flagged_and_warned_about(cohort, monkeypatch, caplog) -> None:
+    real_predict = ft.predict
+
+    def constant(model, images, kind, tta="none"):
+        probs, logits = real_predict(model, images, kind, tta)
+        return torch.full_like(probs, 0.3), logits
+
+    monkeypatch.setattr(ft, "predict", constant)
+    result = run(cohort, settings={**SQUARE_SETTINGS, "epochs": 1})
+    assert result.metrics["flags"] == ["constant_prediction", "single_class_predicted"]
+    assert result.metrics["test"]["auc"] == 0.5  # all tied
+    assert result.metrics["test"]["balanced_accuracy"] == 0.5
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(
+        "run scratch/nodule/frac1.0/seed0: every test score is the same" in m for m in warned
+    )
+    monkeypatch.undo()
+    assert run(cohort).metrics["flags"] == []  # the same run, scored on its real outputs
+
+
+def test_pretrain_seed_comes_from_the_encoder_sidecar() -> None:
+    pretrained = {"method": "simclr", "provenance": {"stage": "pretrain", "seed": 3}}
+    assert ft.pretrain_seed(pretrained) == 3
+    supervised = {"method": "supervised:region", "provenance": {"stage": "finetune", "seed": 1}}
+    assert ft.pretrain_seed(supervised) == 1
+    imported = {"method": "import:torchvision", "provenance": {"stage": "import_init", "seed": 0}}
+    assert ft.pretrain_seed(imported) is None
+    assert ft.pretrain_seed(None) is None  # scratch
+    assert ft.pretrain_seed({"method": "test"}) is None  # no provenance: unknown, not 0

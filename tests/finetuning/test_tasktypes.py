@@ -80,5 +80,5 @@ def test_config_checks_segmentation_settings() -> None:
     config["tasks"]["lung"]["metric"] = "auc"
     problems = "\n".join(check_references(config))
     assert "tasks.lung: the U-Net needs slices a multiple of 32" in problems
-    assert "finetune.tta: ten_crop is for classification" in problems
+    assert "tasks.lung: tta ten_crop is for classification" in problems
     assert "tasks.lung.metric: 'auc' is not a segmentation metric" in problems

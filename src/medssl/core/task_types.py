@@ -26,6 +26,10 @@ class TaskTypeSpec:
     ``rarest_label``). ``labels_from_masks``: the task's labels are its mask
     file, not a label table. ``dense``: the model predicts a map per pixel (a
     U-Net whose input must be a multiple of 32; no crop-based test-time views).
+    ``metrics``: the test metrics of metrics.json, the first being the default
+    for model selection and tables; segmentation's ``dice`` is the mean
+    per-case (per-patient) Dice, ``dice_global`` the Dice of all test pixels
+    pooled (definitions in :mod:`medssl.finetuning.metrics`).
     """
 
     name: str
@@ -37,16 +41,20 @@ class TaskTypeSpec:
     dense: bool = False
 
 
+CLASS_METRICS = ("auc", "accuracy", "f1", "balanced_accuracy")
+"""Metrics of one label per slice; accuracy, F1 and balanced accuracy of binary tasks are
+at the threshold chosen on validation (:mod:`medssl.finetuning.metrics`)."""
+
 TASK_TYPES: Registry[TaskTypeSpec] = Registry("task type")
 for _spec in (
-    TaskTypeSpec("binary", ("auc", "accuracy", "f1"), "single", "any_positive"),
-    TaskTypeSpec("multiclass", ("auc", "accuracy", "f1"), "single", "majority_class"),
+    TaskTypeSpec("binary", CLASS_METRICS, "single", "any_positive"),
+    TaskTypeSpec("multiclass", CLASS_METRICS, "single", "majority_class"),
     TaskTypeSpec(
         "multilabel", ("auc", "accuracy", "f1"), "bits", "rarest_label", multiple_columns=True
     ),
     TaskTypeSpec(
         "segmentation",
-        ("dice", "iou"),
+        ("dice", "dice_global", "iou"),
         "foreground",
         "any_positive",
         labels_from_masks=True,

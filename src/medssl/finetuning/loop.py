@@ -14,6 +14,19 @@ with test-time augmentation, :mod:`medssl.finetuning.tta`), so the test set
 never influences any choice. With ``patience`` the run stops after that many
 epochs without a better validation score.
 
+Validation also fixes the decision threshold: each epoch's validation
+predictions get the threshold of ``finetune.threshold`` (``youden`` by
+default, :mod:`medssl.finetuning.metrics`), its accuracy and F1 are those at
+that threshold, and the selected epoch's threshold is applied unchanged to
+the test split and recorded (``threshold``). Segmentation selects on the
+same per-case Dice that it reports. The test split's outcome is checked for
+degenerate answers (a constant score, one predicted class, an empty or full
+mask, an undefined metric): each is listed in ``flags`` and logged as a
+warning naming the run, so a model that answers the same thing for every
+image cannot pass for a result. The test predictions themselves
+(:attr:`FinetuneResult.predictions`) go to the predictions file beside
+metrics.json (format in :mod:`medssl.finetuning.metrics`).
+
 :func:`finetune` is four named steps: :func:`prepare_run` (settings, data,
 model, optimiser), :func:`fit` (epochs with early stopping), :func:`score_test`
 (the selected state on the test split) and :func:`metrics_record` (the
@@ -49,8 +62,20 @@ from medssl.core.task_types import TASK_TYPES as TASK_TYPE_SPECS
 from medssl.datasets.hdf5 import load_images
 from medssl.datasets.maskfile import load_masks
 from medssl.datasets.splits import select_training
+from medssl.finetuning.metrics import (
+    EMPTY_REFERENCE_RULES,
+    check_threshold_setting,
+    metric_definitions,
+)
 from medssl.finetuning.protocols import PROTOCOLS, Protocol, make_protocol
-from medssl.finetuning.tasktypes import SEG_LOSSES, TASK_TYPES, TaskType, task_type
+from medssl.finetuning.tasktypes import (
+    SEG_LOSSES,
+    TASK_TYPES,
+    EvalRows,
+    TaskType,
+    Threshold,
+    task_type,
+)
 from medssl.finetuning.tta import TTA_MODES, predict_with_tta
 from medssl.models.backbones import build_backbone, load_encoder, save_encoder
 
@@ -74,6 +99,8 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "augment": True,
     "class_weights": "balanced",
     "num_workers": 0,
+    "threshold": "youden",
+    "empty_reference": "exclude",
 }
 """The ``finetune`` config section's defaults: the code's one source (the schema's
 defaults are kept equal by a test)."""
@@ -110,13 +137,25 @@ CHOICES: dict[str, Collection[str]] = {
     "tta": TTA_MODES,
     "seg_loss": SEG_LOSSES,
     "class_weights": CLASS_WEIGHTS,
+    "empty_reference": EMPTY_REFERENCE_RULES,
 }
-"""The settings that name something, and the names each may take."""
+"""The settings that name something, and the names each may take (``threshold`` names a
+rule or is a number: :func:`medssl.finetuning.metrics.check_threshold_setting`)."""
 
 DEFAULT_BACKBONE = "resnet_small"
 EVAL_BATCH = 256
 SHIFT_FRACTION = 1 / 16
 """Largest random shift as a fraction of the image side (4 pixels at 64x64)."""
+
+
+FLAG_MEANINGS: dict[str, str] = {
+    "constant_prediction": "every test score is the same",
+    "single_class_predicted": "every test prediction is the same class",
+    "empty_prediction": "no foreground predicted on any test slice",
+    "full_prediction": "foreground predicted on every test pixel",
+    "undefined_metric": "a metric is undefined",
+}
+"""What each flag of metrics.json means, for the warning that names the run."""
 
 
 class FinetuneError(RuntimeError):
@@ -139,6 +178,7 @@ def resolve_settings(settings: dict[str, Any] | None) -> dict[str, Any]:
     resolved = {**DEFAULT_SETTINGS, **given}
     for key, options in CHOICES.items():
         look_up(f"finetune.{key}", resolved[key], options)
+    resolved["threshold"] = check_threshold_setting(resolved["threshold"])
     _check_numbers(resolved)
     return resolved
 
@@ -194,6 +234,8 @@ class FinetuneResult:
     metrics: dict[str, Any]
     model: nn.Module
     backbone: str = DEFAULT_BACKBONE
+    predictions: dict[str, np.ndarray] = field(default_factory=dict)
+    """The test predictions file's arrays (:mod:`medssl.finetuning.metrics`)."""
 
 
 def augment_batch(
@@ -281,6 +323,17 @@ def predict(
     return predict_with_tta(probabilities, images, tta, kind.dense), logits
 
 
+@dataclass
+class Evaluation:
+    """One split scored: metrics (the type's, its detail, and ``loss``), the threshold used,
+    the flags of a degenerate outcome and the arrays of the predictions file."""
+
+    metrics: dict[str, Any]
+    threshold: Threshold
+    flags: list[str] = field(default_factory=list)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+
 def evaluate(
     model: nn.Module,
     images: torch.Tensor,
@@ -288,16 +341,28 @@ def evaluate(
     kind: TaskType | str,
     tta: str = "none",
     settings: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Metrics and mean (unweighted) loss of ``model`` on one split."""
+    *,
+    rows: EvalRows,
+    threshold: Threshold | None = None,
+) -> Evaluation:
+    """Metrics and mean (unweighted) loss of ``model`` on one split.
+
+    ``threshold`` None chooses it on these predictions (validation: the
+    ``finetune.threshold`` rule); the test split is given the selected
+    epoch's. ``rows`` name the split's samples and patients.
+    """
     kind = task_type(kind) if isinstance(kind, str) else kind
+    settings = resolve_settings(settings)
     probs, logits = predict(model, images, kind, tta)
-    criterion = kind.criterion(settings or DEFAULT_SETTINGS, None, int(logits.shape[1]))
+    criterion = kind.criterion(settings, None, int(logits.shape[1]))
     with torch.no_grad():
         loss = float(kind.loss(criterion, logits, targets))
     if not math.isfinite(loss):
         raise FinetuneError(f"validation loss is {loss}: the run diverged")
-    return {**kind.score(targets, probs), "loss": loss}
+    if threshold is None:
+        threshold = kind.choose_threshold(targets, probs, settings)
+    outcome = kind.assess(targets, probs, threshold, rows, settings)
+    return Evaluation({**outcome.metrics, "loss": loss}, threshold, outcome.flags, outcome.arrays)
 
 
 def _is_better(value: float, best: float | None, metric: str) -> bool:
@@ -385,6 +450,8 @@ class SplitData:
     y_val: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
+    val_rows: EvalRows
+    test_rows: EvalRows
 
     @property
     def sizes(self) -> tuple[int, int, int]:
@@ -428,7 +495,25 @@ def load_splits(
     y_train, y_val, y_test = torch.split(targets, sizes)
     n_patients = partition.loc[partition["index"].isin(train_idx), "patient_id"].nunique()
     return SplitData(
-        train_idx, int(n_patients), n_outputs, x_train, y_train, x_val, y_val, x_test, y_test
+        train_idx,
+        int(n_patients),
+        n_outputs,
+        x_train,
+        y_train,
+        x_val,
+        y_val,
+        x_test,
+        y_test,
+        _eval_rows(val_rows),
+        _eval_rows(test_rows),
+    )
+
+
+def _eval_rows(rows: pd.DataFrame) -> EvalRows:
+    """HDF5 rows and patient ids of one split (a segmentation case is one patient)."""
+    return EvalRows(
+        rows["index"].to_numpy(dtype=np.int64),
+        rows["patient_id"].astype(str).to_numpy(dtype=str),
     )
 
 
@@ -567,6 +652,8 @@ class FitResult:
     best_epoch: int | None = None
     best_value: float | None = None
     best_val: dict[str, Any] = field(default_factory=dict)
+    best_threshold: Threshold | None = None
+    """The decision threshold chosen on the best epoch's validation predictions."""
     best_state: dict[str, torch.Tensor] | None = None
     stopped_early: bool = False
 
@@ -592,7 +679,15 @@ def fit(run: PreparedRun) -> FitResult:
         for group in run.optimizer.param_groups:
             group["lr"] = base_lr * plan.lr_factor[group["name"]]
         train_loss = _train_epoch(run, plan.train_backbone, epoch)
-        val = evaluate(run.model, run.data.x_val, run.data.y_val, run.kind, settings=run.settings)
+        evaluation = evaluate(
+            run.model,
+            run.data.x_val,
+            run.data.y_val,
+            run.kind,
+            settings=run.settings,
+            rows=run.data.val_rows,
+        )
+        val = evaluation.metrics
         lrs = {group["name"]: group["lr"] for group in run.optimizer.param_groups}
         fitted.history.append(
             {
@@ -613,6 +708,7 @@ def fit(run: PreparedRun) -> FitResult:
         fault_point("finetune.epoch_end")
         if _is_better(val[run.select], fitted.best_value, run.select):
             fitted.best_value, fitted.best_epoch, fitted.best_val = val[run.select], epoch, val
+            fitted.best_threshold = evaluation.threshold
             fitted.best_state = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
         elif _should_stop(run, fitted, epoch):
             log.info(
@@ -626,10 +722,21 @@ def fit(run: PreparedRun) -> FitResult:
     return fitted
 
 
-def score_test(run: PreparedRun, fitted: FitResult) -> dict[str, Any]:
-    """Restore the selected epoch's state and score it once on the test split (with TTA)."""
+def score_test(run: PreparedRun, fitted: FitResult) -> Evaluation:
+    """Restore the selected epoch's state and score it once on the test split (with TTA).
+
+    The test split is cut at the selected epoch's validation threshold. When
+    no epoch was ever selected (every validation score undefined), the last
+    state is tested at the threshold of its own validation predictions.
+    """
     if fitted.best_state is not None:
         run.model.load_state_dict(fitted.best_state)
+    threshold = fitted.best_threshold
+    if threshold is None:
+        x_val, y_val, val_rows = run.data.x_val, run.data.y_val, run.data.val_rows
+        threshold = evaluate(
+            run.model, x_val, y_val, run.kind, settings=run.settings, rows=val_rows
+        ).threshold
     return evaluate(
         run.model,
         run.data.x_test,
@@ -637,11 +744,36 @@ def score_test(run: PreparedRun, fitted: FitResult) -> dict[str, Any]:
         run.kind,
         tta=run.settings["tta"],
         settings=run.settings,
+        rows=run.data.test_rows,
+        threshold=threshold,
     )
 
 
-def metrics_record(run: PreparedRun, fitted: FitResult, test: dict[str, Any]) -> dict[str, Any]:
-    """The metrics.json payload of one run: counts, selection, val and test scores, provenance."""
+def run_flags(test: Evaluation) -> list[str]:
+    """The degenerate-outcome flags of a run: its test split's, and an undefined threshold."""
+    flags = list(test.flags)
+    if test.threshold.undefined:
+        flags.append("undefined_metric:threshold")
+    return flags
+
+
+def pretrain_seed(encoder_info: dict | None) -> int | None:
+    """The seed of the training that produced the start encoder, from its sidecar's provenance.
+
+    A pre-training (and a supervised initialisation, whose training is a
+    fine-tune) records its seed there; scratch has no encoder and an imported
+    checkpoint was trained elsewhere with a seed nobody recorded, so both are None.
+    """
+    if not encoder_info or str(encoder_info.get("method", "")).startswith("import:"):
+        return None
+    provenance = encoder_info.get("provenance")
+    seed = provenance.get("seed") if isinstance(provenance, dict) else None
+    return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
+
+
+def metrics_record(run: PreparedRun, fitted: FitResult, test: Evaluation) -> dict[str, Any]:
+    """The metrics.json payload of one run: counts, selection, val and test scores, threshold,
+    flags, metric definitions, provenance."""
     kind, sizes = run.kind, run.data.sizes
     run_info = {
         "finetune": run.settings,
@@ -670,12 +802,21 @@ def metrics_record(run: PreparedRun, fitted: FitResult, test: dict[str, Any]) ->
         "epochs_run": len(fitted.history),
         "stopped_early": fitted.stopped_early,
         "select_metric": run.select,
+        "pretrain_seed": pretrain_seed(run.encoder_info),
+        "threshold": kind.threshold_record(run.task, test.threshold),
+        "threshold_rule": test.threshold.rule,
+        "flags": run_flags(test),
+        "metric_definitions": metric_definitions(
+            (*kind.metrics, *kind.detail_metrics),
+            run.settings["threshold"],
+            run.settings["empty_reference"],
+        ),
         "val": {k: fitted.best_val.get(k, math.nan) for k in kind.metrics},
-        "test": {k: test[k] for k in kind.metrics},
+        "test": {k: test.metrics[k] for k in kind.metrics},
         "history": fitted.history,
         "settings": run.settings,
         "provenance": record("finetune", run_info, run.seed),
-        **kind.extra_metrics(run.task, test),
+        **kind.extra_metrics(run.task, test.metrics),
     }
 
 
@@ -719,13 +860,19 @@ def finetune(
     fitted = fit(run)
     test = score_test(run, fitted)
     log.info(
-        "best epoch %s; test %s; %.1f s",
+        "best epoch %s; threshold %s; test %s; %.1f s",
         fitted.best_epoch,
-        {k: round(test[k], 4) for k in run.kind.metrics},
+        run.kind.threshold_record(run.task, test.threshold),
+        {k: round(test.metrics[k], 4) for k in run.kind.metrics},
         time.perf_counter() - started,
     )
     metrics = metrics_record(run, fitted, test)
-    return FinetuneResult(metrics=metrics, model=run.model, backbone=run.backbone)
+    name = f"{init}/{task['name']}/frac{fraction}/seed{seed}"
+    for flag in metrics["flags"]:
+        log.warning("run %s: %s", name, FLAG_MEANINGS.get(flag.split(":")[0], flag) + f" ({flag})")
+    return FinetuneResult(
+        metrics=metrics, model=run.model, backbone=run.backbone, predictions=test.arrays
+    )
 
 
 def export_encoder(

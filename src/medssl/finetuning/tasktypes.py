@@ -8,22 +8,33 @@ metrics, how labels are encoded, whether they come from masks) are in
 reads its metrics from there, so the two tables cannot disagree.
 
 * ``binary``: one logit, BCE with logits (``pos_weight`` = n_neg / n_pos when
-  balanced); AUC, accuracy, F1 of the positive class.
+  balanced); AUC, and accuracy, F1 of the positive class and balanced accuracy
+  at the threshold ``finetune.threshold`` chooses on validation.
 * ``multiclass``: K logits, cross-entropy (class weights n / (K n_k) when
-  balanced); macro one-vs-rest AUC, accuracy, macro F1.
+  balanced); macro one-vs-rest AUC, and accuracy, macro F1 and balanced
+  accuracy of the arg-max.
 * ``multilabel``: one logit per label column, BCE with logits per label
   (per-label ``pos_weight`` when balanced); mean AUC over labels, element-wise
-  accuracy, macro F1. The partition stores the labels of a slice as a bit mask
-  (bit j = ``columns[j]``), decoded here.
+  accuracy, macro F1, at one validation-chosen threshold per label. The
+  partition stores the labels of a slice as a bit mask (bit j = ``columns[j]``),
+  decoded here.
 * ``segmentation``: a U-Net on the encoder (:mod:`medssl.models.unet`), one logit per
   pixel, soft-Dice (MONAI ``DiceLoss``), BCE, or their sum (:data:`SEG_LOSSES`);
-  per-slice Dice and IoU.
+  per-case (per-patient) Dice and IoU and the global Dice, with the
+  ``finetune.empty_reference`` rule for cases without foreground.
+
+Each type's :meth:`TaskType.assess` turns one split's probabilities into its
+metrics, the flags of a degenerate outcome and the arrays of the test
+predictions file (:mod:`medssl.finetuning.metrics` defines all three), so the
+loop treats every type alike.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torchvision.models.resnet import ResNet
@@ -31,9 +42,18 @@ from torchvision.models.resnet import ResNet
 from medssl.core.registry import Registry
 from medssl.core.task_types import TaskTypeSpec, task_type_spec
 from medssl.finetuning.metrics import (
+    SEGMENTATION_THRESHOLD,
+    case_counts,
+    choose_threshold,
+    classification_flags,
     classification_metrics,
+    metrics_from_counts,
     multilabel_metrics,
-    segmentation_metrics,
+    multilabel_predictions,
+    overlap_counts,
+    predictions,
+    segmentation_flags,
+    undefined_flags,
 )
 from medssl.models.backbones import feature_dim
 from medssl.models.unet import DEFAULT_DECODER_CHANNELS, ResNetUNet
@@ -57,6 +77,47 @@ class Classifier(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(images))
+
+
+@dataclass(frozen=True)
+class EvalRows:
+    """Which samples a split's rows are: HDF5 rows and the patient of each (file order)."""
+
+    sample_index: np.ndarray
+    patient_id: np.ndarray
+
+    def __post_init__(self) -> None:
+        if len(self.sample_index) != len(self.patient_id):
+            raise ValueError(
+                f"{len(self.sample_index)} sample indices but {len(self.patient_id)} patient ids"
+            )
+
+
+@dataclass
+class Threshold:
+    """The decision threshold chosen on validation; ``undefined`` when the rule had no answer
+    (validation without one of the classes) and the conventional 0.5 stands in for it."""
+
+    value: float | np.ndarray | None
+    rule: str | float
+    undefined: bool = False
+
+
+@dataclass
+class Assessment:
+    """One split scored: the type's metrics (and detail), degenerate-run flags, file arrays."""
+
+    metrics: dict[str, Any]
+    flags: list[str] = field(default_factory=list)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+FALLBACK_THRESHOLD = 0.5
+"""The threshold that stands in when a rule is undefined on the validation split."""
+
+
+def _numpy(values: torch.Tensor) -> np.ndarray:
+    return values.detach().cpu().numpy()
 
 
 class TaskType:
@@ -112,9 +173,27 @@ class TaskType:
         """What the metrics score: per-sample (or per-pixel) probabilities."""
         raise NotImplementedError
 
-    def score(self, targets: torch.Tensor, probs: torch.Tensor) -> dict[str, Any]:
-        """Every metric of :attr:`metrics`, plus any detail this type records."""
+    def choose_threshold(
+        self, targets: torch.Tensor, probs: torch.Tensor, settings: dict[str, Any]
+    ) -> Threshold:
+        """The decision threshold of ``finetune.threshold`` on these (validation) predictions."""
+        return Threshold(None, "argmax")
+
+    def assess(
+        self,
+        targets: torch.Tensor,
+        probs: torch.Tensor,
+        threshold: Threshold,
+        rows: EvalRows,
+        settings: dict[str, Any],
+    ) -> Assessment:
+        """Every metric of :attr:`metrics` (plus detail), the flags and the predictions arrays."""
         raise NotImplementedError
+
+    def threshold_record(self, task: dict[str, Any], threshold: Threshold) -> Any:
+        """The threshold as metrics.json records it (JSON)."""
+        value = threshold.value
+        return None if value is None else float(value)
 
     def classes_missing(self, targets: torch.Tensor, n_outputs: int) -> bool:
         """True when a split lacks a class, so its AUC is undefined."""
@@ -124,8 +203,37 @@ class TaskType:
         """Entries this type adds to metrics.json beside ``test`` (none by default)."""
         return {}
 
+    detail_metrics: tuple[str, ...] = ()
+    """Metric-like entries of :meth:`extra_metrics` that metrics.json also defines."""
 
-class Binary(TaskType):
+
+class OneLabel(TaskType):
+    """One class per slice (binary, multi-class), scored by :func:`classification_metrics`."""
+
+    def assess(
+        self,
+        targets: torch.Tensor,
+        probs: torch.Tensor,
+        threshold: Threshold,
+        rows: EvalRows,
+        settings: dict[str, Any],
+    ) -> Assessment:
+        labels, scores = _numpy(targets).astype(np.int64), _numpy(probs).astype(np.float64)
+        metrics = classification_metrics(self.name, labels, scores, threshold.value)
+        predicted = predictions(self.name, scores, threshold.value)
+        flags = classification_flags(scores, predicted) + undefined_flags(metrics, self.metrics)
+        arrays = {
+            "sample_index": rows.sample_index,
+            "patient_id": rows.patient_id,
+            "labels": labels,
+            "scores": scores,
+            "predictions": predicted,
+            "threshold": np.float64(np.nan if threshold.value is None else threshold.value),
+        }
+        return Assessment(metrics, flags, arrays)
+
+
+class Binary(OneLabel):
     """One logit: the probability that the finding is present."""
 
     name = "binary"
@@ -156,14 +264,21 @@ class Binary(TaskType):
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(logits.squeeze(1))
 
-    def score(self, targets: torch.Tensor, probs: torch.Tensor) -> dict[str, Any]:
-        return classification_metrics(self.name, targets.cpu().numpy(), probs.cpu().numpy())
+    def choose_threshold(
+        self, targets: torch.Tensor, probs: torch.Tensor, settings: dict[str, Any]
+    ) -> Threshold:
+        rule = settings["threshold"]
+        labels, scores = _numpy(targets).astype(np.int64), _numpy(probs).astype(np.float64)
+        value = choose_threshold(rule, labels, scores)
+        if value is None:
+            return Threshold(FALLBACK_THRESHOLD, rule, undefined=True)
+        return Threshold(value, rule)
 
     def classes_missing(self, targets: torch.Tensor, n_outputs: int) -> bool:
         return len(torch.unique(targets)) < 2
 
 
-class Multiclass(TaskType):
+class Multiclass(OneLabel):
     """K logits, one class per slice."""
 
     name = "multiclass"
@@ -184,9 +299,6 @@ class Multiclass(TaskType):
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.softmax(logits, dim=1)
-
-    def score(self, targets: torch.Tensor, probs: torch.Tensor) -> dict[str, Any]:
-        return classification_metrics(self.name, targets.cpu().numpy(), probs.cpu().numpy())
 
     def classes_missing(self, targets: torch.Tensor, n_outputs: int) -> bool:
         return len(torch.unique(targets)) < n_outputs
@@ -217,8 +329,45 @@ class Multilabel(TaskType):
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(logits)
 
-    def score(self, targets: torch.Tensor, probs: torch.Tensor) -> dict[str, Any]:
-        return multilabel_metrics(targets.cpu().numpy(), probs.cpu().numpy())
+    def choose_threshold(
+        self, targets: torch.Tensor, probs: torch.Tensor, settings: dict[str, Any]
+    ) -> Threshold:
+        """One threshold per label, each chosen on that label's validation scores."""
+        rule = settings["threshold"]
+        labels, scores = _numpy(targets).astype(np.int64), _numpy(probs).astype(np.float64)
+        values = [choose_threshold(rule, column, scores[:, j]) for j, column in enumerate(labels.T)]
+        undefined = any(value is None for value in values)
+        chosen = np.array([FALLBACK_THRESHOLD if v is None else v for v in values])
+        return Threshold(chosen, rule, undefined=undefined)
+
+    def assess(
+        self,
+        targets: torch.Tensor,
+        probs: torch.Tensor,
+        threshold: Threshold,
+        rows: EvalRows,
+        settings: dict[str, Any],
+    ) -> Assessment:
+        labels, scores = _numpy(targets).astype(np.int64), _numpy(probs).astype(np.float64)
+        metrics = multilabel_metrics(labels, scores, threshold.value)
+        predicted = multilabel_predictions(scores, threshold.value)
+        flags = classification_flags(scores, predicted) + undefined_flags(metrics, self.metrics)
+        arrays = {
+            "sample_index": rows.sample_index,
+            "patient_id": rows.patient_id,
+            "labels": labels,
+            "scores": scores,
+            "predictions": predicted,
+            "threshold": np.broadcast_to(
+                np.asarray(threshold.value, dtype=np.float64), labels.shape[1:]
+            ).copy(),
+        }
+        return Assessment(metrics, flags, arrays)
+
+    def threshold_record(self, task: dict[str, Any], threshold: Threshold) -> Any:
+        columns = task["columns"]
+        values = np.broadcast_to(np.asarray(threshold.value, dtype=np.float64), (len(columns),))
+        return dict(zip(columns, (float(v) for v in values), strict=True))
 
     def classes_missing(self, targets: torch.Tensor, n_outputs: int) -> bool:
         counts = targets.sum(0)
@@ -274,11 +423,49 @@ class Segmentation(TaskType):
         # Class weights are for label tables; a mask's pixels are not weighted, so no targets.
         return SoftDiceBCE(*SEG_LOSSES[settings["seg_loss"]])
 
+    detail_metrics = ("dice_slice", "iou_slice")
+
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(logits[:, 0])
 
-    def score(self, targets: torch.Tensor, probs: torch.Tensor) -> dict[str, Any]:
-        return segmentation_metrics(targets[:, 0].cpu(), probs.cpu())
+    def choose_threshold(
+        self, targets: torch.Tensor, probs: torch.Tensor, settings: dict[str, Any]
+    ) -> Threshold:
+        # A fixed pixel threshold: Dice scores an overlap, not a ranking to cut.
+        return Threshold(SEGMENTATION_THRESHOLD, "fixed")
+
+    def assess(
+        self,
+        targets: torch.Tensor,
+        probs: torch.Tensor,
+        threshold: Threshold,
+        rows: EvalRows,
+        settings: dict[str, Any],
+    ) -> Assessment:
+        """Cases are patients: :attr:`EvalRows.patient_id` groups the slices."""
+        probs = probs.detach().cpu()
+        counts = overlap_counts(targets[:, 0].detach().cpu(), probs, float(threshold.value))
+        metrics = metrics_from_counts(counts, rows.patient_id, settings["empty_reference"])
+        flags = segmentation_flags(probs, counts) + undefined_flags(metrics, self.metrics)
+        cases, per_case = case_counts(counts, rows.patient_id)
+        arrays = {
+            "case_id": cases,
+            "intersection": per_case.intersection,
+            "pred_sum": per_case.pred_sum,
+            "ref_sum": per_case.ref_sum,
+            "sample_index": rows.sample_index,
+            "patient_id": rows.patient_id,
+            "slice_intersection": counts.intersection,
+            "slice_pred_sum": counts.pred_sum,
+            "slice_ref_sum": counts.ref_sum,
+            "pixels_per_slice": np.int64(counts.pixels_per_slice),
+        }
+        return Assessment(metrics, flags, arrays)
+
+    def extra_metrics(self, task: dict[str, Any], test: dict[str, Any]) -> dict[str, Any]:
+        # Per-slice means and how many cases the mean holds: what "dice" left out is visible.
+        keys = (*self.detail_metrics, "n_cases", "n_cases_scored", "n_cases_empty_reference")
+        return {"test_detail": {key: test[key] for key in keys}}
 
 
 TASK_TYPES: Registry[TaskType] = Registry(
