@@ -66,3 +66,86 @@ def test_segmentation_labels_come_from_the_mask_file(
     foreground = masks[annotated].any(axis=(1, 2)).astype(int)
     np.testing.assert_array_equal(part["label"], foreground)
     assert set(part["label_name"]) == {"background", "foreground"}
+
+
+def test_official_split_cli_records_how_it_was_made(tmp_path: Path) -> None:
+    from tests.datasets.test_splits import write_meta_h5
+
+    patients = [f"{i:03d}" for i in range(12)]
+    h5 = tmp_path / "d.h5"
+    write_meta_h5(h5, patients, 2)
+    rows = [
+        {
+            "sop_uid": f"1.2.{p}.{s}",
+            "patient_id": p,
+            "official_split": "test" if i >= 9 or (i == 4 and s == 1) else "train",
+            "tb": int(i % 3 == 0),
+        }
+        for i, p in enumerate(patients)
+        for s in range(2)
+    ]
+    labels = tmp_path / "d.labels.csv"
+    pd.DataFrame(rows).to_csv(labels, index=False)
+    task = {"name": "tb", "column": "tb", "type": "binary", "split": {"source": "official"}}
+    out = tmp_path / "tb.csv"
+    argv = ["--data", str(h5), "--labels", str(labels), "--task", json.dumps(task)]
+    assert split.main([*argv, "--out", str(out)]) == 0
+    part = read_partition(out)
+    test = set(part.loc[part["split"] == "test", "patient_id"])
+    assert test == {"004", "009", "010", "011"}
+    sidecar = json.loads((tmp_path / "tb.csv.provenance.json").read_text())
+    assert sidecar["stage"] == "split"
+    assert sidecar["split"]["conflicting_patients"] == 1
+    assert sidecar["split"]["conflict_examples"] == {"004": ["test", "train"]}
+    assert sidecar["split"]["val"].startswith("carved")
+
+
+def test_official_split_of_a_segmentation_task_comes_from_the_label_table(tmp_path: Path) -> None:
+    from tests.datasets.test_splits import write_meta_h5
+
+    patients = [f"{i:03d}" for i in range(8)]
+    h5 = tmp_path / "d.h5"
+    write_meta_h5(h5, patients, 1)
+    masks = np.zeros((8, 4, 4), np.uint8)
+    masks[::2, 1:3, 1:3] = 1
+    write_masks(tmp_path / "vessel.h5", masks, np.ones(8, bool), {"structure": "vessel"})
+    table = pd.DataFrame(
+        {
+            "sop_uid": [f"1.2.{p}.0" for p in patients],
+            "official_split": ["train"] * 6 + ["test"] * 2,
+        }
+    )
+    table.to_csv(tmp_path / "d.labels.csv", index=False)
+    task = {"name": "v", "type": "segmentation", "split": {"source": "official", "val": 0.2}}
+    out = tmp_path / "v.csv"
+    argv = ["--data", str(h5), "--labels", str(tmp_path / "vessel.h5"), "--out", str(out)]
+    argv += ["--task", json.dumps(task)]
+    assert split.main(argv) == 1  # the mask file has no split of its own
+    assert split.main([*argv, "--official-splits", str(tmp_path / "d.labels.csv")]) == 0
+    part = read_partition(out)
+    assert set(part.loc[part["split"] == "test", "patient_id"]) == {"006", "007"}
+    assert set(part["split"]) == {"train", "val", "test"}
+
+
+def test_a_converted_release_is_split_by_its_official_lists(tmp_path: Path) -> None:
+    """ChestX-ray14 replica -> convert -> split: the released test list stays the test set."""
+    from medssl import convert
+    from tests.datasets.replicas import chestxray14
+
+    chestxray14(tmp_path / "cxr", conflict=True)  # patient 7 also has an image on test_list
+    h5, labels = tmp_path / "cxr.h5", tmp_path / "cxr.labels.csv"
+    argv = ["--preset", "chestxray14", "--root", str(tmp_path / "cxr"), "--out", str(h5)]
+    argv += ["--rejects", str(tmp_path / "rej.csv"), "--labels-out", str(labels)]
+    assert convert.main([*argv, "--settings", '{"image_size": 32}']) == 0
+    task = {"name": "effusion", "column": "Effusion", "type": "binary"}
+    task["split"] = {"source": "official", "val": 0.2}
+    out = tmp_path / "effusion.csv"
+    argv = ["--data", str(h5), "--labels", str(labels), "--task", json.dumps(task)]
+    assert split.main([*argv, "--out", str(out)]) == 0
+    part = read_partition(out)
+    test = set(part.loc[part["split"] == "test", "patient_id"])
+    assert test == {"00000007", "00000008", "00000009", "00000010"}
+    assert part.groupby("patient_id")["split"].nunique().max() == 1
+    assert set(part["split"]) == {"train", "val", "test"}
+    sidecar = json.loads((tmp_path / "effusion.csv.provenance.json").read_text())
+    assert sidecar["split"]["conflict_examples"] == {"00000007": ["test", "train"]}

@@ -218,3 +218,90 @@ def test_write_masks_layout(converted_cohort: dict, tmp_path: Path) -> None:
         assert handle.attrs["structure"] == "lung"
         assert handle.attrs["settings"] == '{"a": 1}'
     assert len(masks) == len(read_meta(converted_cohort["h5"]))
+
+
+# --------------------------------------------------------- preset and RLE masks
+
+
+def write_image_h5(
+    path: Path, files: list[str], sops: list[str], size: int, natives: list[tuple[int, int]]
+) -> Path:
+    """A converted dataset of 2-D images as the convert stage writes it (metadata only matters)."""
+    string = h5py.string_dtype()
+    with h5py.File(path, "w") as handle:
+        handle.create_dataset("images", data=np.zeros((len(files), 1, size, size), np.uint8))
+        meta = handle.create_group("meta")
+        for name, values in (
+            ("patient_id", [f"p{i}" for i in range(len(files))]),
+            ("sop_uid", sops),
+            ("source_file", files),
+        ):
+            meta.create_dataset(name, data=np.array(values, dtype=object), dtype=string)
+        meta.create_dataset("original_shape", data=np.array(natives, dtype=np.int32))
+    return path
+
+
+def test_preset_masks_montgomery_lungs_on_the_stored_grid(tmp_path: Path) -> None:
+    from tests.datasets.replicas import montgomery
+
+    facts = montgomery(tmp_path / "release")
+    files = sorted(facts["lungs"])[:4]  # a dataset converted from part of the release
+    h5 = write_image_h5(
+        tmp_path / "m.h5", files, [Path(f).stem for f in files], 24, [(48, 40)] * len(files)
+    )
+    masks, annotated = mk.build_masks(
+        h5, "preset", tmp_path / "release", "lung", preset="montgomery"
+    )
+    assert annotated.all() and masks.shape == (4, 24, 24)
+    for row, file in enumerate(files):
+        np.testing.assert_array_equal(
+            masks[row], mk.to_stored_grid(facts["lungs"][file], 24, 24, "")
+        )
+        assert masks[row].sum() > 50
+
+
+def test_preset_masks_need_the_preset_and_a_known_structure(tmp_path: Path) -> None:
+    from tests.datasets.replicas import drive
+
+    drive(tmp_path / "release")
+    h5 = write_image_h5(tmp_path / "d.h5", ["test/images/01_test.tif"], ["01_test"], 16, [(36, 34)])
+    with pytest.raises(mk.MaskError, match="needs the preset's name"):
+        mk.build_masks(h5, "preset", tmp_path / "release", "vessel")
+    with pytest.raises(ValueError, match="no masks of structure 'lung'; has vessel, fov"):
+        mk.build_masks(h5, "preset", tmp_path / "release", "lung", preset="drive")
+    # the Grand Challenge copy has no test vessel masks: nothing to attach
+    with pytest.raises(mk.MaskError, match="no 'vessel' annotation matches"):
+        mk.build_masks(h5, "preset", tmp_path / "release", "vessel", preset="drive")
+    masks, annotated = mk.build_masks(h5, "preset", tmp_path / "release", "fov", preset="drive")
+    assert annotated.all() and masks[0].mean() > 0.5
+
+
+def test_a_mask_of_another_size_than_its_image_is_an_error(tmp_path: Path) -> None:
+    from tests.datasets.replicas import montgomery
+
+    montgomery(tmp_path / "release")
+    h5 = write_image_h5(
+        tmp_path / "m.h5", ["CXR_png/MCUCXR_0001_0.png"], ["MCUCXR_0001_0"], 24, [(50, 40)]
+    )
+    with pytest.raises(mk.MaskError, match="mask is 48x40 but the image was 50x40"):
+        mk.build_masks(h5, "preset", tmp_path / "release", "lung", preset="montgomery")
+
+
+def test_rle_masks_by_sop_uid_union_and_empty(tmp_path: Path) -> None:
+    from tests.datasets.replicas import siim
+
+    facts = siim(tmp_path / "release")
+    sops = sorted(facts["masks"])
+    h5 = write_image_h5(
+        tmp_path / "s.h5", [f"{s}.dcm" for s in sops], sops, 64, [(64, 64)] * len(sops)
+    )
+    for source in (tmp_path / "release", tmp_path / "release" / "train-rle.csv"):
+        masks, annotated = mk.build_masks(h5, "rle", source, "pneumothorax")
+        assert annotated.all()  # "-1" rows annotate an empty image
+        for row, sop in enumerate(sops):
+            np.testing.assert_array_equal(masks[row], facts["masks"][sop])
+    assert {bool(m.any()) for m in masks} == {True, False}
+    same, _ = mk.build_masks(h5, "preset", tmp_path / "release", "pneumothorax", preset="siim")
+    np.testing.assert_array_equal(same, masks)
+    with pytest.raises(mk.MaskError, match="run-length mask table not found"):
+        mk.build_masks(h5, "rle", tmp_path, "pneumothorax")

@@ -242,3 +242,128 @@ def test_partition_files_reads_a_table_or_a_mask_file(tmp_path: Path) -> None:
     )
     with pytest.raises(SplitError, match="JSON object with 'type'"):
         split.partition_files(h5, labels, ["binary"])
+
+
+# --------------------------------------------------------------- official splits
+
+OFFICIAL_TASK = {
+    "name": "tb",
+    "dataset": "d",
+    "column": "finding",
+    "type": "binary",
+    "split": {"source": "official", "val": 0.25, "seed": 0},
+}
+
+
+def official_cohort(
+    n_patients: int = 12, lists: dict[str, range] | None = None, slices: int = 2
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Metadata and a label table with official_split: by default patients 0-8 train, 9-11 test."""
+    lists = lists or {"train": range(0, 9), "test": range(9, 12)}
+    split_of = {p: name for name, ids in lists.items() for p in ids}
+    rows = [
+        {
+            "sop_uid": f"1.2.{p}.{s}",
+            "patient_id": f"P{p:02d}",
+            "finding": int(p % 3 == 0),
+            "official_split": split_of.get(p, ""),
+        }
+        for p in range(n_patients)
+        for s in range(slices)
+    ]
+    labels = pd.DataFrame(rows)
+    return labels[["sop_uid", "patient_id"]].copy(), labels
+
+
+def patients_in(partition: pd.DataFrame, split_name: str) -> set[str]:
+    return set(partition.loc[partition["split"] == split_name, "patient_id"])
+
+
+def test_official_test_split_is_kept_and_val_is_carved_from_train() -> None:
+    meta, labels = official_cohort()
+    partition = make_partition(meta, labels, OFFICIAL_TASK, "d.h5", "labels.csv")
+    assert patients_in(partition, "test") == {"P09", "P10", "P11"}
+    val = patients_in(partition, "val")
+    official_train = {f"P{p:02d}" for p in range(9)}
+    # per stratum, halves up: 0.25 * 3 positive -> 1, 0.25 * 6 negative -> 2
+    assert val < official_train and len(val) == 3
+    assert {1, 0} <= set(partition.loc[partition["split"] == "val", "label"])  # stratified
+    assert partition.groupby("patient_id")["split"].nunique().max() == 1
+    report = partition.attrs["split"]
+    assert report["source"] == "official" and report["test"] == "official"
+    assert report["val"].startswith("carved from the official train part: 3")
+    again = make_partition(meta, labels, OFFICIAL_TASK, "d.h5", "labels.csv")
+    pd.testing.assert_frame_equal(partition, again)
+    other_seed = {**OFFICIAL_TASK, "split": {**OFFICIAL_TASK["split"], "seed": 5}}
+    other = make_partition(meta, labels, other_seed, "d.h5", "labels.csv")
+    assert patients_in(other, "test") == patients_in(partition, "test")
+
+
+def test_an_official_val_split_is_used_as_released_and_a_missing_test_is_carved() -> None:
+    meta, labels = official_cohort(lists={"train": range(0, 9), "val": range(9, 12)})
+    partition = make_partition(meta, labels, OFFICIAL_TASK, "d.h5", "labels.csv")
+    assert patients_in(partition, "val") == {"P09", "P10", "P11"}
+    test = patients_in(partition, "test")
+    assert test and test < {f"P{p:02d}" for p in range(9)}
+    assert partition.attrs["split"]["val"] == "official"
+    assert partition.attrs["split"]["test"].startswith("carved")
+
+
+def test_a_patient_on_two_official_lists_goes_to_test_and_is_reported(caplog) -> None:
+    meta, labels = official_cohort()
+    labels.loc[labels["sop_uid"] == "1.2.4.1", "official_split"] = "test"  # P04's 2nd image
+    with caplog.at_level(logging.WARNING):
+        partition = make_partition(meta, labels, OFFICIAL_TASK, "d.h5", "labels.csv")
+    assert patients_in(partition, "test") == {"P04", "P09", "P10", "P11"}
+    assert partition.groupby("patient_id")["split"].nunique().max() == 1
+    warning = next(r for r in caplog.records if r.levelno == logging.WARNING)
+    assert "1 patient(s) are on several official split lists" in warning.getMessage()
+    assert "P04" in warning.getMessage() and "strictest: test" in warning.getMessage()
+    report = partition.attrs["split"]
+    assert report["conflicting_patients"] == 1
+    assert report["conflict_examples"] == {"P04": ["test", "train"]}
+
+
+def test_official_split_needs_the_column_and_a_value_per_slice() -> None:
+    meta, labels = official_cohort()
+    with pytest.raises(SplitError, match="labels.csv: split source 'official' needs column"):
+        make_partition(
+            meta, labels.drop(columns="official_split"), OFFICIAL_TASK, "d", "labels.csv"
+        )
+    labels.loc[labels["patient_id"] == "P02", "official_split"] = ""
+    with pytest.raises(SplitError, match=r"2 slices of 1 patients have none \(first: \['P02'\]\)"):
+        make_partition(meta, labels, OFFICIAL_TASK, "d", "labels.csv")
+    labels["official_split"] = "holdout"
+    with pytest.raises(SplitError, match=r"column 'official_split' has \['holdout'\]"):
+        make_partition(meta, labels, OFFICIAL_TASK, "d", "labels.csv")
+    with pytest.raises(UnknownNameError, match="unknown split source 'offical'"):
+        bad = {**OFFICIAL_TASK, "split": {"source": "offical"}}
+        make_partition(meta, labels, bad, "d", "labels.csv")
+
+
+def test_training_fractions_stay_nested_inside_the_official_train_part() -> None:
+    meta, labels = official_cohort(
+        n_patients=24, lists={"train": range(0, 18), "test": range(18, 24)}
+    )
+    partition = make_partition(meta, labels, OFFICIAL_TASK, "d.h5", "labels.csv")
+    train_rows = set(partition.loc[partition["split"] == "train", "index"])
+    held_out = set(partition.loc[partition["split"] != "train", "index"])
+    for seed in (0, 1):
+        subsets = make_subsets(partition, seed)
+        chosen = [set(select_training(partition, subsets, f)) for f in (0.25, 0.5, 1.0)]
+        assert chosen[0] <= chosen[1] <= chosen[2] == train_rows
+        assert not chosen[2] & held_out
+        patients = set(partition.loc[partition["index"].isin(chosen[0]), "patient_id"])
+        picked = partition.loc[partition["patient_id"].isin(patients), "index"]
+        assert set(picked) == chosen[0]  # whole patients
+
+
+def test_official_split_read_from_a_label_csv(tmp_path: Path) -> None:
+    meta, labels = official_cohort()
+    labels.loc[labels["patient_id"] == "P00", "official_split"] = "train"
+    path = tmp_path / "d.labels.csv"
+    labels.to_csv(path, index=False)
+    table = read_label_table(path, "sop_uid", "finding", ("official_split",))
+    assert table["official_split"].tolist() == labels["official_split"].tolist()
+    partition = make_partition(meta, table, OFFICIAL_TASK, "d.h5", str(path))
+    assert patients_in(partition, "test") == {"P09", "P10", "P11"}

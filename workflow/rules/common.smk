@@ -98,6 +98,14 @@ def task_settings(wildcards):
     return PLAN.task_settings(wildcards.task)
 
 
+def official_splits(wildcards):
+    return PLAN.official_splits(wildcards.task)
+
+
+def official_splits_argument(wildcards, input):
+    return option("--official-splits", input.official)
+
+
 def mask_source(wildcards):
     return PLAN.mask_source(wildcards.task)
 

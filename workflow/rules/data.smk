@@ -75,6 +75,7 @@ rule split:
     input:
         h5=task_dataset_h5,
         labels=task_labels,
+        official=official_splits,
     output:
         "results/splits/{task}.csv",
     log:
@@ -86,9 +87,10 @@ rule split:
     params:
         code=code_version("split"),
         task=task_settings,
+        official=official_splits_argument,
     shell:
         "python -m medssl.split --data {input.h5} --labels {input.labels:q}"
-        " --task {params.task:q} --out {output} > {log} 2>&1"
+        " --task {params.task:q} {params.official} --out {output} > {log} 2>&1"
 
 
 rule subsample:

@@ -8,9 +8,10 @@ to row ``i`` of the dataset::
     /annotated  (N,) bool: the slice has an annotation (possibly empty)
     root attrs: provenance (JSON), format, structure, source
 
-Masks attach to slices by SOP Instance UID, the key every format carries, and
-get the images' resize (:func:`medssl.datasets.resizing.resize`,
-area-averaging on the native grid, then >= 0.5), so mask pixels sit where the
+Masks attach to slices by SOP Instance UID, the key every format carries (or,
+for a preset's image files, by the converted ``source_file``), and take the
+path their image took to the stored grid (:func:`stored_mask`: the row's
+recorded geometry, area-averaging, then >= 0.5), so mask pixels sit where the
 image pixels are.
 
 Readers, one per format (:data:`READERS`):
@@ -24,6 +25,14 @@ Readers, one per format (:data:`READERS`):
   contour's ContourImageSequence or else by the slice plane the contour lies
   in (ImagePositionPatient, ImageOrientationPatient, PixelSpacing of the
   referenced images, read from the DICOM folder).
+* ``rle``: SIIM-ACR's ``train-rle.csv`` (``source``: the file or the folder
+  holding it), rows keyed by SOP Instance UID (``ImageId``); the relative
+  run-length code of :mod:`medssl.datasets.presets.rle`, rows of one image
+  joined, ``-1`` an annotated empty image.
+* ``preset``: the mask files of a dataset preset (``source``: the release
+  root, ``preset``: its name), e.g. Montgomery's left and right lung masks
+  joined, DRIVE's vessel or field-of-view GIFs; matched to rows by the
+  manifest's ``file`` (the HDF5 ``source_file``) or else by SOP UID.
 * ``folder``: ``<source>/<structure>/<SOPInstanceUID>.png`` or
   ``<source>/<structure>/<SeriesInstanceUID>/<slice_index>.png`` (the
   converted slice order); any non-zero pixel is foreground.
@@ -49,6 +58,7 @@ from PIL import Image
 
 from medssl.core.files import atomic_path
 from medssl.core.registry import Registry
+from medssl.datasets import resizing
 from medssl.datasets.hdf5 import image_shape, read_meta
 from medssl.datasets.maskfile import ANNOTATED, MASKS, MaskError, load_masks, mask_labels
 from medssl.datasets.resizing import resize
@@ -74,10 +84,28 @@ class Slices:
     meta: pd.DataFrame
     dicom_dir: Path | None
     _geometry: dict[int, dict] = field(default_factory=dict)
+    preset: str | None = None
+    native_shapes: np.ndarray | None = None  # (N, 2) /meta/original_shape, when recorded
 
     def __post_init__(self) -> None:
         self.row_of_sop = dict(zip(self.meta["sop_uid"], self.meta.index, strict=True))
-        self.series = self.meta["series_uid"].map(_base_series)
+        # Images converted from PNG/JPEG files have no series; each image is its own.
+        series = self.meta["series_uid"] if "series_uid" in self.meta else self.meta["sop_uid"]
+        self.series = series.map(_base_series)
+        files = self.meta["source_file"] if "source_file" in self.meta else pd.Series(dtype=str)
+        self.row_of_file = dict(zip(files, files.index, strict=True))
+
+    def native_sizes(self) -> dict[str, tuple[int, int]]:
+        """Native (height, width) per SOP UID, where the dataset records them."""
+        if self.native_shapes is None:
+            return {}
+        pairs = zip(self.meta["sop_uid"], self.native_shapes, strict=True)
+        return {str(uid): (int(h), int(w)) for uid, (h, w) in pairs}
+
+    def row_of_key(self, key: str) -> int | None:
+        """The row of a mask keyed by source file or SOP UID (None: not converted)."""
+        row = self.row_of_file.get(key, self.row_of_sop.get(key))
+        return None if row is None else int(row)
 
     def rows_of_series(self, series_uids: Iterable[str]) -> np.ndarray:
         return np.flatnonzero(self.series.isin(set(series_uids)).to_numpy())
@@ -300,8 +328,61 @@ def read_folder(source: Path, structure: str, slices: Slices) -> Annotation:
     return result
 
 
+def _attach_keyed(masks: dict[str, np.ndarray], slices: Slices, origin: str) -> Annotation:
+    """Masks keyed by source file or SOP UID onto the rows; keys of unconverted images are logged.
+
+    A preset's manifest can leave images out (rejects, frontal-only scans), so
+    masks without a converted image are expected and counted, not an error;
+    no match at all is the error of :func:`build_masks`.
+    """
+    result = Annotation()
+    unmatched = []
+    for key, mask in masks.items():
+        row = slices.row_of_key(key)
+        if row is None:
+            unmatched.append(key)
+        else:
+            result.add(row, mask)
+    if unmatched:
+        log.warning(
+            "%s: %d of %d masks belong to no converted image (first: %s)",
+            origin,
+            len(unmatched),
+            len(masks),
+            sorted(unmatched)[:3],
+        )
+    return result
+
+
+def read_rle(source: Path, structure: str, slices: Slices) -> Annotation:
+    """Masks from SIIM-ACR's ``train-rle.csv`` (see the module docstring)."""
+    from medssl.datasets.presets.siim import RLE_FILE, rle_masks  # lazy: presets import pydicom
+
+    path = source / RLE_FILE if source.is_dir() else source
+    if not path.is_file():
+        raise MaskError(f"{path}: run-length mask table not found")
+    return _attach_keyed(rle_masks(path, slices.native_sizes()), slices, str(path))
+
+
+def read_preset(source: Path, structure: str, slices: Slices) -> Annotation:
+    """Masks from a dataset preset's own mask files (see the module docstring)."""
+    from medssl.datasets.presets import look_up_preset
+
+    if not slices.preset:
+        raise MaskError(f"{source}: mask format 'preset' needs the preset's name (--preset)")
+    masks = look_up_preset(slices.preset).masks(source, structure, slices.native_sizes())
+    return _attach_keyed(masks, slices, f"{slices.preset} {structure} masks in {source}")
+
+
 READERS: Registry[Callable[[Path, str, Slices], Annotation]] = Registry(
-    "mask format", {"seg": read_seg, "rtstruct": read_rtstruct, "folder": read_folder}
+    "mask format",
+    {
+        "seg": read_seg,
+        "rtstruct": read_rtstruct,
+        "folder": read_folder,
+        "rle": read_rle,
+        "preset": read_preset,
+    },
 )
 """Per mask ``format``: the reader of its masks (see the module docstring)."""
 
@@ -316,24 +397,74 @@ def to_stored_grid(mask: np.ndarray, height: int, width: int, origin: str) -> np
     return (resized >= 0.5).astype(np.uint8)
 
 
+GEOMETRY_META = ("original_shape", "resized_shape", "pad_offset")
+"""The ``/meta`` columns that record where each native image landed (:class:`resizing.Geometry`)."""
+
+
+def geometry_meta(data: str | Path) -> dict[str, np.ndarray]:
+    """The per-row geometry columns the dataset records (some or none, in older files)."""
+    with h5py.File(data, "r") as handle:
+        return {
+            name: handle[f"meta/{name}"][...].astype(np.int64)
+            for name in GEOMETRY_META
+            if f"meta/{name}" in handle
+        }
+
+
+def stored_mask(
+    mask: np.ndarray,
+    row: int,
+    height: int,
+    width: int,
+    geometry: dict[str, np.ndarray],
+    origin: str,
+) -> np.ndarray:
+    """A native-grid mask on the stored grid of its row: the one place masks are resampled.
+
+    With the row's recorded geometry the mask takes its image's exact path
+    (resampled by area to the resized shape, then padded or cropped at the
+    same offset: :func:`medssl.datasets.resizing.to_stored_grid`); a mask of
+    another size than the native image belongs to another image. Datasets
+    without the geometry columns get the square resize of :func:`to_stored_grid`.
+    """
+    if "original_shape" in geometry:
+        native = tuple(int(v) for v in geometry["original_shape"][row])
+        if tuple(mask.shape) != native:
+            raise MaskError(
+                f"{origin}: mask is {mask.shape[0]}x{mask.shape[1]} but the image was "
+                f"{native[0]}x{native[1]} before conversion"
+            )
+    if all(name in geometry for name in GEOMETRY_META):
+        placed = resizing.Geometry.from_meta(geometry, row, (height, width))
+        return resizing.to_stored_grid(mask.astype(np.uint8), placed, "area").astype(np.uint8)
+    return to_stored_grid(mask, height, width, origin)
+
+
 def build_masks(
     data: str | Path,
     fmt: str,
     source: str | Path,
     structure: str,
     dicom_dir: str | Path | None = None,
+    preset: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(N, H, W) uint8 masks and (N,) annotated flags aligned with the rows of ``data``."""
+    """(N, H, W) uint8 masks and (N,) annotated flags aligned with the rows of ``data``.
+
+    ``preset``: the dataset preset whose mask files ``source`` holds (format ``preset``).
+    """
     reader = READERS[fmt]
     meta = read_meta(data)
-    slices = Slices(meta, None if dicom_dir is None else Path(dicom_dir))
+    geometry = geometry_meta(data)
+    dicom = None if dicom_dir is None else Path(dicom_dir)
+    slices = Slices(meta, dicom, preset=preset, native_shapes=geometry.get("original_shape"))
     annotation = reader(Path(source), structure, slices)
     _, height, width = image_shape(data)
     masks = np.zeros((len(meta), height, width), dtype=np.uint8)
     annotated = np.zeros(len(meta), dtype=bool)
     annotated[sorted(annotation.annotated)] = True
     for row, mask in annotation.masks.items():
-        masks[row] = to_stored_grid(mask, height, width, f"{source} ({meta.at[row, 'sop_uid']})")
+        origin = f"{source} ({meta.at[row, 'sop_uid']})"
+        masks[row] = stored_mask(mask, row, height, width, geometry, origin)
     if not annotated.any():
         raise MaskError(f"{source}: no {structure!r} annotation matches a slice of {data}")
     log.info(

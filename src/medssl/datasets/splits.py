@@ -8,6 +8,15 @@ slice gets an integer label code, a split and its patient's stratum. Whole
 patients go to one split, because slices of one patient are strongly
 correlated and splitting them would leak test information into training.
 
+Where the split comes from is the task's ``split.source``: ``random`` (the
+default) draws val and test by patient with the fractions ``val`` and
+``test``; ``official`` takes the release's own split from the label table's
+``official_split`` column (:func:`official_splits`), carving a missing val
+(or test) by patient from the training part. A patient whom the release
+lists in two splits is moved to the stricter one (test, then val), so no
+patient sits in two splits and the released test set stays as it is where
+it can; the count and the rule go to the log and the partition's sidecar.
+
 Val and test depend only on the task's ``split`` settings, never on the
 fine-tuning seeds or fractions, so every run of a task is scored on the same
 patients. Training subsets (``make_subsets``/``select_training``) are drawn
@@ -30,7 +39,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from medssl.core.registry import Registry
+from medssl.core.registry import Registry, look_up
 from medssl.core.task_types import task_type_spec
 from medssl.datasets.hdf5 import read_meta
 from medssl.datasets.maskfile import mask_labels
@@ -40,7 +49,14 @@ log = logging.getLogger(__name__)
 PARTITION_COLUMNS = ("index", "patient_id", "label", "label_name", "split", "stratum")
 SUBSET_COLUMNS = ("patient_id", "stratum", "rank")
 SPLITS = ("train", "val", "test")
-DEFAULT_SPLIT = {"val": 0.2, "test": 0.2, "seed": 0}
+DEFAULT_SPLIT = {"source": "random", "val": 0.2, "test": 0.2, "seed": 0}
+SPLIT_SOURCES = ("random", "official")
+OFFICIAL_COLUMN = "official_split"
+STRICTER_FIRST = ("test", "val", "train")
+"""A patient on two official lists goes to the first of these it is on."""
+CONFLICT_RULE = (
+    "a patient on several official lists goes to the strictest: test, then val, then train"
+)
 
 
 class SplitError(ValueError):
@@ -75,21 +91,28 @@ def label_columns(task: dict) -> list[str]:
     return [task["column"]]
 
 
-def read_label_table(path: str | Path, key: str, column: str | list[str]) -> pd.DataFrame:
+def read_label_table(
+    path: str | Path, key: str, column: str | list[str], extra: tuple[str, ...] = ()
+) -> pd.DataFrame:
     """Read ``key`` and the label column(s) of a CSV, checking they exist and are complete.
 
     The key is read as text: UIDs such as ``1.2`` or patient ids such as
-    ``007`` must not be turned into numbers and then fail to match.
+    ``007`` must not be turned into numbers and then fail to match. ``extra``
+    columns (e.g. ``official_split``) are read as text too, blanks as ``""``.
     """
     path = Path(path)
     columns = [column] if isinstance(column, str) else list(column)
     if not path.is_file():
         raise SplitError(f"{path}: label table not found")
     header = pd.read_csv(path, nrows=0).columns
-    for name, role in ((key, "labels_key"), *((c, "label column") for c in columns)):
+    roles = ((key, "labels_key"), *((c, "label column") for c in columns))
+    for name, role in (*roles, *((c, "split source 'official'") for c in extra)):
         if name not in header:
             raise SplitError(f"{path}: no column {name!r} ({role}); columns are {list(header)}")
-    table = pd.read_csv(path, usecols=[key, *columns], dtype={key: str})
+    text = {name: str for name in (key, *extra)}
+    table = pd.read_csv(path, usecols=[key, *columns, *extra], dtype=text)
+    for name in extra:
+        table[name] = table[name].fillna("").str.strip()
     missing_key = table[key].isna()
     if missing_key.any():
         raise SplitError(
@@ -291,6 +314,85 @@ def assign_splits(strata: pd.Series, val: float, test: float, seed: int) -> pd.S
     return pd.Series(split, name="split").reindex(strata.index)
 
 
+def _carve(strata: pd.Series, fraction: float, rng: np.random.Generator) -> list:
+    """Patients drawn from ``strata`` (index: patient) for a carved split, stratified.
+
+    Inside each stratum (sorted patients, shuffled) the first
+    ``round(fraction * n)`` are taken; when that leaves the carved split empty
+    one patient of the largest stratum is, so the split exists whenever the
+    part has two patients.
+    """
+    chosen: list = []
+    largest: list = []
+    for stratum in sorted(strata.unique()):
+        patients = sorted(strata.index[strata == stratum])
+        order = [patients[i] for i in rng.permutation(len(patients))]
+        chosen += order[: min(round_half_up(fraction * len(order)), len(order) - 1)]
+        if len(order) > len(largest):
+            largest = order
+    if not chosen and len(strata) >= 2:
+        chosen = largest[:1]
+    return chosen
+
+
+def official_splits(
+    rows: pd.DataFrame, strata: pd.Series, val: float, test: float, seed: int, origin: str
+) -> tuple[pd.Series, dict]:
+    """Each patient's split from the release's ``official_split`` of its slices, and a report.
+
+    ``rows``: patient_id and official_split per labelled slice. A patient on
+    several lists goes to the strictest (:data:`STRICTER_FIRST`; logged as a
+    WARNING). A release without a val split gets one carved by patient from
+    its training part (fraction ``val`` of the training patients, stratified,
+    seeded); one without a test split gets one carved likewise (fraction
+    ``test``). The report says what was done, for the partition's sidecar.
+    """
+    if not 0 < val < 1 or not 0 < test < 1:
+        raise SplitError(f"split fractions val={val}, test={test} must be in (0, 1)")
+    official = rows[OFFICIAL_COLUMN].astype(str)
+    unknown = sorted(set(official) - set(SPLITS) - {""})
+    if unknown:
+        raise SplitError(f"{origin}: column {OFFICIAL_COLUMN!r} has {unknown}; allowed: {SPLITS}")
+    blank = official == ""
+    if blank.any():
+        patients = sorted(rows.loc[blank, "patient_id"].unique())
+        raise SplitError(
+            f"{origin}: split source 'official' needs an {OFFICIAL_COLUMN} for every labelled "
+            f"slice; {int(blank.sum())} slices of {len(patients)} patients have none (first: "
+            f"{patients[:5]}); use split source 'random' for a release without one"
+        )
+    lists = official.groupby(rows["patient_id"]).agg(lambda v: set(v))
+    split = lists.map(lambda on: next(name for name in STRICTER_FIRST if name in on))
+    conflicts = sorted(lists.index[lists.map(len) > 1])
+    report: dict[str, Any] = {"source": "official", "conflict_rule": CONFLICT_RULE}
+    report["conflicting_patients"] = len(conflicts)
+    report["conflict_examples"] = {p: sorted(lists[p]) for p in conflicts[:10]}
+    if conflicts:
+        log.warning(
+            "%s: %d patient(s) are on several official split lists (first: %s); %s",
+            origin,
+            len(conflicts),
+            conflicts[:5],
+            CONFLICT_RULE,
+        )
+    rng = np.random.default_rng(seed)
+    for name, fraction in (("val", val), ("test", test)):
+        if (split == name).any():
+            report[name] = "official"
+            continue
+        train = split.index[split == "train"]
+        carved = _carve(strata.reindex(train), fraction, rng)
+        split[carved] = name
+        report[name] = f"carved from the official train part: {len(carved)} patients"
+        log.info(
+            "%s: no official %s split; %d patients carved from train", origin, name, len(carved)
+        )
+    for name in SPLITS:
+        if not (split == name).any():
+            raise SplitError(f"{origin}: the official split leaves no {name} patients")
+    return split.rename("split").reindex(strata.index), report
+
+
 def make_partition(
     meta: pd.DataFrame,
     labels: pd.DataFrame,
@@ -307,18 +409,34 @@ def make_partition(
     key = task.get("labels_key", "sop_uid")
     spec = task_type_spec(task["type"])
     split_cfg = {**DEFAULT_SPLIT, **(task.get("split") or {})}
+    source = look_up("split source", split_cfg["source"], SPLIT_SOURCES)
     columns = _join_columns(meta, labels, task, key, data_name, labels_name)
-    rows, joined = _labelled_rows(meta, labels, task, key, columns, data_name, labels_name)
+    extra = [OFFICIAL_COLUMN] if source == "official" else []
+    if extra and OFFICIAL_COLUMN not in labels.columns:
+        raise SplitError(
+            f"{labels_name}: split source 'official' needs column {OFFICIAL_COLUMN!r}; "
+            f"columns are {list(labels.columns)}"
+        )
+    rows, joined = _labelled_rows(
+        meta, labels, task, key, [*columns, *extra], data_name, labels_name
+    )
     encode = LABEL_ENCODERS[spec.label_encoding]
     rows["label"], rows["label_name"] = encode(joined, task, labels_name)
     strata = patient_strata(rows, task["type"])
-    splits = assign_splits(
-        strata, float(split_cfg["val"]), float(split_cfg["test"]), int(split_cfg["seed"])
-    )
+    val, test, seed = float(split_cfg["val"]), float(split_cfg["test"]), int(split_cfg["seed"])
+    if source == "official":
+        rows[OFFICIAL_COLUMN] = joined[OFFICIAL_COLUMN].fillna("").to_numpy()
+        splits, report = official_splits(rows, strata, val, test, seed, labels_name)
+    else:
+        splits = assign_splits(strata, val, test, seed)
+        report = {"source": "random", "val": val, "test": test}
+    report["seed"] = seed
     rows["split"] = rows["patient_id"].map(splits)
     rows["stratum"] = rows["patient_id"].map(strata).astype(np.int64)
     partition = rows[list(PARTITION_COLUMNS)].sort_values("index").reset_index(drop=True)
     counts = partition.drop_duplicates("patient_id")["split"].value_counts()
+    report["patients"] = {name: int(counts.get(name, 0)) for name in SPLITS}
+    partition.attrs["split"] = report  # for the sidecar: how the split was made
     log.info(
         "task %s: %d slices of %d patients; patients per split %s",
         task.get("name"),
@@ -407,17 +525,36 @@ def _labelled_rows(
     return rows, label_of.loc[rows["key"]].reset_index(drop=True)
 
 
-def partition_files(data: str | Path, labels: str | Path, task: Any) -> pd.DataFrame:
+def partition_files(
+    data: str | Path, labels: str | Path, task: Any, official: str | Path | None = None
+) -> pd.DataFrame:
     """The partition of the dataset ``data`` for ``task``, with labels from ``labels``:
-    a label table, or the mask file of a task type whose labels are masks."""
+    a label table, or the mask file of a task type whose labels are masks.
+
+    ``official``: a table with ``sop_uid`` and ``official_split`` (the dataset's
+    label table), where the split source is ``official`` and ``labels`` is a
+    mask file, which has no split of its own.
+    """
     if not isinstance(task, dict) or "type" not in task:
         raise SplitError(f"the task must be a JSON object with 'type', got {task!r}")
+    is_official = (task.get("split") or {}).get("source", "random") == "official"
+    extra = (OFFICIAL_COLUMN,) if is_official else ()
     if task_type_spec(task["type"]).labels_from_masks:
         # The labels of a segmentation task are its mask file: foreground per slice.
         task = {**task, "labels_key": "sop_uid"}
         table = mask_labels(labels, data)
+        if is_official:
+            if official is None:
+                raise SplitError(
+                    f"task {task.get('name')!r}: split source 'official' of a segmentation "
+                    "task needs the dataset's label table with official_split (--official-splits)"
+                )
+            splits = read_label_table(official, "sop_uid", [], extra)
+            table = table.merge(splits, on="sop_uid", how="left")
+            table[OFFICIAL_COLUMN] = table[OFFICIAL_COLUMN].fillna("")
     else:
-        table = read_label_table(labels, task.get("labels_key", "sop_uid"), label_columns(task))
+        key = task.get("labels_key", "sop_uid")
+        table = read_label_table(labels, key, label_columns(task), extra)
     return make_partition(read_meta(data), table, task, str(data), str(labels))
 
 

@@ -236,6 +236,15 @@ class WorkflowPlan:
         labels_key = self.labels_key(spec["dataset"])
         return as_json({"name": task, "labels_key": labels_key, **spec})
 
+    def official_splits(self, task: str) -> list[str]:
+        """The label table holding the release's split, for a segmentation task (whose
+        labels are its masks) with ``split: {source: official}``; none otherwise."""
+        spec = self.task(task)
+        if spec["split"]["source"] != "official" or not self.labels_from_masks(task):
+            return []
+        labels = self.dataset_labels(spec["dataset"])
+        return [] if labels is None else [labels]
+
     def finetune_settings(self, task: str) -> str:
         """The finetune section with this task's overrides replacing it, key by key."""
         return as_json({**self.config["finetune"], **self.task(task).get("finetune", {})})
