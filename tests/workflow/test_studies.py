@@ -20,7 +20,7 @@ from medssl.pipeline.plan import encoder_name, import_jobs, pretrain_jobs, super
 REPO = Path(__file__).resolve().parents[2]
 STUDIES = REPO / "workflow" / "studies"
 PLACEHOLDER = "/path/to/"
-FOLDER_KEYS = {"dicom_dir", "path"}
+FOLDER_KEYS = {"dicom_dir", "root", "path"}
 
 
 def _fill(node: object, root: Path, key: str = "") -> object:
@@ -87,6 +87,31 @@ def test_study_dry_run_lists_the_expected_jobs(study: str, tmp_path: Path) -> No
         assert len(resolved["seeds"]) == 10 and len(resolved["inits"]) == 21
         assert n_finetunes == 21 * 7 * 1 * 10
         assert per_job == 10 and counts["finetune"] == 21 * 7
+        # Classification averages ten crops at test time; segmentation has its own recipe.
+        for name, task in resolved["tasks"].items():
+            if task["type"] == "segmentation":
+                assert task["finetune"]["lr"] == 0.001 and "tta" not in task["finetune"]
+            else:
+                assert task["finetune"]["tta"] == "ten_crop", name
+    sources = {spec["source"] for spec in resolved["data"]["datasets"].values()}
+    assert "preset" in sources
+
+
+def test_study_placeholders_are_only_roots_and_checkpoints() -> None:
+    """Public datasets are read as released: a study names their root folders, the
+    published checkpoints and (study A's private set) a DICOM folder with labels."""
+    allowed = {"root", "checkpoint", "dicom_dir", "labels"}
+    for path in STUDIES.glob("*.yaml"):
+        raw = yaml.safe_load(path.read_text())
+        assert _placeholder_keys(raw) <= allowed, path.name
+
+
+def _placeholder_keys(node: object, key: str = "") -> set[str]:
+    if isinstance(node, dict):
+        return set().union(*(_placeholder_keys(v, k) for k, v in node.items()))
+    if isinstance(node, list):
+        return set().union(*(_placeholder_keys(v, key) for v in node))
+    return {key} if isinstance(node, str) and node.startswith(PLACEHOLDER) else set()
 
 
 def test_study_placeholders_are_marked() -> None:
