@@ -132,6 +132,37 @@ rule efficiency:
         " --out {output} > {log} 2>&1"
 
 
+rule costs:
+    input:
+        metrics=PLAN.finetune_metrics(),
+        encoders=PLAN.encoder_files(),
+        summary="results/tables/summary.csv",
+    output:
+        csv=report(
+            "results/tables/costs.csv",
+            caption="../report/costs.rst",
+            category="Tables",
+            subcategory="All tasks",
+            labels={"table": "compute cost"},
+        ),
+        md="results/tables/costs.md",
+    log:
+        "logs/costs/costs.log",
+    benchmark:
+        "benchmarks/costs/costs.tsv"
+    localrule: True
+    conda:
+        "../../envs/report.yaml"
+    params:
+        code=code_version("costs"),
+        benchmarks=PLAN.training_benchmarks(),
+        device=config["compute"]["device"],
+    shell:
+        "python -m medssl.costs --benchmarks {params.benchmarks} --results results"
+        " --summary {input.summary} --default-device {params.device}"
+        " --out {output.csv} --markdown {output.md} > {log} 2>&1"
+
+
 rule task_tables:
     input:
         summary="results/tables/summary.csv",

@@ -406,6 +406,38 @@ class WorkflowPlan:
             for run in self.seed_blocks
         ]
 
+    def training_benchmarks(self) -> list[str]:
+        """The benchmark file of every job that makes an encoder or fine-tunes one: what
+        the cost table reads (Snakemake writes each when its job ends)."""
+        making = [
+            *(
+                f"benchmarks/pretrain/{job}/pseed{seed}.tsv"
+                for job in self.methods
+                for seed in self.pretrain_seeds
+            ),
+            *(f"benchmarks/import_init/{name}.tsv" for name in self.imports),
+            *(f"benchmarks/supervised_init/{name}.tsv" for name in self.supervised),
+        ]
+        tuning = [
+            path.replace("results/finetune/", "benchmarks/finetune/", 1).replace(
+                "/metrics.json", ".tsv"
+            )
+            for path in self.finetune_metrics()
+        ]
+        return making + tuning
+
+    def encoder_files(self) -> list[str]:
+        """Every encoder the fine-tunes start from (inputs of the cost table: its
+        benchmark files exist once they do)."""
+        return sorted(
+            {
+                path
+                for init in self.inits
+                for run in self.seed_blocks
+                for path in self.init_encoders(init, run)
+            }
+        )
+
     def stats_settings(self) -> str:
         return as_json(self.config["stats"])
 
@@ -424,6 +456,8 @@ class WorkflowPlan:
             "results/tables/summary.csv",
             "results/tables/summary.md",
             "results/tables/label_efficiency.csv",
+            "results/tables/costs.csv",
+            "results/tables/costs.md",
             *per_task,
             *(f"results/figures/label_efficiency_{task}.png" for task in self.tasks),
             *(f"results/figures/bars_{task}.png" for task in self.tasks),
