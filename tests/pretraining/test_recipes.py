@@ -1,4 +1,5 @@
-"""pretraining.recipes: pool subsets, lazy pools, fingerprints, divergence, method settings."""
+"""pretraining.recipes: pool subsets, lazy pools, fingerprints, divergence, method settings,
+settings fitted to the run and the warnings about parts a run leaves untrained."""
 
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ from medssl.pretraining import recipes as pretrain_module
 from medssl.pretraining.loop import NonFiniteLossError
 from medssl.pretraining.recipes import (
     PRETRAIN_DEFAULTS,
+    check_schedule,
+    fit_method_settings,
+    plan_run,
     pretrain,
     run_fingerprint,
     split_method_settings,
@@ -116,3 +120,35 @@ def test_schema_defaults_of_the_pretrain_keys_equal_the_code() -> None:
     section = yaml.safe_load(SCHEMA.read_text())["properties"]["pretrain"]["properties"]
     for key, value in PRETRAIN_DEFAULTS.items():
         assert section[key]["default"] == value, key
+
+
+def test_check_schedule_warns_of_a_warmup_as_long_as_the_run() -> None:
+    """SimCLR's recipe warms up for 10 epochs; a 4-epoch run of 3 steps each never peaks."""
+    trainer, plan = plan_run("simclr", {"epochs": 4, "batch_size": 8}, 24, 1)
+    settings = fit_method_settings("simclr", {}, plan)
+    (message,) = check_schedule("simclr", settings, trainer, plan)
+    assert "warmup_epochs 10 is 30 steps, not shorter than the run's 12" in message
+    assert "reaches 40 % of its peak" in message
+    trainer, plan = plan_run("simclr", {"epochs": 4, "batch_size": 8, "warmup_epochs": 1}, 24, 1)
+    assert check_schedule("simclr", settings, trainer, plan) == []
+
+
+def test_check_schedule_adds_the_method_warnings() -> None:
+    """SwAV's default freeze (one epoch) in a one-epoch run, beside the warm-up."""
+    trainer, plan = plan_run("swav", {"epochs": 1, "batch_size": 8}, 32, 1)
+    messages = check_schedule("swav", fit_method_settings("swav", {}, plan), trainer, plan)
+    assert [m.split(" ")[0] for m in messages] == ["warmup_epochs", "swav.freeze_prototypes_epochs"]
+
+
+def test_pretrain_fits_the_settings_to_the_run_and_logs_the_warnings(
+    pool: Path, tmp_path: Path, one_thread, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 4-step BYOL run: the 40-epoch preset momentum, recorded in the sidecar, and warnings."""
+    settings = {**SETTINGS, "epochs": 1, "byol": {"hidden_dim": 32, "proj_dim": 16}}
+    with caplog.at_level("INFO"):
+        info = pretrain("byol", pool, settings, 0, tmp_path / "e.pt", tmp_path / "ck", "cpu")
+    assert info["method_settings"] == {"hidden_dim": 32, "proj_dim": 16, "base_momentum": 0.97}
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(w.startswith("byol: warmup_epochs 1 is 4 steps") for w in warnings), warnings
+    assert any(w.startswith("byol: byol.base_momentum 0.97 over 4 steps") for w in warnings)
+    assert "base_momentum 0.97, the official preset for 1 epochs" in caplog.text

@@ -32,8 +32,9 @@ from medssl.models import backbones as models
 from medssl.pipeline.codedeps import code_digest
 from medssl.pretraining import distributed
 from medssl.pretraining.augment import MultiViewDataset
-from medssl.pretraining.loop import TrainResult, train
-from medssl.pretraining.methods import build_method, method_module
+from medssl.pretraining.loop import StepPlan, TrainResult, plan_steps, train
+from medssl.pretraining.loop import train_settings as trainer_config
+from medssl.pretraining.methods import build_method, method_class, method_module
 from medssl.pretraining.methods.base import Method
 
 OPTIM_KEYS = frozenset(
@@ -119,6 +120,57 @@ def split_method_settings(
     for key in sorted(set(optim) - OPTIM_KEYS):
         look_up(f"pretrain.{method}.optim key", key, OPTIM_KEYS)
     return method_settings, {**settings, **optim}
+
+
+def plan_run(
+    method: str, train_settings: Mapping[str, Any], n_samples: int, world_size: int
+) -> tuple[dict[str, Any], StepPlan]:
+    """The trainer settings resolved as :func:`medssl.pretraining.loop.train` resolves them
+    (over the method's recipe), and the run's steps on ``n_samples`` over ``world_size`` ranks.
+    """
+    config = trainer_config(train_settings, method_class(method).optim_recipe)
+    return config, plan_steps(config, n_samples, world_size)
+
+
+def fit_method_settings(
+    method: str, method_settings: Mapping[str, Any], plan: StepPlan
+) -> dict[str, Any]:
+    """Every setting of ``method``: the config's, the defaults, and null ones fitted to ``plan``.
+
+    The run-dependent defaults (SwAV's queue, BYOL's momentum, MoCo's queue)
+    are resolved once the run's length is known: here, before the method is built.
+    """
+    cls = method_class(method)
+    return cls.fit_to_run(cls.resolve_settings(method_settings), plan)
+
+
+def warmup_warnings(trainer: Mapping[str, Any], plan: StepPlan) -> list[str]:
+    """A warm-up at least as long as the run: the rate never reaches its peak, never decays."""
+    if plan.warmup_steps < plan.total_steps or plan.warmup_steps == 0:
+        return []
+    reached = plan.total_steps / plan.warmup_steps
+    return [
+        f"warmup_epochs {trainer['warmup_epochs']} is {plan.warmup_steps} steps, not shorter "
+        f"than the run's {plan.total_steps} ({plan.epochs} epochs of {plan.steps_per_epoch}): "
+        f"the learning rate reaches {100 * reached:.0f} % of its peak and never decays; "
+        f"lower warmup_epochs (pretrain or pretrain.<method>.optim)"
+    ]
+
+
+def check_schedule(
+    method: str, method_settings: Mapping[str, Any], trainer: Mapping[str, Any], plan: StepPlan
+) -> list[str]:
+    """Why a part of this run would stay untrained, one message per part (empty: none).
+
+    ``method_settings`` are the fitted ones (:func:`fit_method_settings`),
+    ``trainer`` and ``plan`` those of :func:`plan_run`. Checks the warm-up and
+    what the method itself checks
+    (:meth:`medssl.pretraining.methods.base.Method.schedule_warnings`: frozen
+    prototypes, queues that never start or fill, momentum targets that hardly move).
+    """
+    return warmup_warnings(trainer, plan) + method_class(method).schedule_warnings(
+        method_settings, plan
+    )
 
 
 @dataclass(frozen=True)
@@ -243,6 +295,10 @@ def pretrain(
     start = start_backbone(settings, channels, init_encoder)
     if start.sidecar is not None:
         settings["backbone"] = start.backbone_name
+    trainer, plan = plan_run(method, train_settings, len(indices), ctx.world_size)
+    method_settings = fit_method_settings(method, method_settings, plan)
+    for message in check_schedule(method, method_settings, trainer, plan):
+        log.warning("%s: %s", method, message)
     model = build_method(method, start.backbone, method_settings)
     dataset = view_dataset(model, settings, seed, data_path, indices)
     log.info(
@@ -271,6 +327,7 @@ def pretrain(
         fingerprint=fingerprint,
     )
     info = encoder_info(method, settings, seed, result, len(indices), init_encoder, start)
+    info["method_settings"] = method_settings
     if ctx.is_main:
         models.save_encoder(model.encoder().cpu(), out, start.backbone_name, info)
         log.info("wrote %s (final loss %.4f)", out, result.final_loss)

@@ -1,4 +1,4 @@
-"""BYOL: the regression loss and the cosine schedule of the target's momentum."""
+"""BYOL: the regression loss, the cosine schedule of the target's momentum and its preset."""
 
 from __future__ import annotations
 
@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from medssl.pretraining.methods.byol import byol_regression, target_momentum
+from medssl.pretraining.loop import StepPlan, plan_steps
+from medssl.pretraining.methods.byol import (
+    BYOL,
+    byol_regression,
+    initial_weight_share,
+    preset_momentum,
+    target_momentum,
+)
 from tests.pretraining.methods.small_methods import make
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -57,3 +64,39 @@ def test_float32_under_autocast() -> None:
         loss = byol_regression(p, z)
     assert loss.dtype == torch.float32
     assert loss.item() == pytest.approx(byol_regression(p, z).item(), rel=1e-6)
+
+
+def run(epochs: int, batch: int, n_samples: int) -> StepPlan:
+    return plan_steps({"epochs": epochs, "batch_size": batch, "warmup_epochs": 0}, n_samples)
+
+
+def fitted(plan: StepPlan, **settings: object) -> dict:
+    return BYOL.fit_to_run(BYOL.resolve_settings(settings), plan)
+
+
+@pytest.mark.parametrize(
+    ("epochs", "momentum"), [(4, 0.97), (40, 0.97), (41, 0.99), (300, 0.99), (301, 0.996)]
+)
+def test_base_momentum_is_the_official_preset_for_the_run(epochs: int, momentum: float) -> None:
+    """deepmind byol's presets: 0.97 up to 40 epochs, 0.99 up to 300, 0.996 beyond."""
+    assert preset_momentum(epochs) == momentum
+    assert fitted(run(epochs, 8, 32))["base_momentum"] == momentum
+
+
+def test_a_set_base_momentum_is_kept_and_a_method_built_without_a_run_takes_0_996() -> None:
+    assert fitted(run(4, 8, 32), base_momentum=0.9)["base_momentum"] == 0.9
+    assert make("byol").settings["base_momentum"] == 0.996
+
+
+def test_initial_weight_share_is_the_product_of_the_step_rates() -> None:
+    rates = [target_momentum(0.99, k, 3) for k in range(3)]
+    assert initial_weight_share(0.99, 3) == pytest.approx(math.prod(rates))
+    assert initial_weight_share(0.0, 3) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_warning_when_the_target_hardly_moves() -> None:
+    """100 steps at 0.996 keep ~82 % of the initial target; 2,000 steps at 0.97 keep none."""
+    short = run(4, 8, 200)  # 4 epochs of 25 steps
+    (message,) = BYOL.schedule_warnings({"base_momentum": 0.996}, short)
+    assert "byol.base_momentum 0.996 over 100 steps leaves 82 %" in message
+    assert BYOL.schedule_warnings({"base_momentum": 0.97}, run(4, 8, 4000)) == []

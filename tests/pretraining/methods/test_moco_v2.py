@@ -1,4 +1,5 @@
-"""MoCo v2: InfoNCE against a slow reference, momentum keys, the queue and split BatchNorm."""
+"""MoCo v2: InfoNCE against a slow reference, momentum keys, the queue and split BatchNorm,
+and the queue fitted to the run's length."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from medssl.pretraining.methods.moco_v2 import info_nce
+from medssl.pretraining.loop import StepPlan, plan_steps
+from medssl.pretraining.methods.moco_v2 import MoCoV2, info_nce
 from tests.pretraining.methods.small_methods import ct_slices, make
 
 
@@ -95,3 +97,36 @@ def test_float32_under_autocast() -> None:
         loss = info_nce(query, key, queue, 0.2)
     assert loss.dtype == torch.float32
     assert loss.item() == pytest.approx(info_nce(query, key, queue, 0.2).item(), rel=1e-6)
+
+
+def run(epochs: int, batch: int, n_samples: int) -> StepPlan:
+    return plan_steps({"epochs": epochs, "batch_size": batch, "warmup_epochs": 0}, n_samples)
+
+
+def fitted(plan: StepPlan, **settings: object) -> dict:
+    return MoCoV2.fit_to_run(MoCoV2.resolve_settings(settings), plan)
+
+
+def test_the_default_queue_is_filled_within_the_first_epoch() -> None:
+    """One epoch of keys (1,000 slices at batch 64: 15 steps, 960 keys), at most 65,536,
+    always a multiple of the global batch."""
+    assert fitted(run(4, 64, 1000))["queue_size"] == 960
+    assert fitted(run(4, 256, 1_281_167))["queue_size"] == 65536
+    assert fitted(run(4, 96, 1_281_167))["queue_size"] == 65472
+    assert make("moco_v2", queue_size=None).settings["queue_size"] == 65536
+
+
+def test_a_set_queue_size_is_kept_or_refused_below_one_batch() -> None:
+    assert fitted(run(4, 8, 32), queue_size=24)["queue_size"] == 24
+    with pytest.raises(ValueError, match="moco_v2.queue_size 4 is smaller than the global batch 8"):
+        fitted(run(4, 8, 32), queue_size=4)
+
+
+def test_warnings_for_a_queue_that_never_fills_and_a_key_encoder_that_hardly_moves() -> None:
+    plan = run(2, 8, 32)  # 8 steps, 64 keys
+    messages = MoCoV2.schedule_warnings(fitted(plan, queue_size=65536), plan)
+    assert len(messages) == 2
+    assert "moco_v2.queue_size 65536 never fills: the run makes 64 keys" in messages[0]
+    assert "65472 random vectors" in messages[0]
+    assert "moco_v2.momentum 0.999 over 8 steps leaves 99 %" in messages[1]
+    assert MoCoV2.schedule_warnings(fitted(plan, momentum=0.5), plan) == []

@@ -1,4 +1,5 @@
-"""SwAV: Sinkhorn codes and swapped prediction against loops, prototypes, multi-crop queue."""
+"""SwAV: Sinkhorn codes and swapped prediction against loops, prototypes, multi-crop queue,
+and the freeze and queue fitted to the run's length."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import pytest
 import torch
 
 from medssl.pretraining.augment import MultiViewDataset
-from medssl.pretraining.loop import train
-from medssl.pretraining.methods.swav import sinkhorn_knopp, swapped_prediction
+from medssl.pretraining.loop import StepPlan, plan_steps, train
+from medssl.pretraining.methods.swav import SwAV, sinkhorn_knopp, swapped_prediction
 from tests.pretraining.methods.small_methods import ct_slices, make
 
 
@@ -139,3 +140,97 @@ def test_float32_under_autocast() -> None:
     assert loss.dtype == torch.float32
     expected = swapped_prediction([z1, z2], [sinkhorn_knopp(z1, 0.05, 3)], 0.1)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def run(epochs: int, batch: int, n_samples: int) -> StepPlan:
+    return plan_steps({"epochs": epochs, "batch_size": batch, "warmup_epochs": 0}, n_samples)
+
+
+def fitted(plan: StepPlan, **settings: object) -> dict:
+    return SwAV.fit_to_run(SwAV.resolve_settings(settings), plan)
+
+
+def test_the_default_queue_is_the_official_small_batch_one_for_a_long_run() -> None:
+    """3,840 embeddings from epoch 15, rounded down to a multiple of the global batch."""
+    assert fitted(run(100, 256, 100_000))["queue_length"] == 3840
+    assert fitted(run(100, 100, 100_000))["queue_length"] == 3800
+    assert fitted(run(100, 64, 100_000))["queue_start_epoch"] == 15
+
+
+def test_the_default_queue_holds_at_most_one_epoch_of_the_pool() -> None:
+    """A pool of 1,000 slices at batch 64 (15 steps) gets 960 embeddings, not 3,840."""
+    assert fitted(run(100, 64, 1000))["queue_length"] == 960
+
+
+def test_no_default_queue_when_the_run_is_too_short(caplog: pytest.LogCaptureFixture) -> None:
+    """A run ending by epoch 15 or before the queue is full gets no queue; the log says so."""
+    with caplog.at_level("INFO", logger="medssl.pretraining.methods.swav"):
+        assert fitted(run(15, 64, 1000))["queue_length"] == 0
+    assert "the run's 15 epochs end before queue_start_epoch 15" in caplog.text
+    caplog.clear()
+    # 16 epochs of one step: the queue of 64 (one epoch) starts at step 16, the last one,
+    # and would be full only after it.
+    with caplog.at_level("INFO", logger="medssl.pretraining.methods.swav"):
+        assert fitted(run(16, 64, 64))["queue_length"] == 0
+    assert "full only after the run's last step" in caplog.text
+    assert fitted(run(17, 64, 64))["queue_length"] == 64
+    assert fitted(run(16, 64, 64), queue_start_epoch=14)["queue_length"] == 64
+
+
+def test_a_set_queue_length_is_kept_or_refused_when_shorter_than_the_batch() -> None:
+    assert fitted(run(2, 8, 32), queue_length=16)["queue_length"] == 16
+    assert fitted(run(2, 8, 32), queue_length=0)["queue_length"] == 0
+    with pytest.raises(ValueError, match="swav.queue_length 4 is shorter than the global batch 8"):
+        fitted(run(2, 8, 32), queue_length=4)
+
+
+def test_prototypes_frozen_for_the_first_epoch_by_default(
+    slices: torch.Tensor, tmp_path: Path
+) -> None:
+    """Through the trainer: epoch 1 leaves the prototypes alone, epoch 2 trains them."""
+    method = make("swav", freeze_prototypes_iters=None)
+    before = method.prototypes.weight.detach().clone()
+    dataset = MultiViewDataset(slices, method.make_views({}, seed=0))
+    settings = {
+        "epochs": 1,
+        "batch_size": 8,
+        "optimizer": "adamw",
+        "lr": 1e-2,
+        "lr_scaling": "none",
+        "warmup_epochs": 0,
+    }
+    train(method, dataset, settings, checkpoint_dir=tmp_path / "one", seed=0)
+    # Re-normalising unit vectors after each step moves them by rounding only.
+    assert int(method.steps_done) == 2
+    torch.testing.assert_close(method.prototypes.weight.detach(), before, rtol=0, atol=1e-6)
+    method = make("swav", freeze_prototypes_iters=None)
+    train(method, dataset, {**settings, "epochs": 2}, checkpoint_dir=tmp_path / "two", seed=0)
+    assert (method.prototypes.weight.detach() - before).abs().max() > 1e-4
+    method.on_epoch_start(0)
+    assert method.prototypes_frozen()
+    method.on_epoch_start(1)
+    assert not method.prototypes_frozen()
+
+
+def test_warning_when_the_prototypes_are_frozen_for_the_whole_run() -> None:
+    settings = fitted(run(1, 8, 32))
+    (message,) = SwAV.schedule_warnings(settings, run(1, 8, 32))
+    assert "swav.freeze_prototypes_epochs 1 freezes the prototypes for 4 steps" in message
+    assert "whole run of 4 steps" in message
+    assert SwAV.schedule_warnings(settings, run(2, 8, 32)) == []
+    by_steps = fitted(run(2, 8, 32), freeze_prototypes_iters=313)
+    (message,) = SwAV.schedule_warnings(by_steps, run(2, 8, 32))
+    assert "swav.freeze_prototypes_iters 313 freezes the prototypes for 313 steps" in message
+
+
+def test_warning_when_a_set_queue_never_starts_or_never_fills() -> None:
+    plan = run(4, 8, 32)  # 4 epochs of 4 steps
+    never_starts = fitted(plan, queue_length=16, freeze_prototypes_epochs=0)
+    (message,) = SwAV.schedule_warnings(never_starts, plan)
+    assert "swav.queue_length 16 never starts" in message and "15" in message
+    # From epoch 3, 4 steps are left; a queue of 32 takes 4 steps to fill.
+    never_full = fitted(plan, queue_length=32, queue_start_epoch=3, freeze_prototypes_epochs=0)
+    (message,) = SwAV.schedule_warnings(never_full, plan)
+    assert "swav.queue_length 32 is never full: it takes 4 steps of batch 8" in message
+    used = fitted(plan, queue_length=24, queue_start_epoch=3, freeze_prototypes_epochs=0)
+    assert SwAV.schedule_warnings(used, plan) == []

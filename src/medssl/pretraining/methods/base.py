@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -21,6 +21,9 @@ from medssl.core.registry import Registry, look_up
 from medssl.models.backbones import feature_dim
 from medssl.pretraining.augment import MultiCrop, MultiView
 from medssl.pretraining.methods import METHODS
+
+if TYPE_CHECKING:
+    from medssl.pretraining.loop import StepPlan
 
 METHOD_CLASSES: Registry[type[Method]] = Registry("method class")
 """Method classes by name, filled by :func:`register` as their modules are imported
@@ -85,6 +88,32 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
         for key in sorted(set(settings) - set(cls.default_settings)):
             look_up(f"{cls.name} setting", key, cls.default_settings)
         return {**cls.default_settings, **settings}
+
+    @classmethod
+    def fit_to_run(cls, settings: Mapping[str, Any], plan: StepPlan) -> dict[str, Any]:
+        """``settings`` (all keys, as :meth:`resolve_settings` gives them) fitted to one run.
+
+        Some of the originals' defaults are tuned for one schedule (SwAV's
+        queue for batch 256 over hundreds of epochs, BYOL's momentum for 1,000
+        epochs, MoCo's 65,536 keys for ImageNet) and leave a part untrained in
+        a short small-batch run. Such settings default to null in
+        ``default_settings`` and are resolved here, once the run's length is
+        known (:class:`medssl.pretraining.loop.StepPlan`); a value the config
+        sets is kept. The base method has none and returns ``settings``.
+        """
+        del plan
+        return dict(settings)
+
+    @classmethod
+    def schedule_warnings(cls, settings: Mapping[str, Any], plan: StepPlan) -> list[str]:
+        """Why a part of the method would stay untrained in this run, one message per part.
+
+        ``settings`` are those :meth:`fit_to_run` returned. The base method
+        has no such part; the trainer's own (warm-up) is checked by
+        :func:`medssl.pretraining.recipes.check_schedule`.
+        """
+        del settings, plan
+        return []
 
     @property
     def feature_dim(self) -> int:

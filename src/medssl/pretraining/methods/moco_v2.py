@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import logging
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +14,19 @@ from medssl.pretraining import distributed
 from medssl.pretraining.methods.base import Method, register
 from medssl.pretraining.methods.heads import ema_update, frozen_copy, mlp
 from medssl.pretraining.methods.loss_helpers import check_pair, wide
+
+if TYPE_CHECKING:
+    from medssl.pretraining.loop import StepPlan
+
+log = logging.getLogger(__name__)
+
+OFFICIAL_QUEUE_SIZE = 65536
+"""facebookresearch/moco, moco/builder.py ``K=65536`` (main_moco.py ``--moco-k``); the
+builder asserts that it is a multiple of the global batch."""
+
+KEY_ENCODER_STILL_INITIAL_LIMIT = 0.5
+"""A key encoder that keeps more than this share of its initial weights at the end of
+the run has hardly followed the query encoder."""
 
 
 def info_nce(
@@ -51,8 +66,11 @@ class MoCoV2(Method):
     v2 paper's). Keys come from a copy of the query encoder whose parameters
     follow it by ``momentum`` 0.999 after every optimiser step; the queue
     holds the last ``queue_size`` keys (65,536 in the paper) as negatives,
-    temperature 0.2. As in the official code the loss is one-directional:
-    view 0 is the query, view 1 the key.
+    temperature 0.2. The queue starts as random unit vectors, which ImageNet
+    flushes within an epoch but a small pool may not in the whole run, so
+    ``queue_size`` null is fitted to the run (:meth:`fit_to_run`). As in the
+    official code the loss is one-directional: view 0 is the query, view 1
+    the key.
 
     Shuffle BN. With several GPUs the official code shuffles the key batch
     across devices so that the key encoder's BatchNorm statistics come from
@@ -69,7 +87,8 @@ class MoCoV2(Method):
 
     default_settings: ClassVar[dict[str, Any]] = {
         "proj_dim": 128,
-        "queue_size": 65536,
+        # null: OFFICIAL_QUEUE_SIZE, at most one epoch of keys (fit_to_run).
+        "queue_size": None,
         "temperature": 0.2,
         "momentum": 0.999,
         "key_bn_splits": 1,
@@ -91,6 +110,9 @@ class MoCoV2(Method):
     def __init__(self, backbone: nn.Module, settings: dict[str, Any] | None = None) -> None:
         super().__init__(backbone, settings)
         width, dim = self.feature_dim, int(self.settings["proj_dim"])
+        if self.settings["queue_size"] is None:
+            # Built without a run (tests, benchmarks): the official size.
+            self.settings["queue_size"] = OFFICIAL_QUEUE_SIZE
         queue_size = int(self.settings["queue_size"])
         if queue_size < 1 or int(self.settings["key_bn_splits"]) < 1:
             raise ValueError("moco_v2.queue_size and moco_v2.key_bn_splits must be at least 1")
@@ -102,6 +124,56 @@ class MoCoV2(Method):
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, dim), dim=1))
         self.register_buffer("queue_pointer", torch.zeros((), dtype=torch.long))
         self._pending_keys: torch.Tensor | None = None
+
+    @classmethod
+    def fit_to_run(cls, settings: Mapping[str, Any], plan: StepPlan) -> dict[str, Any]:
+        """A null ``queue_size`` becomes 65,536 keys or one epoch's, whichever is fewer.
+
+        Rounded down to a multiple of the global batch (the official code
+        requires one), so real keys replace every random vector within the
+        first epoch. A set size below one global batch is refused: a step's
+        keys would not fit.
+        """
+        fitted = dict(settings)
+        batch = plan.batch_size
+        if fitted["queue_size"] is not None:
+            if int(fitted["queue_size"]) < batch:
+                raise ValueError(
+                    f"moco_v2.queue_size {fitted['queue_size']} is smaller than the global "
+                    f"batch {batch}: a step's keys would not fit"
+                )
+            return fitted
+        epoch_keys = plan.steps_per_epoch * batch
+        fitted["queue_size"] = min(OFFICIAL_QUEUE_SIZE, epoch_keys) // batch * batch
+        log.info(
+            "moco_v2: queue of %d keys (%d steps of batch %d)",
+            fitted["queue_size"],
+            fitted["queue_size"] // batch,
+            batch,
+        )
+        return fitted
+
+    @classmethod
+    def schedule_warnings(cls, settings: Mapping[str, Any], plan: StepPlan) -> list[str]:
+        """Random vectors left in the queue at the end; a key encoder that hardly moves."""
+        messages = []
+        size, keys_seen = int(settings["queue_size"]), plan.total_steps * plan.batch_size
+        if size > keys_seen:
+            messages.append(
+                f"moco_v2.queue_size {size} never fills: the run makes {keys_seen} keys "
+                f"({plan.total_steps} steps of {plan.batch_size}), so {size - keys_seen} "
+                f"random vectors stay negatives to the end; lower moco_v2.queue_size"
+            )
+        momentum = float(settings["momentum"])
+        share = momentum**plan.total_steps
+        if share > KEY_ENCODER_STILL_INITIAL_LIMIT:
+            messages.append(
+                f"moco_v2.momentum {momentum} over {plan.total_steps} steps leaves "
+                f"{100 * share:.0f} % of the key encoder's initial weights at the end: "
+                f"the keys come from a nearly random network; lower moco_v2.momentum "
+                f"or train longer"
+            )
+        return messages
 
     def query_encoder(self) -> nn.Sequential:
         """Backbone and head in the order their parameters pair with the key encoder's."""

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +16,16 @@ from medssl.pretraining.augment import MultiCrop
 from medssl.pretraining.methods.base import Method, register
 from medssl.pretraining.methods.heads import mlp
 from medssl.pretraining.methods.loss_helpers import wide
+
+if TYPE_CHECKING:
+    from medssl.pretraining.loop import StepPlan
+
+log = logging.getLogger(__name__)
+
+SMALL_BATCH_QUEUE_LENGTH = 3840
+"""The official small-batch queue (facebookresearch/swav, README "Singlenode training" and
+scripts/swav_200ep_bs256_pretrain.sh: ``--queue_length 3840 --epoch_queue_starts 15`` for a
+global batch of 256); main_swav.py rounds it down to a multiple of the global batch."""
 
 
 @torch.no_grad()
@@ -79,11 +91,17 @@ def swapped_prediction(
 class SwAV(Method):
     """Backbone, projection head, L2-normalised prototypes and swapped prediction.
 
-    Defaults are the official ImageNet recipe: head Linear(d, 2048) - BN -
-    ReLU - Linear(2048, 128), 3,000 prototypes, temperature 0.1, Sinkhorn
-    epsilon 0.05 with 3 iterations, 2 global + 6 local crops (local crops
-    96/224 of the size, area 0.05-0.14; global area 0.14-1), codes computed
-    for the two global crops, prototypes frozen for the first 313 steps.
+    Defaults are the official recipe: head Linear(d, 2048) - BN - ReLU -
+    Linear(2048, 128), 3,000 prototypes, temperature 0.1, Sinkhorn epsilon
+    0.05 with 3 iterations, 2 global + 6 local crops (local crops 96/224 of
+    the size, area 0.05-0.14; global area 0.14-1), codes computed for the two
+    global crops. Freezing and queue follow the official small-batch recipe
+    (batch 256: ``--freeze_prototypes_niters 5005``, one ImageNet epoch,
+    ``--queue_length 3840 --epoch_queue_starts 15``), in epochs so that they
+    scale to any pool: prototypes frozen for ``freeze_prototypes_epochs`` 1
+    (``freeze_prototypes_iters``, when set, counts optimiser steps instead, as
+    the official flag does), and ``queue_length`` null, resolved per run by
+    :meth:`fit_to_run`.
 
     * Prototypes are re-normalised to unit length after every optimiser step
       (and at construction), so scores are cosine similarities.
@@ -108,13 +126,19 @@ class SwAV(Method):
         "temperature": 0.1,
         "epsilon": 0.05,
         "sinkhorn_iterations": 3,
-        "freeze_prototypes_iters": 313,
+        # facebookresearch/swav README / scripts/swav_*_bs256_pretrain.sh:
+        # --freeze_prototypes_niters 5005 = one epoch of ImageNet at batch 256.
+        "freeze_prototypes_epochs": 1,
+        # main_swav.py --freeze_prototypes_niters (steps); null: use the epochs above.
+        "freeze_prototypes_iters": None,
         "n_global_crops": 2,
         "n_local_crops": 6,
         "local_size": 96 / 224,
         "global_crop_scale": [0.14, 1.0],
         "local_crop_scale": [0.05, 0.14],
-        "queue_length": 0,
+        # null: SMALL_BATCH_QUEUE_LENGTH fitted to the run (fit_to_run); 0: no queue.
+        "queue_length": None,
+        # main_swav.py / README: --epoch_queue_starts 15.
         "queue_start_epoch": 15,
     }
     # facebookresearch/swav (800-epoch, batch 4096 recipe): LARC over SGD,
@@ -143,13 +167,104 @@ class SwAV(Method):
         self.projector = mlp([self.feature_dim, int(s["hidden_dim"]), dim], batch_norm=True)
         self.prototypes = nn.Linear(dim, int(s["n_prototypes"]), bias=False)
         self.normalize_prototypes()
-        queue_length = int(s["queue_length"])
+        # Built without a run (tests, benchmarks), a null queue length means no queue.
+        queue_length = int(s["queue_length"] or 0)
         if queue_length < 0:
             raise ValueError(f"swav.queue_length must be >= 0, got {queue_length}")
+        if int(s["freeze_prototypes_epochs"]) < 0:
+            raise ValueError(
+                f"swav.freeze_prototypes_epochs must be >= 0, got {s['freeze_prototypes_epochs']}"
+            )
         self.register_buffer("queue", torch.zeros(int(s["n_global_crops"]), queue_length, dim))
         self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
         self.queue_active = False
+        self.epoch = 0
+        """The 0-based epoch under way, set by :meth:`on_epoch_start` (also after a resume)."""
+
+    @classmethod
+    def fit_to_run(cls, settings: Mapping[str, Any], plan: StepPlan) -> dict[str, Any]:
+        """A null ``queue_length`` becomes the official small-batch queue fitted to the run.
+
+        That is 3,840 embeddings, at most one epoch of the pool (a longer
+        queue would hold a slice's embeddings more than once, the older ones
+        stale), rounded down to a multiple of the global batch as
+        main_swav.py does. When the run ends before ``queue_start_epoch`` or
+        before that queue could be full, there is no queue, and the log says why.
+        """
+        fitted = dict(settings)
+        if fitted["queue_length"] is not None:
+            length = int(fitted["queue_length"])
+            if 0 < length < plan.batch_size:
+                raise ValueError(
+                    f"swav.queue_length {length} is shorter than the global batch "
+                    f"{plan.batch_size}; raise it or set 0 for no queue"
+                )
+            return fitted
+        batch, start = plan.batch_size, int(fitted["queue_start_epoch"])
+        epoch_size = plan.steps_per_epoch * batch
+        length = min(SMALL_BATCH_QUEUE_LENGTH, epoch_size) // batch * batch
+        used = queue_steps_used(length, batch, start, plan)
+        if plan.epochs <= start:
+            log.info(
+                "swav: no queue: the run's %d epochs end before queue_start_epoch %d",
+                plan.epochs,
+                start,
+            )
+            length = 0
+        elif length == 0:
+            log.info(
+                "swav: no queue: the global batch %d alone exceeds the official queue of %d",
+                batch,
+                SMALL_BATCH_QUEUE_LENGTH,
+            )
+        elif used < 1:
+            log.info(
+                "swav: no queue: a queue of %d would be full only after the run's last step",
+                length,
+            )
+            length = 0
+        else:
+            log.info(
+                "swav: queue of %d embeddings from epoch %d, in use for %d of %d steps",
+                length,
+                start,
+                used,
+                plan.total_steps,
+            )
+        fitted["queue_length"] = length
+        return fitted
+
+    @classmethod
+    def schedule_warnings(cls, settings: Mapping[str, Any], plan: StepPlan) -> list[str]:
+        """Prototypes frozen for the whole run; a set queue that never starts or never fills."""
+        messages = []
+        if settings["freeze_prototypes_iters"] is not None:
+            key, value = "freeze_prototypes_iters", int(settings["freeze_prototypes_iters"])
+            frozen = value
+        else:
+            key, value = "freeze_prototypes_epochs", int(settings["freeze_prototypes_epochs"])
+            frozen = value * plan.steps_per_epoch
+        if frozen >= plan.total_steps:
+            messages.append(
+                f"swav.{key} {value} freezes the prototypes for {frozen} steps, the whole "
+                f"run of {plan.total_steps} steps ({plan.epochs} epochs of "
+                f"{plan.steps_per_epoch}): they never train; lower swav.{key}"
+            )
+        length, start = int(settings["queue_length"] or 0), int(settings["queue_start_epoch"])
+        if length > 0 and plan.epochs <= start:
+            messages.append(
+                f"swav.queue_length {length} never starts: swav.queue_start_epoch {start} "
+                f"is not before the end of the run's {plan.epochs} epochs"
+            )
+        elif length > 0 and queue_steps_used(length, plan.batch_size, start, plan) < 1:
+            messages.append(
+                f"swav.queue_length {length} is never full: it takes "
+                f"{math.ceil(length / plan.batch_size)} steps of batch {plan.batch_size} "
+                f"from epoch {start}, the run has "
+                f"{(plan.epochs - start) * plan.steps_per_epoch} steps left then"
+            )
+        return messages
 
     @property
     def views_per_sample(self) -> int:  # type: ignore[override]
@@ -175,7 +290,8 @@ class SwAV(Method):
         self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
 
     def on_epoch_start(self, epoch: int) -> None:
-        """Switch the queue on from ``queue_start_epoch`` (when it has a length)."""
+        """Note the epoch (for the prototype freeze); start the queue at ``queue_start_epoch``."""
+        self.epoch = epoch
         self.queue_active = self.queue.shape[1] > 0 and epoch >= int(
             self.settings["queue_start_epoch"]
         )
@@ -226,8 +342,9 @@ class SwAV(Method):
             raise ValueError(f"SwAV expects {self.views_per_sample} crops, got {len(views)}")
         batch = views[0].shape[0]
         embeddings = self.embed(views)
-        frozen = int(self.steps_done) < int(self.settings["freeze_prototypes_iters"])
-        weight = self.prototypes.weight.detach() if frozen else self.prototypes.weight
+        weight = (
+            self.prototypes.weight.detach() if self.prototypes_frozen() else self.prototypes.weight
+        )
         scores = (embeddings @ weight.T).split(batch)
         n_global = int(self.settings["n_global_crops"])
         codes = [
@@ -239,8 +356,28 @@ class SwAV(Method):
             self.queue_filled.add_(global_batch).clamp_(max=self.queue.shape[1])
         return swapped_prediction(scores, codes, float(self.settings["temperature"]))
 
+    def prototypes_frozen(self) -> bool:
+        """Whether this step leaves the prototypes alone: within the freeze's steps or epochs."""
+        iters = self.settings["freeze_prototypes_iters"]
+        if iters is not None:
+            return int(self.steps_done) < int(iters)
+        return self.epoch < int(self.settings["freeze_prototypes_epochs"])
+
     def on_step_end(self, step: int, total_steps: int) -> None:
         """Count the step (for the prototype freeze) and re-normalise the prototypes."""
         del step, total_steps
         self.steps_done.add_(1)
         self.normalize_prototypes()
+
+
+def queue_steps_used(length: int, batch: int, start_epoch: int, plan: StepPlan) -> int:
+    """Steps of the run in which a queue of ``length`` joins Sinkhorn.
+
+    The queue fills from ``start_epoch`` at one global batch a step and is
+    used once full (as main_swav.py does), so the first
+    ``ceil(length / batch)`` steps after its start only fill it.
+    """
+    if length < 1:
+        return 0
+    after_start = max(0, plan.epochs - start_epoch) * plan.steps_per_epoch
+    return max(0, after_start - math.ceil(length / batch))
