@@ -98,7 +98,7 @@ def classify(path: Path, root: Path) -> Benchmark | None:
     rule = parts[0]
     if rule == "pretrain" and len(parts) == 3 and parts[2].startswith("pseed"):
         seconds, rss = read_benchmark_seconds(path)
-        return Benchmark(path, rule, parts[1], None, None, None, seconds, rss)
+        return Benchmark(path, rule, parts[1], None, None, Path(parts[2]).stem, seconds, rss)
     if rule in INIT_RULES and len(parts) == 2:
         seconds, rss = read_benchmark_seconds(path)
         return Benchmark(path, rule, Path(parts[1]).stem, None, None, None, seconds, rss)
@@ -177,6 +177,8 @@ def benchmark_device(bench: Benchmark, results: Path | None) -> tuple[str | None
         path = record / str(bench.run) / "metrics.json"
     elif bench.rule == "supervised_init":
         path = results / "init" / bench.init / "metrics.json"
+    elif bench.rule == "pretrain" and bench.run is not None:
+        path = results / "init" / bench.init / bench.run / "encoder.json"
     else:
         path = results / "init" / bench.init / "encoder.json"
     if not path.exists():

@@ -328,6 +328,9 @@ def pretrain(
     )
     info = encoder_info(method, settings, seed, result, len(indices), init_encoder, start)
     info["method_settings"] = method_settings
+    # Where it ran, so the cost table can tell GPU-hours from CPU time.
+    info["device"] = str(torch_device)
+    info["world_size"] = ctx.world_size
     if ctx.is_main:
         models.save_encoder(model.encoder().cpu(), out, start.backbone_name, info)
         log.info("wrote %s (final loss %.4f)", out, result.final_loss)
