@@ -2,7 +2,8 @@
 
 ``python -m medssl.efficiency --runs runs.csv --settings '<stats JSON>' --out label_efficiency.csv``
 
-One model per task and metric (:func:`medssl.analysis.efficiency.label_efficiency`);
+One model per task and metric (:func:`medssl.analysis.efficiency.label_efficiency`),
+on the logit scale for bounded scores by default (``stats.efficiency_scale``);
 ``<out>.provenance.json`` records the settings it was fitted with.
 """
 

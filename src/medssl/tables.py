@@ -4,8 +4,10 @@
 ``python -m medssl.tables --summary summary.csv --task T --csv T.csv --latex T.tex``
 
 The Markdown file holds every task; CSV and LaTeX hold one ``--task``. Bold
-is the best init of a column and † the inits not significantly different
-from it, as the stats stage marked them (:mod:`medssl.analysis.tables`).
+is the best mean of a column, ↓ an init shown not to be the best and ≈ one
+shown equivalent to it within ``stats.equivalence_margin``, as the stats stage
+marked them; the differences with their intervals, the design and the notes
+follow each table (:mod:`medssl.analysis.tables`).
 Each file gets a ``<file>.provenance.json`` sidecar.
 """
 
@@ -24,7 +26,7 @@ from medssl.core.provenance import write_sidecar
 
 log = logging.getLogger(__name__)
 
-DESCRIPTION = "Render summary.csv as Markdown tables with bold best and † equivalents."
+DESCRIPTION = "Render summary.csv as Markdown, CSV and LaTeX tables with marks and differences."
 
 OPTIONS = (
     "summary",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+import pandas as pd
 import pytest
 from matplotlib.colors import to_hex
 
@@ -74,3 +76,26 @@ def test_error_bars_fall_back_to_std() -> None:
 def test_unknown_task_is_an_error() -> None:
     with pytest.raises(ValueError, match="no rows"):
         label_efficiency_figure(curve_summary(), "nope", "auc")
+
+
+def _wild_dice() -> pd.DataFrame:
+    """A Dice summary whose t intervals reach from -0.3 to 2.0 (two seeds, big spread)."""
+    rows = [
+        {"task": "lung", "metric": "dice", "fraction": f, "init": "scratch", "n": 2}
+        | {"mean": 0.85, "std": 0.2, "ci_low": -0.3, "ci_high": 2.0}
+        for f in (0.1, 0.5)
+    ]
+    return pd.DataFrame(rows)
+
+
+def test_intervals_are_clipped_to_the_metric_range_and_the_label_says_so() -> None:
+    fig = label_efficiency_figure(_wild_dice(), "lung", "dice")
+    ax = fig.axes[0]
+    band = ax.collections[0].get_paths()[0].vertices[:, 1]
+    assert band.min() >= 0.0 and band.max() <= 1.0
+    assert np.isclose(band.min(), 0.0) and np.isclose(band.max(), 1.0)
+    assert "intervals clipped to [0, 1]" in ax.get_ylabel()
+    loss = _wild_dice().assign(metric="loss")
+    unclipped = label_efficiency_figure(loss, "lung", "loss").axes[0]
+    assert unclipped.collections[0].get_paths()[0].vertices[:, 1].max() == pytest.approx(2.0)
+    assert "clipped" not in unclipped.get_ylabel()

@@ -41,7 +41,8 @@ def simulate(slopes: dict[str, float], rng_seed: int = 0, noise: float = 0.01) -
     return pd.DataFrame(rows)
 
 
-SETTINGS = {"reference": "scratch"}
+SETTINGS = {"reference": "scratch", "efficiency_scale": "raw"}
+"""These planted slopes are in raw AUC units, away from the ceiling."""
 
 
 def test_planted_slope_difference_is_detected() -> None:
@@ -103,10 +104,11 @@ def test_normalised_auc_and_drops() -> None:
 
 def test_table_has_a_drop_column_per_fraction_and_no_reference_means_no_test() -> None:
     runs = simulate({"a": 0.05, "b": 0.02})
-    out = label_efficiency(runs, {})
-    assert [c for c in out.columns if c.startswith("rel_drop_")] == [
-        f"rel_drop_{f:g}" for f in FRACTIONS
+    out = label_efficiency(runs, {"efficiency_scale": "raw"})
+    drops = [
+        c for c in out.columns if c.startswith("rel_drop_") and not c.endswith(("_low", "_high"))
     ]
+    assert drops == [f"rel_drop_{f:g}" for f in FRACTIONS]
     assert out["p_slope_diff"].isna().all()
     assert out["slope"].notna().all()
 
@@ -120,3 +122,72 @@ def test_models_are_a_registry_that_names_the_choices() -> None:
     assert EFFICIENCY_MODELS.names() == ["mixedlm", "ols"]
     with pytest.raises(UnknownNameError, match="unknown stats.efficiency_model 'olss'"):
         label_efficiency(simulate({"scratch": 0.05}), {"efficiency_model": "olss"})
+
+
+def _ceiling_runs(offsets: dict[str, float], logit_slope: float = 0.6) -> pd.DataFrame:
+    """AUC = expit(offset + logit_slope * log f) + noise on the logit scale, 8 seeds."""
+    rng = np.random.default_rng(7)
+    rows = []
+    for init, offset in offsets.items():
+        for seed in SEEDS:
+            for f in FRACTIONS:
+                z = offset + logit_slope * math.log(f) + rng.normal(0, 0.1)
+                rows.append(
+                    {"task": "t", "metric": "auc", "init": init, "fraction": f}
+                    | {"seed": seed, "value": 1 / (1 + math.exp(-z))}
+                )
+    return pd.DataFrame(rows)
+
+
+def test_the_ceiling_case_is_not_flagged_on_the_logit_scale() -> None:
+    runs = _ceiling_runs({"a": 1.5, "b": 3.0})
+    logit = task_efficiency(runs, {"reference": "a"}).set_index("init")
+    assert set(logit["scale"]) == {"logit"}
+    assert logit.loc["b", "p_slope_diff"] > 0.05
+    assert logit.loc["a", "slope"] == pytest.approx(0.6, abs=0.05)
+    raw = task_efficiency(runs, {"reference": "a", "efficiency_scale": "raw"}).set_index("init")
+    assert raw.loc["b", "p_slope_diff"] < 0.001  # the ceiling, read as a difference
+    assert raw.loc["b", "slope"] < 0.5 * raw.loc["a", "slope"]
+
+
+def test_a_planted_logit_slope_difference_is_flagged() -> None:
+    runs = pd.concat(
+        [
+            _ceiling_runs({"a": 1.5}, logit_slope=0.6),
+            _ceiling_runs({"b": 1.5}, logit_slope=0.3),
+        ]
+    )
+    out = task_efficiency(runs, {"reference": "a"}).set_index("init")
+    assert out.loc["b", "p_slope_diff"] < 0.001
+    assert out.loc["b", "slope_diff"] == pytest.approx(-0.3, abs=0.05)
+
+
+def test_lack_of_fit_flags_a_curve_and_not_a_line() -> None:
+    line = task_efficiency(_ceiling_runs({"a": 3.0}), {})
+    assert line["p_lack_of_fit"].iloc[0] > 0.05
+    raw = task_efficiency(_ceiling_runs({"a": 3.0}), {"efficiency_scale": "raw"})
+    assert raw["p_lack_of_fit"].iloc[0] < 0.001  # a sigmoid is not linear in raw units
+    three = _ceiling_runs({"a": 1.5})
+    three = three[three["fraction"].isin([0.1, 0.25, 0.5])]
+    assert math.isnan(task_efficiency(three, {})["p_lack_of_fit"].iloc[0])
+
+
+def test_nauc_drops_and_per_fraction_differences_carry_intervals() -> None:
+    runs = simulate({"scratch": 0.05, "spark": 0.02})
+    out = task_efficiency(runs, {**SETTINGS, "efficiency_bootstrap": 300}).set_index("init")
+    spark = out.loc["spark"]
+    assert spark["nauc_ci_low"] < spark["nauc"] < spark["nauc_ci_high"]
+    assert spark["rel_drop_0.05_ci_low"] < spark["rel_drop_0.05"] < spark["rel_drop_0.05_ci_high"]
+    per_seed = runs[runs["fraction"] == 0.05].pivot(index="seed", columns="init", values="value")
+    d = per_seed["spark"] - per_seed["scratch"]
+    assert spark["diff_0.05"] == pytest.approx(d.mean())
+    assert spark["diff_0.05_ci_low"] < d.mean() < spark["diff_0.05_ci_high"]
+    assert math.isnan(out.loc["scratch", "diff_0.05"])
+    off = task_efficiency(runs, {**SETTINGS, "efficiency_bootstrap": 0})
+    assert off["nauc_ci_low"].isna().all()
+
+
+def test_losses_stay_on_the_raw_scale() -> None:
+    runs = simulate({"a": 0.05})
+    runs["metric"] = "loss"
+    assert set(task_efficiency(runs, {})["scale"]) == {"raw"}

@@ -62,3 +62,22 @@ def test_figures_are_drawn_by_name_with_the_options_they_need() -> None:
         draw_figure("heatmap", figure_summary(), {})
     with pytest.raises(UnknownNameError, match="unknown figure 'forrest'; did you mean 'forest'"):
         draw_figure("forrest", figure_efficiency(), {})
+
+
+def test_bar_error_bars_are_clipped_to_the_metric_range() -> None:
+    summary = figure_summary()
+    summary["ci_high"] = summary["mean"] + 0.9
+    summary["ci_low"] = summary["mean"] - 0.9
+    ax = bars_figure(summary, "nodule", "auc", {}).axes[0]
+    segments = np.concatenate(
+        [c.get_segments() for c in ax.collections if hasattr(c, "get_segments")]
+    )
+    ys = segments[:, :, 1]
+    assert ys.min() >= 0.0 and ys.max() <= 1.0
+    assert "intervals clipped to [0, 1]" in ax.get_ylabel()
+
+
+def test_forest_axis_names_the_fitting_scale() -> None:
+    efficiency = figure_efficiency().assign(scale="logit")
+    ax = forest_figure(efficiency, {}).axes[0]
+    assert "logit" in ax.get_xlabel()

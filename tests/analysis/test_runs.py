@@ -119,3 +119,24 @@ def test_a_list_of_runs_is_checked_run_by_run(tmp_path: Path) -> None:
     path.write_text(json.dumps([good, good]))
     with pytest.raises(MetricsError, match="duplicate run"):
         build_runs([path])
+
+
+def test_pretrain_seed_and_flags_are_carried_and_absent_means_not_recorded(tmp_path: Path) -> None:
+    new = payload("simclr", "nodule", 0.1, 0)
+    new |= {"pretrain_seed": 2, "flags": ["single_class_predicted", "constant_prediction"]}
+    old = payload("scratch", "nodule", 0.1, 0)
+    runs = build_runs([write_metrics(tmp_path, new), write_metrics(tmp_path, old)])
+    simclr = runs[runs["init"] == "simclr"].iloc[0]
+    assert simclr["pretrain_seed"] == 2
+    assert simclr["flags"] == "constant_prediction;single_class_predicted"
+    scratch = runs[runs["init"] == "scratch"].iloc[0]
+    assert pd.isna(scratch["pretrain_seed"]) and scratch["flags"] == ""
+
+
+def test_bad_flags_name_the_file(tmp_path: Path) -> None:
+    path = write_metrics(tmp_path, payload("a", "t", 0.1, 0) | {"flags": "constant_prediction"})
+    with pytest.raises(MetricsError, match="key 'flags' must be a list"):
+        build_runs([path])
+    path = write_metrics(tmp_path, payload("b", "t", 0.1, 0) | {"pretrain_seed": 1.5})
+    with pytest.raises(MetricsError, match="pretrain_seed"):
+        build_runs([path])

@@ -1,4 +1,4 @@
-"""analysis.tables: bold best, dagger on equivalents, formatting, legends; CSV and LaTeX."""
+"""analysis.tables: bold best, ↓ for "shown not best", ≈ for TOST, legends, notes; CSV, LaTeX."""
 
 from __future__ import annotations
 
@@ -9,21 +9,55 @@ from medssl.analysis.tables import (
     task_csv,
     task_latex,
 )
-from tests.analysis.frames import table_summary, table_summary_with_stars
+from tests.analysis.frames import table_summary, table_summary_full, table_summary_with_stars
 
 
 def _line(text: str, start: str) -> str:
     return next(line for line in text.splitlines() if line.startswith(start))
 
 
-def test_bold_best_and_dagger_on_equivalents() -> None:
+def test_bold_best_arrow_on_worse_and_no_mark_on_not_separated() -> None:
     text = markdown_table(table_summary(), {}, metric_order=["auc", "accuracy"])
     assert "| simclr | **0.800 ± 0.020** | **0.850 ± 0.010** |" in text
     byol = _line(text, "| byol |")
-    assert "0.791 ± 0.031 † (n=4)" in byol
+    assert "| 0.791 ± 0.031 (n=4) |" in byol  # not separated: deliberately unmarked
     assert byol.endswith("| – |")  # byol has no run at 50 %
     scratch = _line(text, "| scratch |")
-    assert "0.612 ± 0.046 |" in scratch and "**" not in scratch and "†" not in scratch
+    assert "0.612 ± 0.046 ↓ |" in scratch and "**" not in scratch
+    assert "†" not in text
+
+
+def test_equivalence_mark_only_where_tost_passed_and_differences_shown() -> None:
+    text = markdown_table(table_summary_full(), {"equivalence_margin": 0.02})
+    byol = _line(text, "| byol |")
+    assert "0.791 ± 0.031 ≈ (n=4)" in byol
+    assert "≈: equivalent to the best within ±0.02 (two one-sided tests" in text
+    auc = text[text.index("### AUC") :]
+    assert "Difference to the best, 95% CI" in auc
+    assert "| scratch | -0.188 [-0.198, -0.178] | -0.150 [-0.160, -0.140] |" in auc
+    no_margin = markdown_table(table_summary_full(), {})
+    assert "No equivalence test was made" in no_margin
+
+
+def test_legend_gives_the_design_and_flags_one_pretraining_run() -> None:
+    text = markdown_table(table_summary_full(), {})
+    auc = text[text.index("### AUC") : text.index("## region")]
+    assert "scratch: 3 pre-training runs × 5 fine-tune seeds" in auc
+    assert (
+        "simclr: 1 pre-training run × 5 fine-tune seeds (pre-training variance not measured)" in auc
+    )
+    assert "not test-set sampling" in auc
+
+
+def test_notes_of_weak_cells_are_listed_under_the_table() -> None:
+    text = markdown_table(table_summary_full(), {})
+    assert "- byol, 10%: only 2 unit(s) (seed): intervals and tests are weak" in text
+    table = task_csv(table_summary_full(), "nodule")
+    first = table[(table["quantity"] == "mean ± std") & (table["metric"] == "auc")]
+    assert (
+        first.set_index("init").loc["byol", "notes"]
+        == "10%: only 2 unit(s) (seed): intervals and tests are weak"
+    )
 
 
 def test_layout_sections_and_columns() -> None:
@@ -42,7 +76,7 @@ def test_decimals_consistent_per_table() -> None:
     text = markdown_table(table_summary(), {})
     region = text[text.index("## region") :]
     assert "**1.50 ± 0.25**" in region
-    assert "2.50 † (n=1)" in region  # std undefined for n=1: mean only
+    assert "2.50 (n=1)" in region  # std undefined for n=1: mean only
     assert decimals_for([0.1, 0.9]) == 3
     assert decimals_for([0.1, 12.0]) == 2
     assert fraction_label(0.1) == "10%"
@@ -53,27 +87,32 @@ def test_decimals_consistent_per_table() -> None:
 def test_legend_states_test_correction_and_alpha() -> None:
     text = markdown_table(table_summary(), {"test": "welch", "correction": "holm", "alpha": 0.01})
     assert "Welch's unequal-variance t-test" in text
-    assert "Holm-corrected within each column" in text
+    assert "family: within each column; Holm-corrected over the inits" in text
+    wide = markdown_table(table_summary(), {"correction_family": "table"})
+    assert "family: over every task, metric and fraction of the summary; Holm-corrected" in wide
+    assert "Hsu's MCB" in text and "not evidence of equivalence" in text
     assert "α = 0.01" in text
     assert "**Bold**: highest mean" in text
     assert "**Bold**: lowest mean" in text  # the loss table
-    other = markdown_table(table_summary(), {"test": "student", "correction": "fdr_bh"})
+    other = markdown_table(
+        table_summary(), {"test": "student", "correction": "fdr_bh", "correction_family": "task"}
+    )
     assert "Student's" in other and "Benjamini-Hochberg" in other and "α = 0.05" in other
 
 
 def test_csv_table_matches_markdown_numbers_and_marks() -> None:
 
     table = task_csv(table_summary_with_stars(), "nodule", init_order=["scratch", "simclr", "byol"])
-    assert list(table.columns) == ["metric", "init", "10%", "50%"]
+    assert list(table.columns) == ["metric", "quantity", "init", "10%", "50%", "notes"]
     auc = table[table["metric"] == "auc"].set_index("init")
     assert list(auc.index) == ["scratch", "simclr", "byol"]
     assert auc.loc["simclr", "10%"] == "0.800 ± 0.020 (best) **"
-    assert auc.loc["byol", "10%"] == "0.791 ± 0.031 † (n=4)"
-    assert auc.loc["scratch", "10%"] == "0.612 ± 0.046"
+    assert auc.loc["byol", "10%"] == "0.791 ± 0.031 (n=4)"
+    assert auc.loc["scratch", "10%"] == "0.612 ± 0.046 ↓"
     assert auc.loc["byol", "50%"] == "–"
 
 
-def test_latex_table_is_booktabs_with_bold_dagger_and_caption() -> None:
+def test_latex_table_is_booktabs_with_bold_arrows_and_caption() -> None:
 
     text = task_latex(
         table_summary_with_stars().replace({"init": {"byol": "byol_v2"}}),
@@ -84,9 +123,10 @@ def test_latex_table_is_booktabs_with_bold_dagger_and_caption() -> None:
     for rule in (r"\toprule", r"\midrule", r"\bottomrule"):
         assert text.count(rule) == 2
     assert r"\textbf{0.800 $\pm$ 0.020}$^{**}$" in text
-    assert r"0.791 $\pm$ 0.031\textsuperscript{\dag} (n=4)" in text
+    assert r"0.791 $\pm$ 0.031 (n=4)" in text
+    assert r"0.612 $\pm$ 0.046$^{\downarrow}$" in text
     assert r"byol\_v2 &" in text
     caption = _line(text, r"\caption{")
-    assert "paired t-test" in caption and "Holm" in caption and r"\dag" in caption
+    assert "paired t-test" in caption and "Holm" in caption and r"\downarrow" in caption
     assert "different from scratch" in caption
     assert r"10\%" in text

@@ -25,6 +25,7 @@ from medssl.datasets import conversion as convert
 from medssl.datasets import hdf5 as data
 from medssl.datasets import synthetic as synth
 from medssl.datasets.conversion import driver, pixels
+from medssl.datasets.resizing import Geometry, to_stored_grid
 from medssl.dicom.reading import slice_position
 from medssl.pipeline.config import load_schema
 from tests.corpus import copy_cohort, make_cohort, run_conversion
@@ -417,7 +418,7 @@ def test_every_compression_has_a_chunk_encoder() -> None:
 
 
 def test_meta_columns_follow_the_data_contract() -> None:
-    expected = {*data.STRING_META, *data.NUMERIC_META, "spacing"}
+    expected = {*data.STRING_META, *data.NUMERIC_META, "spacing", *data.GEOMETRY_META}
     assert set(convert.META_COLUMNS) == expected
     assert convert.STRING_META == data.STRING_META
     assert (convert.IMAGES, convert.META) == (data.IMAGES, data.META)
@@ -517,3 +518,172 @@ def test_pseudonymised_patient_ids(corpus: dict, monkeypatch: pytest.MonkeyPatch
     monkeypatch.delenv("MEDSSL_TEST_KEY")
     with pytest.raises(ValueError, match="MEDSSL_TEST_KEY"):
         convert.resolve_settings({"pseudonym_key_env": "MEDSSL_TEST_KEY"})
+
+
+# --- mixed matrix sizes and the stored grid ---------------------------------------
+
+MIXED = ((32, 11), (24, 12), (20, 13))  # (matrix, seed) of three one-series cohorts
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A DICOM archive of four series with different matrix sizes, one non-square
+    (a 32 x 32 series cropped to 28 x 20 in its pixel data)."""
+    root = tmp_path_factory.mktemp("mixed")
+    for matrix, seed in MIXED:
+        cohort = {"patients": 1, "series_per_patient": 1, "slices": 5, "matrix": matrix}
+        cohort["seed"] = seed
+        synth.synthesize(root / "dicom" / f"m{matrix}", root / f"labels{matrix}.csv", cohort)
+    cohort = {"patients": 1, "series_per_patient": 1, "slices": 5, "matrix": 32, "seed": 14}
+    synth.synthesize(root / "dicom" / "cropped", root / "labels_cropped.csv", cohort)
+    for paths in _series_files(root / "dicom" / "cropped").values():
+        for path in paths:
+            ds = pydicom.dcmread(path)
+            pixels = ds.pixel_array[2:30, 6:26].copy()
+            ds.Rows, ds.Columns = pixels.shape
+            ds.PixelData = pixels.tobytes()
+            ds.save_as(path)
+    return {"root": root, "dicom": root / "dicom", "series": _series_files(root / "dicom")}
+
+
+def test_mixed_matrix_sizes_keep_every_series_with_exact_hu(mixed: dict) -> None:
+    out, rejects = mixed["root"] / "pad.h5", mixed["root"] / "pad.csv"
+    summary = convert.convert(mixed["dicom"], out, rejects, HU_NATIVE)
+    assert summary["series"] == 4
+    assert set(pd.read_csv(rejects)["reason"].str.split(" ").str[0]) <= {"localizer"}
+    with h5py.File(out) as handle:
+        images = handle["images"]
+        assert images.shape[2:] == (32, 32)  # the largest height and width
+        meta = handle["meta"]
+        files = list(meta["source_file"].asstr()[...])
+        shapes = {tuple(s) for s in meta["original_shape"][...]}
+        assert shapes == {(32, 32), (24, 24), (20, 20), (28, 20)}
+        for paths in mixed["series"].values():
+            for path in paths:
+                row = files.index(path.relative_to(mixed["dicom"]).as_posix())
+                hu = _hu(path)
+                top, left = meta["pad_offset"][row]
+                h, w = meta["original_shape"][row]
+                assert (h, w) == hu.shape
+                stored = images[row, 0]
+                np.testing.assert_array_equal(stored[top : top + h, left : left + w], hu)
+                outside = np.ones(stored.shape, bool)
+                outside[top : top + h, left : left + w] = False
+                assert (stored[outside] == -1024).all()  # padded with air
+
+
+def test_geometry_reject_keeps_only_the_majority_shape(mixed: dict) -> None:
+    out, rejects = mixed["root"] / "reject.h5", mixed["root"] / "reject.csv"
+    summary = convert.convert(mixed["dicom"], out, rejects, {**HU_NATIVE, "geometry": "reject"})
+    assert summary["series"] == 1
+    reasons = pd.read_csv(rejects)["reason"]
+    differ = reasons[reasons.str.contains("differs from dataset shape")]
+    assert len(differ) == 15  # three series of five slices
+    assert "(image_size is null, so sizes must match)" in differ.iloc[0]
+
+
+def test_crop_and_fit_geometries(mixed: dict) -> None:
+    out = mixed["root"] / "crop.h5"
+    convert.convert(mixed["dicom"], out, mixed["root"] / "c.csv", {**HU_NATIVE, "geometry": "crop"})
+    with h5py.File(out) as handle:
+        assert handle["images"].shape[2:] == (20, 20)
+        assert (handle["meta/pad_offset"][...] <= 0).all()
+    out = mixed["root"] / "fit.h5"
+    settings = {"intensity": {"policy": "hu", "dtype": "float16"}, "image_size": 16}
+    convert.convert(mixed["dicom"], out, mixed["root"] / "f.csv", settings)
+    with h5py.File(out) as handle:
+        meta = handle["meta"]
+        rows = [k for k, s in enumerate(meta["original_shape"][...]) if tuple(s) == (28, 20)]
+        assert tuple(meta["resized_shape"][rows[0]]) == (16, 11)  # long side 16, ratio kept
+        assert tuple(meta["pad_offset"][rows[0]]) == (0, 2)
+        np.testing.assert_allclose(meta["scale"][rows[0]], [16 / 28, 11 / 20], rtol=1e-6)
+
+
+def test_target_spacing_resamples_first(mixed: dict) -> None:
+    out = mixed["root"] / "spaced.h5"
+    settings = {**HU_NATIVE, "target_spacing": [20.0, 20.0]}
+    convert.convert(mixed["dicom"], out, mixed["root"] / "s.csv", settings)
+    with h5py.File(out) as handle:
+        spacing = handle["meta/spacing"][...]
+        resized = handle["meta/resized_shape"][...]
+        original = handle["meta/original_shape"][...]
+    # every stored pixel is about 20 mm (to the rounding of the resampled shape)
+    np.testing.assert_allclose(spacing[:, :2], 20.0, rtol=0.25)
+    assert len({tuple(s) for s in resized}) < len({tuple(s) for s in original})
+
+
+def test_to_stored_grid_moves_a_mask_like_its_image() -> None:
+    """A native mask through a row's geometry lands where the image's pixels land."""
+    image = np.zeros((28, 20), np.float64)
+    image[10:18, 4:12] = 100.0
+    mask = (image > 0).astype(np.uint8)
+    for geometry in (
+        Geometry((28, 20), (28, 20), (2, 6), (32, 32)),  # padded
+        Geometry((28, 20), (16, 11), (0, 2), (16, 16)),  # fit pad
+        Geometry((28, 20), (22, 16), (-3, 0), (16, 16)),  # fit crop
+    ):
+        stored_image = to_stored_grid(image, geometry)
+        for resampling in ("area", "nearest"):
+            stored_mask = to_stored_grid(mask, geometry, resampling)
+            assert stored_mask.shape == geometry.stored
+            # the mask covers the image's bright pixels and little else
+            bright = stored_image >= 50
+            assert (stored_mask[bright] == 1).mean() > 0.9
+            assert (stored_mask[stored_image < 10] == 0).all()
+    with pytest.raises(ValueError, match="native shape"):
+        to_stored_grid(mask[:20], Geometry((28, 20), (28, 20), (0, 0), (28, 20)))
+
+
+def test_reject_fraction_warning_names_count_and_reasons(
+    corpus: dict, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Localizers are rejected images; a README is a rejected file, not an image."""
+    folder, _ = copy_cohort(corpus, "with_readme")
+    (folder / "README.txt").write_text("scanner export notes")
+    with caplog.at_level("WARNING"):
+        summary, rejects, _ = run_conversion(folder, {"warn_reject_fraction": 0.01})
+    assert summary["files_seen"] == 19 and summary["not_images"] == 1
+    assert rejects.loc["README.txt", "reason"].startswith("not DICOM")
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert "2 of 18 images rejected" in warnings[0] and "localizer" in warnings[0]
+    assert "not DICOM" not in warnings[0]
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        run_conversion(corpus["clean"], {"warn_reject_fraction": 0.2})
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_read_geometry_gives_each_rows_transform(mixed: dict) -> None:
+    out = mixed["root"] / "geometry.h5"
+    convert.convert(mixed["dicom"], out, mixed["root"] / "g.csv", HU_NATIVE)
+    geometries = data.read_geometry(out)
+    meta = data.read_meta(out)
+    assert geometries is not None and len(geometries) == len(meta)
+    with h5py.File(out) as handle:
+        for row in (0, len(meta) - 1):
+            path = mixed["dicom"] / meta.at[row, "source_file"]
+            stored = to_stored_grid(_hu(path), geometries[row], fill=-1024)
+            np.testing.assert_array_equal(handle["images"][row, 0], stored)
+
+
+@pytest.mark.parametrize(
+    ("settings", "source", "message"),
+    [
+        ({"geometry": "padd"}, "dicom", "geometry must be one of pad, crop, resize, reject"),
+        ({"fit": "squash"}, "dicom", "fit must be one of pad, crop"),
+        ({"rgb": "colour"}, "images", "rgb must be one of grey, keep"),
+        ({"target_spacing": [0.7]}, "dicom", "target_spacing must be null or [row, column]"),
+        ({"target_spacing": [0.7, 0.7]}, "images", "target_spacing needs pixel spacing"),
+        ({"warn_reject_fraction": 2}, "dicom", "warn_reject_fraction must be null or in [0, 1]"),
+        ({"intensity": {"policy": "scale"}}, "nifti", "does not apply to source nifti"),
+    ],
+)
+def test_geometry_settings_are_checked(settings: dict, source: str, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        convert.resolve_settings(settings, source=source)
+
+
+def test_image_sources_store_with_scale() -> None:
+    resolved = convert.resolve_settings({"intensity": {"policy": "window"}}, source="npz")
+    assert resolved["intensity"] == {"policy": "scale"}

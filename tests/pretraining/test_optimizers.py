@@ -113,3 +113,68 @@ def test_lamb_step_matches_formula() -> None:
     expected_b = b0 - 0.1 * adam_direction(grad_b)
     np.testing.assert_allclose(weight.detach().numpy(), expected_w, rtol=1e-5)
     np.testing.assert_allclose(bias.detach().numpy(), expected_b, rtol=1e-5)
+
+
+def test_exempt_from_decay_moves_named_parameters_and_keeps_group_options() -> None:
+    weight, other, bias = (nn.Parameter(torch.ones(2, 2)) for _ in range(3))
+    groups = [
+        {"params": [weight, other], "lars_exclude": False, "lr_scale": 0.5},
+        {"params": [bias], "weight_decay": 0.0, "lars_exclude": True},
+    ]
+    result = optimizers.exempt_from_decay(groups, [other, bias])
+    assert [[id(p) for p in g["params"]] for g in result] == [[id(weight)], [id(other)], [id(bias)]]
+    assert result[0] == {"params": [weight], "lars_exclude": False, "lr_scale": 0.5}
+    assert result[1] == {
+        "params": [other],
+        "lars_exclude": True,
+        "lr_scale": 0.5,
+        "weight_decay": 0.0,
+    }
+    assert optimizers.exempt_from_decay(groups, []) == groups
+
+
+@pytest.mark.parametrize("name", ["lamb", "lars", "adamw", "sgd"])
+def test_spark_mask_tokens_get_no_decay_under_every_optimizer(name: str) -> None:
+    """Mask tokens sit in a zero-decay, trust-ratio-free group; the decay schedule skips it."""
+    torch.manual_seed(0)
+    method = build_method("spark", models.build_backbone("resnet_small", 1), SMALL["spark"])
+    config = trainer.train_settings({"optimizer": name, "batch_size": 8}, method.optim_recipe)
+    optimizer = trainer.build_optimizer(method, config)
+    tokens = {id(t) for t in method.mask_tokens}
+    for group in optimizer.param_groups:
+        held = {id(p) for p in group["params"]} & tokens
+        if held:
+            assert group["weight_decay"] == 0.0 and group["lars_exclude"]
+    assert tokens <= {
+        id(p) for g in optimizer.param_groups if g["lars_exclude"] for p in g["params"]
+    }
+    trainer.set_weight_decay(optimizer, 0.2)
+    assert all(g["weight_decay"] == 0.0 for g in optimizer.param_groups if g["lars_exclude"])
+
+
+def test_spark_mask_token_lamb_step_is_a_plain_adam_step() -> None:
+    """One LAMB step on a mask token equals Adam's bias-corrected step by hand, without decay."""
+    torch.manual_seed(0)
+    method = build_method("spark", models.build_backbone("resnet_small", 1), SMALL["spark"])
+    config = trainer.train_settings({"batch_size": 256}, method.optim_recipe)
+    optimizer = trainer.build_optimizer(method, config)
+    lr, (beta1, beta2), eps = 1e-3, (0.9, 0.95), 1e-6
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    trainer.set_weight_decay(optimizer, 0.2)
+    token = method.mask_tokens[0]
+    before = token.detach().clone().double()
+    grad = torch.linspace(-1.0, 2.0, token.numel()).view_as(token)
+    for param in method.parameters():
+        param.grad = torch.zeros_like(param)
+    token.grad = grad.clone()
+    optimizer.step()
+    g = grad.double()
+    m_hat = (1 - beta1) * g / (1 - beta1)
+    v_hat = (1 - beta2) * g * g / (1 - beta2)
+    expected = before - lr * m_hat / (v_hat.sqrt() + eps)
+    torch.testing.assert_close(token.detach().double(), expected, rtol=0, atol=1e-7)
+    # The trust ratio and the decay would have given a different step.
+    decayed = m_hat / (v_hat.sqrt() + eps) + 0.2 * before
+    scaled = before - lr * decayed * before.norm() / decayed.norm()
+    assert not torch.allclose(token.detach().double(), scaled, atol=1e-7)

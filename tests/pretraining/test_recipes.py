@@ -152,3 +152,25 @@ def test_pretrain_fits_the_settings_to_the_run_and_logs_the_warnings(
     assert any(w.startswith("byol: warmup_epochs 1 is 4 steps") for w in warnings), warnings
     assert any(w.startswith("byol: byol.base_momentum 0.97 over 4 steps") for w in warnings)
     assert "base_momentum 0.97, the official preset for 1 epochs" in caplog.text
+
+
+def test_spark_from_random_weights_takes_its_backbone_recipe_and_an_encoder_start_does_not(
+    tmp_path: Path,
+) -> None:
+    from medssl.models.backbones import save_encoder
+    from medssl.pretraining.methods import method_class
+    from medssl.pretraining.recipes import start_backbone
+
+    recipe = method_class("spark").backbone_recipe
+    settings = {"backbone": "resnet18"}
+    fresh = start_backbone(settings, 1, None, recipe).backbone
+    last_norms = [block.bn2.weight for layer in (fresh.layer1, fresh.layer4) for block in layer]
+    assert all(torch.count_nonzero(weight) == 0 for weight in last_norms)
+    plain = start_backbone(settings, 1, None, {}).backbone
+    assert torch.count_nonzero(plain.layer1[0].bn2.weight) > 0
+    # An encoder start keeps its weights; an explicit zero-init request cannot erase them.
+    path = tmp_path / "encoder.pt"
+    save_encoder(plain, path, "resnet18", {"method": "x"})
+    options = {"backbone_options": {"zero_init_residual": True}}
+    continued = start_backbone({**settings, **options}, 1, path, recipe).backbone
+    assert torch.equal(continued.layer1[0].bn2.weight, plain.layer1[0].bn2.weight)

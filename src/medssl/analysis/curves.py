@@ -13,6 +13,12 @@ not of the task being drawn, so a task that lacks an init does not shift the
 colours of the others. Markers and line styles vary too, so figures stay
 readable in greyscale print.
 
+Intervals are clipped to the metric's range where it has one
+(:data:`medssl.core.directions.METRIC_RANGE`: AUC, Dice, accuracy... in
+[0, 1]): a t interval of a few seeds near the ceiling can reach past 1, which
+is arithmetic, not a possible value. The axis label says so whenever a
+metric has a range ("intervals clipped to [0, 1]").
+
 Outputs are byte-reproducible: Agg backend, fixed ``svg.hashsalt``, no PNG
 "Software" text chunk and no PDF creation date.
 """
@@ -31,6 +37,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FixedFormatter, FixedLocator, NullLocator
 
 from medssl.analysis.tables import fraction_label, metric_label
+from medssl.core.directions import metric_range
 from medssl.core.files import atomic_path
 
 # No pyplot: figures are plain Figure objects (no global state, no GUI); the
@@ -98,26 +105,64 @@ def init_styles(inits: Sequence[str]) -> dict[str, Style]:
     }
 
 
-def _error_bars(frame: pd.DataFrame) -> np.ndarray:
-    """Asymmetric error bars: the CI where defined, else ± std, else none."""
+def interval_columns(frame: pd.DataFrame) -> tuple[str, str]:
+    """The combined (seed + test-set) interval where the summary has it, else the seed CI."""
+    if "ci_total_low" in frame.columns and np.isfinite(frame["ci_total_low"].to_numpy(float)).any():
+        return "ci_total_low", "ci_total_high"
+    return "ci_low", "ci_high"
+
+
+def interval_label(frame: pd.DataFrame, confidence: float) -> str:
+    """What the drawn intervals cover, for the axis label."""
+    if interval_columns(frame)[0] == "ci_total_low":
+        return f"{100 * confidence:g}% CI incl. test-set variance"
+    return f"{100 * confidence:g}% CI over seeds"
+
+
+def clip_interval(
+    mean: np.ndarray, low: np.ndarray, high: np.ndarray, metric: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Interval ends clipped to the metric's range (unchanged for an unbounded metric)."""
+    bounds = metric_range(metric)
+    if bounds is None:
+        return low, high
+    return np.clip(low, *bounds), np.clip(high, *bounds)
+
+
+def clipping_note(metric: str) -> str:
+    """What the figure says about clipping: '' for an unbounded metric."""
+    bounds = metric_range(metric)
+    if bounds is None:
+        return ""
+    return f"intervals clipped to [{bounds[0]:g}, {bounds[1]:g}]"
+
+
+def _error_bars(frame: pd.DataFrame, metric: str = "") -> np.ndarray:
+    """Asymmetric error bars: the CI where defined, else ± std, else none; clipped to the range."""
     mean = frame["mean"].to_numpy(dtype=float)
-    low = mean - frame["ci_low"].to_numpy(dtype=float)
-    high = frame["ci_high"].to_numpy(dtype=float) - mean
+    low_column, high_column = interval_columns(frame)
+    ci_low = frame[low_column].to_numpy(dtype=float)
+    ci_high = frame[high_column].to_numpy(dtype=float)
     std = frame["std"].to_numpy(dtype=float)
-    no_ci = ~(np.isfinite(low) & np.isfinite(high))
-    low = np.where(no_ci, std, low)
-    high = np.where(no_ci, std, high)
+    no_ci = ~(np.isfinite(ci_low) & np.isfinite(ci_high))
+    ends_low = np.where(no_ci, mean - std, ci_low)
+    ends_high = np.where(no_ci, mean + std, ci_high)
+    ends_low, ends_high = clip_interval(mean, ends_low, ends_high, metric)
+    low = np.clip(mean - ends_low, 0.0, None)
+    high = np.clip(ends_high - mean, 0.0, None)
     return np.nan_to_num(np.vstack([low, high]), nan=0.0)
 
 
-def _draw_init(ax: Axes, frame: pd.DataFrame, init: str, style: Style, dodge: float) -> None:
+def _draw_init(
+    ax: Axes, frame: pd.DataFrame, init: str, style: Style, dodge: float, metric: str = ""
+) -> None:
     """One init's CI band, error bars and line (the line alone carries the label)."""
     # Dodge inits sideways by a few hundredths of a decade so error bars
     # at the same fraction do not hide each other; ticks stay on the
     # true fractions.
     x = frame["fraction"].to_numpy(dtype=float) * dodge
     y = frame["mean"].to_numpy(dtype=float)
-    low, high = _error_bars(frame)
+    low, high = _error_bars(frame, metric)
     ax.fill_between(
         x,
         y - low,
@@ -153,8 +198,9 @@ def _draw_init(ax: Axes, frame: pd.DataFrame, init: str, style: Style, dodge: fl
 
 
 def _label_axes(
-    ax: Axes, fractions: Sequence[float], task: str, metric: str, confidence: float
-) -> None:
+    ax: Axes, fractions: Sequence[float], task: str, metric: str, confidence: float,
+    covers: str = "",
+) -> None:  # fmt: skip
     """Log x axis ticked at the fractions as percentages, titles and legend."""
     ax.set_xscale("log")
     ax.xaxis.set_major_locator(FixedLocator(fractions))
@@ -163,7 +209,9 @@ def _label_axes(
     if len(fractions) == 1:
         ax.set_xlim(fractions[0] / 1.5, fractions[0] * 1.5)
     ax.set_xlabel("Labelled training data (fraction of training patients, log scale)")
-    ax.set_ylabel(f"Test {metric_label(metric)} (mean, {100 * confidence:g}% CI)")
+    note = clipping_note(metric)
+    covers = covers or f"{100 * confidence:g}% CI"
+    ax.set_ylabel(f"Test {metric_label(metric)} (mean, {covers}" + (f";\n{note})" if note else ")"))
     ax.set_title(f"Label efficiency: {task}, {metric_label(metric)}")
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(title="Initialisation", fontsize="small", frameon=False)
@@ -200,9 +248,9 @@ def label_efficiency_figure(
             frame = frame[np.isfinite(frame["mean"].to_numpy(dtype=float))]
             if not frame.empty:
                 dodge = 10 ** (DODGE_DECADES * (k - (len(drawn) - 1) / 2))
-                _draw_init(ax, frame, init, styles[init], dodge)
+                _draw_init(ax, frame, init, styles[init], dodge, metric)
         fractions = sorted(rows["fraction"].astype(float).unique())
-        _label_axes(ax, fractions, task, metric, confidence)
+        _label_axes(ax, fractions, task, metric, confidence, interval_label(rows, confidence))
     return fig
 
 

@@ -19,11 +19,33 @@ mixedlm`` fits a linear mixed model with a random intercept per seed instead.
 With a single seed no clustering is possible and the OLS falls back to HC1
 errors (the ``cov_type`` column says which was used).
 
+**Scale.** Bounded scores (AUC, Dice, IoU, accuracy, balanced accuracy, F1;
+:data:`medssl.core.directions.LOGIT_METRICS`) have a ceiling: an init that
+starts near 1 cannot lose as much in raw units as one that starts at 0.8, so
+raw slopes confound efficiency with starting level (two inits with the same
+logit-scale slope, offsets 1.5 and 3, have AUC-scale slopes 0.100 and
+0.038). By default (``stats.efficiency_scale: logit``) the model is fitted to
+``logit(clip(value, eps, 1 - eps))`` with ``eps = stats.logit_eps`` (default
+0.001: a perfect score of 1 becomes logit(0.999) = 6.9 rather than infinity);
+``raw`` fits the metric itself, and unbounded metrics (loss) are always raw.
+The ``scale`` column says which.
+
+**Shape.** With more than three fractions the log-linear shape is tested:
+an F test of the model against one with a mean per (init, fraction), both
+with a fixed effect per seed (``p_lack_of_fit``). With three fractions or
+fewer the test has too few degrees of freedom to say anything and is NaN.
+
+**Per-fraction differences** against the reference (``diff_<f>``, with CI
+columns), from the stats test (paired by seed by default), on the raw metric.
+
 Besides the slopes, per init: the normalised area under the mean
 label-efficiency curve (trapezoid over log fraction divided by the log-fraction
 range, so it is in metric units and comparable across fraction grids) and the
 relative drop from the largest fraction to each fraction (positive = worse,
-whichever way the metric points), as ``rel_drop_<fraction>`` columns.
+whichever way the metric points), as ``rel_drop_<fraction>`` columns; both
+on the raw metric, with percentile intervals from a bootstrap over seeds
+(``stats.efficiency_bootstrap`` resamples, seed ``stats.bootstrap_seed``; seeds
+resampled jointly for all inits, since one seed fixes every init's subsets).
 """
 
 from __future__ import annotations
@@ -31,7 +53,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -40,7 +62,9 @@ import statsmodels.formula.api as smf
 from scipy.integrate import trapezoid
 from statsmodels.tools.sm_exceptions import ConvergenceWarning
 
+from medssl.analysis.comparisons import compare
 from medssl.analysis.statistics import adjust, metric_direction, resolve_settings, stars
+from medssl.core.directions import LOGIT_METRICS
 from medssl.core.registry import Registry, look_up
 
 log = logging.getLogger(__name__)
@@ -54,6 +78,7 @@ COLUMNS: tuple[str, ...] = (
     "init",
     "reference",
     "model",
+    "scale",
     "cov_type",
     "n_runs",
     "n_seeds",
@@ -67,8 +92,14 @@ COLUMNS: tuple[str, ...] = (
     "p_slope_diff",
     "p_slope_diff_adj",
     "stars",
+    "p_lack_of_fit",
     "nauc",
+    "nauc_ci_low",
+    "nauc_ci_high",
 )
+
+SCALES: tuple[str, ...] = ("logit", "raw")
+"""``stats.efficiency_scale`` values."""
 
 
 def _slope_name(init: str) -> str:
@@ -107,7 +138,22 @@ def efficiency_settings(settings: Mapping[str, Any] | None) -> dict[str, Any]:
     """The stats settings, with ``efficiency_model`` checked against :data:`EFFICIENCY_MODELS`."""
     cfg = resolve_settings(settings)
     look_up("stats.efficiency_model", cfg["efficiency_model"], EFFICIENCY_MODELS)
+    look_up("stats.efficiency_scale", cfg["efficiency_scale"], SCALES)
     return cfg
+
+
+def fit_scale(metric: str, cfg: Mapping[str, Any]) -> str:
+    """The scale the slopes of ``metric`` are fitted on: logit for bounded scores, else raw."""
+    return "logit" if cfg["efficiency_scale"] == "logit" and metric in LOGIT_METRICS else "raw"
+
+
+def to_scale(values: np.ndarray, scale: str, eps: float) -> np.ndarray:
+    """Values on the fitting scale: ``logit(clip(p, eps, 1 - eps))``, or as given (raw)."""
+    values = np.asarray(values, dtype=float)
+    if scale == "raw":
+        return values
+    p = np.clip(values, eps, 1 - eps)
+    return np.log(p / (1 - p))
 
 
 def _contrast(fitted: Any, weights: Mapping[str, float], alpha: float) -> dict[str, float]:
@@ -162,12 +208,98 @@ def drop_column(fraction: float) -> str:
     return f"rel_drop_{float(fraction):g}"
 
 
-def _prepared(data: pd.DataFrame) -> pd.DataFrame:
-    """The finite runs of one (task, metric), with ``init`` as text and ``logf``."""
+def _prepared(data: pd.DataFrame, scale: str, eps: float) -> pd.DataFrame:
+    """The finite runs of one (task, metric): ``init`` as text, ``logf``, the raw value
+    kept as ``raw`` and ``value`` on the fitting scale."""
     data = data[np.isfinite(data["value"].to_numpy(dtype=float))].copy()
     data["init"] = data["init"].astype(str)
     data["logf"] = np.log(data["fraction"].astype(float))
+    data["raw"] = data["value"].astype(float)
+    data["value"] = to_scale(data["raw"].to_numpy(), scale, eps)
     return data
+
+
+def lack_of_fit(data: pd.DataFrame) -> float:
+    """p-value of the F test "the log-linear model fits" against a mean per (init, fraction).
+
+    Both models carry a fixed effect per seed, so the shared seed noise does not
+    count as misfit. NaN with three fractions or fewer (too few degrees of freedom
+    left to detect a curve) or a saturated model.
+    """
+    if data["fraction"].nunique() <= 3:
+        return math.nan
+    seeds = "+ C(seed)" if data["seed"].nunique() >= 2 else ""
+    linear = smf.ols(f"value ~ 0 + C(init) + C(init):logf {seeds}", data).fit()
+    full = smf.ols(f"value ~ 0 + C(init):C(fraction) {seeds}", data).fit()
+    if full.df_resid <= 0 or linear.df_resid <= full.df_resid:
+        return math.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        _, p, _ = full.compare_f_test(linear)
+    return float(p)
+
+
+def fraction_differences(
+    data: pd.DataFrame, init: str, reference: str, cfg: Mapping[str, Any]
+) -> dict[str, float]:
+    """Per fraction, this init's raw mean minus the reference's, with the stats test's CI."""
+    out: dict[str, float] = {}
+    for fraction, frame in data.groupby("fraction", sort=True):
+        a = frame[frame["init"] == init].set_index("seed")["raw"]
+        b = frame[frame["init"] == reference].set_index("seed")["raw"]
+        c = compare(a, b, cfg["test"], cfg["confidence"])
+        name = diff_column(float(fraction))
+        out.update({name: c.estimate, f"{name}_ci_low": c.ci_low, f"{name}_ci_high": c.ci_high})
+    return out
+
+
+def diff_column(fraction: float) -> str:
+    """Column of the per-fraction difference to the reference: 0.1 -> 'diff_0.1'."""
+    return f"diff_{float(fraction):g}"
+
+
+def bootstrap_curves(
+    data: pd.DataFrame, fractions: np.ndarray, n_boot: int, seed: int
+) -> dict[str, np.ndarray]:
+    """Per init, ``n_boot`` mean curves (rows) over ``fractions`` with seeds resampled jointly.
+
+    A seed missing a fraction contributes nothing to that fraction's mean
+    (``nanmean``); a resample without any value there gives NaN.
+    """
+    seeds = np.array(sorted(data["seed"].unique()))
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, seeds.size, size=(n_boot, seeds.size))
+    out = {}
+    for init, frame in data.groupby("init", sort=True):
+        table = frame.pivot_table(index="seed", columns="fraction", values="raw", aggfunc="mean")
+        matrix = table.reindex(index=seeds, columns=fractions).to_numpy(dtype=float)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            out[str(init)] = np.nanmean(matrix[picks], axis=1)
+    return out
+
+
+def _interval(samples: np.ndarray, confidence: float) -> tuple[float, float]:
+    samples = samples[np.isfinite(samples)]
+    if samples.size == 0:
+        return math.nan, math.nan
+    tail = 100 * (1 - confidence) / 2
+    low, high = np.percentile(samples, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def _bootstrap_columns(
+    curves: np.ndarray, fractions: np.ndarray, direction: str, confidence: float
+) -> dict[str, float]:
+    """Percentile intervals of nauc and the relative drops from bootstrap mean curves."""
+    nauc = np.array([normalised_auc(fractions, c) for c in curves])
+    low, high = _interval(nauc, confidence)
+    out = {"nauc_ci_low": low, "nauc_ci_high": high}
+    drops = [relative_drops(fractions, c, direction) for c in curves]
+    for f in fractions:
+        low, high = _interval(np.array([d[float(f)] for d in drops]), confidence)
+        out[f"{drop_column(f)}_ci_low"], out[f"{drop_column(f)}_ci_high"] = low, high
+    return out
 
 
 def _fit_slopes(data: pd.DataFrame, model: str) -> tuple[Any, str]:
@@ -204,15 +336,23 @@ def _slope_columns(fitted: Any, init: str, reference: str | None, alpha: float) 
 def task_efficiency(data: pd.DataFrame, settings: Mapping[str, Any] | None = None) -> pd.DataFrame:
     """Rows of label_efficiency.csv for one (task, metric): one per init."""
     cfg = efficiency_settings(settings)
-    data = _prepared(data)
-    task, metric = str(data["task"].iloc[0]), str(data["metric"].iloc[0])
+    metric = str(data["metric"].iloc[0])
+    scale = fit_scale(metric, cfg)
+    data = _prepared(data, scale, cfg["logit_eps"])
+    task = str(data["task"].iloc[0])
     inits = sorted(data["init"].unique())
     reference = cfg["reference"] if cfg["reference"] in inits else None
     direction = metric_direction(metric, cfg.get("directions"))
-    means = data.groupby(["init", "fraction"])["value"].mean()
+    means = data.groupby(["init", "fraction"])["raw"].mean()
     fractions = np.array(sorted(data["fraction"].astype(float).unique()))
     alpha = 1 - cfg["confidence"]
     fitted, cov_type = _fit_slopes(data, cfg["efficiency_model"])
+    p_fit = lack_of_fit(data) if fitted is not None else math.nan
+    curves = (
+        bootstrap_curves(data, fractions, cfg["efficiency_bootstrap"], cfg["bootstrap_seed"])
+        if cfg["efficiency_bootstrap"] > 0
+        else {}
+    )
     rows = []
     for init in inits:
         curve = means.loc[init].reindex(fractions)
@@ -222,17 +362,22 @@ def task_efficiency(data: pd.DataFrame, settings: Mapping[str, Any] | None = Non
             "init": init,
             "reference": reference,
             "model": cfg["efficiency_model"],
+            "scale": scale,
             "cov_type": cov_type,
             "n_runs": int((data["init"] == init).sum()),
             "n_seeds": int(data.loc[data["init"] == init, "seed"].nunique()),
             "nauc": normalised_auc(fractions, curve.to_numpy()),
         }
-        row.update(dict.fromkeys(COLUMNS[8:18], math.nan))
-        row["stars"] = ""
+        row.update(dict.fromkeys(COLUMNS[9:19], math.nan))
+        row.update(stars="", p_lack_of_fit=p_fit, nauc_ci_low=math.nan, nauc_ci_high=math.nan)
         if fitted is not None:
             row.update(_slope_columns(fitted, init, reference, alpha))
         drops = relative_drops(fractions, curve.to_numpy(), direction)
         row.update({drop_column(f): v for f, v in drops.items()})
+        if init in curves:
+            row.update(_bootstrap_columns(curves[init], fractions, direction, cfg["confidence"]))
+        if reference is not None and init != reference:
+            row.update(fraction_differences(data, init, reference, cfg))
         rows.append(row)
     out = pd.DataFrame(rows)
     out["p_slope_diff_adj"] = adjust(out["p_slope_diff"].to_numpy(), cfg["correction"])
@@ -254,8 +399,18 @@ def label_efficiency(runs: pd.DataFrame, settings: Mapping[str, Any] | None = No
     if not parts:
         return pd.DataFrame(columns=list(COLUMNS))
     out = pd.concat(parts, ignore_index=True)
-    drops = sorted(
-        (c for c in out.columns if c.startswith("rel_drop_")),
-        key=lambda c: float(c.removeprefix("rel_drop_")),
-    )
-    return out[[*COLUMNS, *drops]]
+    return out[[*COLUMNS, *_per_fraction_columns(out.columns)]]
+
+
+def _per_fraction_columns(columns: Sequence[str]) -> list[str]:
+    """The ``rel_drop_<f>`` and ``diff_<f>`` columns (with their CIs), by kind then fraction."""
+
+    def key(name: str) -> tuple[int, float, int]:
+        kind = 0 if name.startswith("rel_drop_") else 1
+        stem = name.removeprefix("rel_drop_").removeprefix("diff_")
+        suffix = 1 if stem.endswith("_ci_low") else 2 if stem.endswith("_ci_high") else 0
+        stem = stem.removesuffix("_ci_low").removesuffix("_ci_high")
+        return kind, float(stem), suffix
+
+    chosen = [c for c in columns if c.startswith(("rel_drop_", "diff_")) and c not in COLUMNS]
+    return sorted(chosen, key=key)

@@ -30,7 +30,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from medssl.analysis.curves import RC, init_styles
+from medssl.analysis.curves import RC, clip_interval, clipping_note, init_styles
 from medssl.analysis.statistics import resolve_settings
 from medssl.analysis.tables import fraction_label, metric_label
 from medssl.core.registry import Registry
@@ -79,7 +79,13 @@ def bars_figure(
             frame = frame.reindex(fractions)
             mean = frame["mean"].to_numpy(dtype=float)
             x = np.arange(len(fractions)) + (k - (len(inits) - 1) / 2) * width
-            err = np.vstack([mean - frame["ci_low"], frame["ci_high"] - mean])
+            low, high = clip_interval(
+                mean,
+                frame["ci_low"].to_numpy(dtype=float),
+                frame["ci_high"].to_numpy(dtype=float),
+                metric,
+            )
+            err = np.clip(np.vstack([mean - low, high - mean]), 0.0, None)
             style = styles[init]
             ax.bar(
                 x,
@@ -94,7 +100,7 @@ def bars_figure(
                 capsize=2,
                 error_kw={"elinewidth": 0.8},
             )
-            _annotate_stars(ax, x, frame)
+            _annotate_stars(ax, x, frame.assign(ci_high=high))
         _label_bar_axes(ax, rows, fractions, task, metric, cfg)
         ax.legend(title="Initialisation", fontsize="small", frameon=False, ncols=min(4, len(inits)))
     return fig
@@ -134,7 +140,11 @@ def _label_bar_axes(
     if tops.size and tops.max() > 0:
         ax.set_ylim(top=1.12 * float(tops.max()))
     ax.set_xlabel("Labelled training data (fraction of training patients)")
-    ax.set_ylabel(f"Test {metric_label(metric)} (mean, {100 * cfg['confidence']:g}% CI)")
+    note = clipping_note(metric)
+    ax.set_ylabel(
+        f"Test {metric_label(metric)} (mean, {100 * cfg['confidence']:g}% CI"
+        + (f";\n{note})" if note else ")")
+    )
     title = f"{task}: {metric_label(metric)} per fraction"
     if cfg["reference"]:
         title += f" (stars: vs {cfg['reference']})"
@@ -228,8 +238,12 @@ def forest_figure(efficiency: pd.DataFrame, settings: Mapping[str, Any] | None =
             ylabels.append(f"{label} {mark}" if mark else label)
         ax.set_yticks(y, ylabels)
         ax.axvline(0.0, color="grey", linewidth=0.8, linestyle=":")
+        scales = sorted(set(table["scale"].astype(str))) if "scale" in table.columns else ["raw"]
+        scale = "logit of the metric" if scales == ["logit"] else "metric"
+        if len(scales) > 1:
+            scale = "logit (bounded metrics) or raw metric"
         ax.set_xlabel(
-            f"Slope of the metric per unit log fraction ({100 * cfg['confidence']:g}% CI)"
+            f"Slope of the {scale} per unit log fraction ({100 * cfg['confidence']:g}% CI)"
         )
         title = "Label-efficiency slopes"
         if cfg["reference"]:

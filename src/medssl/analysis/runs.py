@@ -1,7 +1,12 @@
 """Collect every fine-tuning run's ``metrics.json`` into one tidy table (stage ``aggregate``).
 
 ``runs.csv`` has one row per run and *test* metric (see docs/architecture.md):
-``init, task, task_type, fraction, seed, metric, value, n_train, best_epoch``.
+``init, task, task_type, fraction, seed, metric, value, n_train, best_epoch,
+pretrain_seed, flags``. ``pretrain_seed`` (the pre-training run a pre-trained
+init's encoder came from; empty for scratch and imported inits, and for runs
+written before the key existed) lets the statistics nest fine-tune seeds in
+pre-training runs; ``flags`` are fine-tuning's degeneracy flags
+(``constant_prediction``...) joined with ``;`` (empty when none or absent).
 Validation metrics stay in the JSON files: they chose the checkpoint, so
 reporting them beside the test numbers would invite selecting on them twice.
 
@@ -39,6 +44,8 @@ COLUMNS: tuple[str, ...] = (
     "value",
     "n_train",
     "best_epoch",
+    "pretrain_seed",
+    "flags",
 )
 SORT_KEYS: tuple[str, ...] = ("task", "metric", "init", "fraction", "seed")
 """Row order of runs.csv: groups each (task, metric) block, then the cell keys."""
@@ -71,6 +78,19 @@ def _as_str(value: Any, key: str, path: Path) -> str:
     if not isinstance(value, str) or not value:
         raise MetricsError(f"{path}: key {key!r} must be a non-empty string, got {value!r}")
     return value
+
+
+def _as_flags(value: Any, path: Path) -> str:
+    """Fine-tuning's degeneracy flags as one ``;``-joined string ('' for none or absent)."""
+    if value is None:
+        return ""
+    if not isinstance(value, list) or not all(
+        isinstance(f, str) and f and ";" not in f for f in value
+    ):
+        raise MetricsError(
+            f"{path}: key 'flags' must be a list of non-empty strings without ';', got {value!r}"
+        )
+    return ";".join(sorted(set(value)))
 
 
 def _as_metric(value: Any, key: str, path: Path) -> float:
@@ -123,6 +143,11 @@ def rows_from_metrics(payload: Any, path: str | os.PathLike[str] = "<metrics>") 
     run["best_epoch"] = _as_int(
         _require(payload, "best_epoch", path), "best_epoch", path, allow_none=True
     )
+    # Keys added after the first runs were written: absent means "not recorded".
+    run["pretrain_seed"] = _as_int(
+        payload.get("pretrain_seed"), "pretrain_seed", path, allow_none=True
+    )
+    run["flags"] = _as_flags(payload.get("flags"), path)
     test = _require(payload, "test", path)
     if not isinstance(test, dict) or not test:
         raise MetricsError(f"{path}: key 'test' must be a non-empty object, got {test!r}")
@@ -192,6 +217,8 @@ def tidy_frame(rows: Sequence[dict]) -> pd.DataFrame:
             "n_train": "int64",
             # Nullable so an integer column stays integer in the CSV ("4", not "4.0").
             "best_epoch": "Int64",
+            "pretrain_seed": "Int64",
+            "flags": "str",
         }
     )
     return frame.sort_values(list(SORT_KEYS), kind="mergesort").reset_index(drop=True)

@@ -3,7 +3,7 @@
 Layout (written by :mod:`medssl.datasets.conversion`, read by every training stage)::
 
     /images               (N, C, H, W) uint8 | int16 | float16, one chunk per slice
-        attrs: policy     intensity policy name ("hu", "window", "minmax")
+        attrs: policy     intensity policy name ("hu", "window", "minmax", "scale")
                scale, offset   model input = stored * scale + offset (float32)
                channels   JSON list describing each channel
     /meta/patient_id      (N,) UTF-8 strings
@@ -14,7 +14,18 @@ Layout (written by :mod:`medssl.datasets.conversion`, read by every training sta
     /meta/slice_index     (N,) int32, position of the slice in its sorted series
     /meta/z               (N,) float64, position along the slice normal in mm
     /meta/spacing         (N, 3) float32, (row, column, slice) spacing of the stored pixels in mm
-    root attrs: provenance (JSON), n_files_seen, n_converted, n_rejected, n_series
+                          (NaN where the source has none: image files, npz)
+    /meta/original_shape  (N, 2) int32, native rows, columns of the slice
+    /meta/resized_shape   (N, 2) int32, rows, columns after resampling
+    /meta/pad_offset      (N, 2) int32, top-left of the resampled slice on the stored
+                          grid (negative: cropped); the rest is the policy's background
+    /meta/scale           (N, 2) float32, stored pixels per native pixel
+    root attrs: provenance (JSON), n_files_seen, n_images_seen, n_converted, n_rejected,
+                n_series, source ("dicom", "images", "npz", "nifti")
+
+The four geometry columns are what
+:func:`medssl.datasets.resizing.to_stored_grid` needs to move a native-grid
+array (a mask) exactly as the row's image was moved.
 
 Row ``i`` of every dataset describes the same slice; the row number is the
 sample index used by splits and fine-tuning.
@@ -32,10 +43,13 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from medssl.datasets.resizing import Geometry
+
 IMAGES = "images"
 META = "meta"
 STRING_META = ("patient_id", "study_uid", "series_uid", "sop_uid", "source_file")
 NUMERIC_META = ("slice_index", "z")
+GEOMETRY_META = ("original_shape", "resized_shape", "pad_offset", "scale")
 
 
 def open_h5(path: str | Path, random_access: bool = False) -> h5py.File:
@@ -64,6 +78,20 @@ def read_meta(path: str | Path) -> pd.DataFrame:
             if name in meta:
                 columns[name] = meta[name][...]
     return pd.DataFrame(columns)
+
+
+def read_geometry(path: str | Path) -> list[Geometry] | None:
+    """Each row's :class:`~medssl.datasets.resizing.Geometry` (native shape, resampled
+    shape, offset on the stored grid), for moving native-grid masks with
+    :func:`~medssl.datasets.resizing.to_stored_grid`; ``None`` for a dataset written
+    before the geometry columns existed (its slices were squashed to the grid)."""
+    with open_h5(path) as handle:
+        meta = handle[META]
+        if not all(name in meta for name in GEOMETRY_META):
+            return None
+        stored = tuple(handle[IMAGES].shape[2:])
+        columns = {name: meta[name][...] for name in GEOMETRY_META}
+    return [Geometry.from_meta(columns, row, stored) for row in range(len(columns["scale"]))]
 
 
 def image_shape(path: str | Path) -> tuple[int, int, int]:

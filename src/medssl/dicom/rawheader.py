@@ -53,6 +53,7 @@ _TAGS: dict[int, tuple[str, str]] = {
     0x00100020: ("PatientID", "text"),
     0x00180050: ("SliceThickness", "ds"),
     0x00180088: ("SpacingBetweenSlices", "ds"),
+    0x00181164: ("ImagerPixelSpacing", "ds"),
     0x0020000D: ("StudyInstanceUID", "text"),
     0x0020000E: ("SeriesInstanceUID", "text"),
     0x00200013: ("InstanceNumber", "is"),

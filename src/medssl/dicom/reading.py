@@ -41,6 +41,15 @@ REQUIRED_TAGS = (
     "ImageOrientationPatient",
 )
 
+#: Projection radiography (computed and digital radiographs, mammograms,
+#: fluoroscopy, angiography, dental): one 2-D image with no patient-space
+#: position or orientation (SIIM-ACR's radiographs carry neither), and often
+#: only ImagerPixelSpacing, the spacing at the detector. Such an image is a
+#: one-slice series at z = 0.
+PROJECTION_MODALITIES = frozenset({"CR", "DX", "MG", "RF", "XA", "PX", "IO"})
+PROJECTION_OPTIONAL = frozenset({"ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"})
+AXIAL_ORIENTATION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+
 #: Without the rescale, CT stored values are not HU (typically off by 1024), so
 #: guessing slope 1 / intercept 0 would silently corrupt the intensities.
 REQUIRED_RESCALE_MODALITIES = frozenset({"CT"})
@@ -325,6 +334,10 @@ def _image_problem(ds: pydicom.Dataset, modalities: Sequence[str], n_frames: int
         return f"multi-frame image ({n_frames} frames) without per-frame functional groups"
     # Enhanced objects keep geometry and rescale in functional groups, not at the top level.
     required = REQUIRED_TAGS[:6] if multiframe else REQUIRED_TAGS
+    if _is_projection(ds):
+        required = tuple(k for k in required if k not in PROJECTION_OPTIONAL)
+        if not any(_present(ds.get(k)) for k in ("PixelSpacing", "ImagerPixelSpacing")):
+            return "missing required tag PixelSpacing (or ImagerPixelSpacing)"
     for keyword in required:
         value = ds.get(keyword)
         if value is None or (isinstance(value, str) and not value.strip()) or value == []:
@@ -347,15 +360,38 @@ def _image_problem(ds: pydicom.Dataset, modalities: Sequence[str], n_frames: int
     return None
 
 
+def _present(value: object) -> bool:
+    return not (value is None or (isinstance(value, str) and not value.strip()) or value == [])
+
+
+def _is_projection(ds: pydicom.Dataset) -> bool:
+    """A projection radiograph without patient-space geometry (see PROJECTION_MODALITIES)."""
+    modality = _text(ds.get("Modality")).upper()
+    return modality in PROJECTION_MODALITIES and not _present(ds.get("ImagePositionPatient"))
+
+
+def _plane_geometry(
+    ds: pydicom.Dataset,
+) -> tuple[tuple[float, ...], tuple[float, ...], float, tuple[float, ...]]:
+    """(orientation, position, z, pixel spacing) of one image; a projection radiograph
+    without them lies at the origin, axial, with its detector spacing if that is all."""
+    if _is_projection(ds):
+        keyword = "PixelSpacing" if _present(ds.get("PixelSpacing")) else "ImagerPixelSpacing"
+        spacing = _floats(ds.get(keyword), 2, keyword)
+        return AXIAL_ORIENTATION, (0.0, 0.0, 0.0), 0.0, spacing
+    orientation = _floats(ds.ImageOrientationPatient, 6, "ImageOrientationPatient")
+    position = _floats(ds.ImagePositionPatient, 3, "ImagePositionPatient")
+    z = slice_position(orientation, position)
+    spacing = _floats(ds.PixelSpacing, 2, "PixelSpacing")
+    return orientation, position, z, spacing
+
+
 def _single_frame_header(
     ds: pydicom.Dataset, rel: str, abspath: str, series_uid: str, modality: str
 ) -> SliceHeader | Rejection:
     """The header of a screened single-frame image, or why its geometry is unusable."""
     try:
-        orientation = _floats(ds.ImageOrientationPatient, 6, "ImageOrientationPatient")
-        position = _floats(ds.ImagePositionPatient, 3, "ImagePositionPatient")
-        z = slice_position(orientation, position)
-        spacing = _floats(ds.PixelSpacing, 2, "PixelSpacing")
+        orientation, position, z, spacing = _plane_geometry(ds)
     except ValueError as err:
         return Rejection(rel, series_uid, str(err))
     if min(spacing) <= 0:

@@ -8,21 +8,36 @@ fine-tuning stage can rebuild the right network. An RGB stem used on CT under
 the ``repeat`` stem policy keeps its 3-channel weights; the sidecar then says
 ``"stem": "repeat"`` and ``stem_channels``, and :func:`load_encoder` rebuilds
 the repeating stem.
+
+Two training options of the network (:data:`BACKBONE_OPTION_DEFAULTS`), off
+by default and turned on by SparK's recipe for random starts:
+``zero_init_residual`` zero-initialises the last BatchNorm scale of every
+residual block (torchvision's option), so each block starts as the identity;
+``drop_path`` is stochastic depth on every block's residual branch, at a rate
+rising linearly over the blocks to the value given (timm's rule, which the
+official SparK backbones use). Neither adds parameters or buffers: the
+encoder's keys stay torchvision's, and the sidecar records the options
+(``backbone_options``) when they differ from the defaults.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from torchvision.models import resnet18, resnet50
-from torchvision.models.resnet import BasicBlock, ResNet
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+from torchvision.ops import StochasticDepth
 
 from medssl.core.files import read_json, save_torch, write_json
-from medssl.core.registry import Registry
+from medssl.core.registry import Registry, look_up
+
+BACKBONE_OPTION_DEFAULTS: dict[str, Any] = {"zero_init_residual": False, "drop_path": 0.0}
+"""Training options of a backbone (``pretrain.backbone_options``) and their defaults."""
 
 
 class SmallResNet(ResNet):
@@ -33,7 +48,11 @@ class SmallResNet(ResNet):
     BasicBlock networks, hence the subclass.
     """
 
-    def __init__(self, widths: tuple[int, int, int, int] = (32, 64, 128, 256)) -> None:
+    def __init__(
+        self,
+        widths: tuple[int, int, int, int] = (32, 64, 128, 256),
+        zero_init_residual: bool = False,
+    ) -> None:
         nn.Module.__init__(self)
         self._norm_layer = nn.BatchNorm2d
         self.dilation = 1
@@ -56,9 +75,12 @@ class SmallResNet(ResNet):
             elif isinstance(module, nn.BatchNorm2d):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
+        if zero_init_residual:  # as torchvision's ResNet does with the same flag
+            for block in residual_blocks(self):
+                nn.init.zeros_(last_norm(block).weight)
 
 
-BACKBONES: Registry[Callable[[], ResNet]] = Registry(
+BACKBONES: Registry[Callable[..., ResNet]] = Registry(
     "backbone",
     {
         "resnet_small": SmallResNet,
@@ -66,17 +88,117 @@ BACKBONES: Registry[Callable[[], ResNet]] = Registry(
         "resnet50": partial(resnet50, weights=None),
     },
 )
-"""Randomly initialised networks by name (``pretrain.backbone``, ``inits.<name>.backbone``)."""
+"""Randomly initialised networks by name (``pretrain.backbone``, ``inits.<name>.backbone``).
+
+Each takes torchvision's ``zero_init_residual`` keyword."""
 
 
-def build_backbone(name: str, in_channels: int) -> ResNet:
+def residual_blocks(model: nn.Module) -> list[BasicBlock | Bottleneck]:
+    """The residual blocks of a ResNet in forward order (layer1 first)."""
+    return [m for m in model.modules() if isinstance(m, (BasicBlock, Bottleneck))]
+
+
+def last_norm(block: BasicBlock | Bottleneck) -> nn.BatchNorm2d:
+    """The BatchNorm ending a block's residual branch (``bn2`` or ``bn3``)."""
+    return block.bn3 if isinstance(block, Bottleneck) else block.bn2
+
+
+def drop_path_rates(blocks: int, rate: float) -> list[float]:
+    """Per-block stochastic depth: ``rate * i / (blocks - 1)``, 0 for the first block.
+
+    timm's linear rule, as the official SparK ResNets use it; a single block
+    gets ``rate``.
+    """
+    if blocks == 1:
+        return [rate]
+    return [rate * i / (blocks - 1) for i in range(blocks)]
+
+
+def _drop_residual(
+    drop: StochasticDepth, module: nn.Module, inputs: Any, output: torch.Tensor
+) -> torch.Tensor:
+    """Forward hook on a block's last BatchNorm: stochastic depth on the residual branch."""
+    del module, inputs
+    return drop(output)
+
+
+def set_drop_path(model: ResNet, rate: float) -> ResNet:
+    """Stochastic depth up to ``rate`` on the residual branches of ``model``, in place.
+
+    Each block gets a ``drop_path`` :class:`torchvision.ops.StochasticDepth`
+    (``row`` mode: the whole branch of one sample is dropped, the rest scaled
+    by ``1 / (1 - p)``; the identity in eval mode), applied by a forward hook
+    on the block's last BatchNorm, the end of the branch, before the shortcut
+    is added. A hook rather than a wrapper keeps the state-dict keys
+    torchvision's. Calling it again replaces the previous rates; 0 removes them.
+    """
+    rate = float(rate)
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"backbone option drop_path must be in [0, 1), got {rate}")
+    blocks = residual_blocks(model)
+    for block, block_rate in zip(blocks, drop_path_rates(len(blocks), rate), strict=True):
+        handle = getattr(block, "drop_path_hook", None)
+        if handle is not None:
+            handle.remove()
+            del block.drop_path_hook, block.drop_path
+        if block_rate > 0:
+            block.drop_path = StochasticDepth(block_rate, "row")
+            block.drop_path_hook = last_norm(block).register_forward_hook(
+                partial(_drop_residual, block.drop_path)
+            )
+    _record_option(model, "drop_path", rate)
+    return model
+
+
+def _record_option(model: nn.Module, key: str, value: Any) -> None:
+    options = dict(getattr(model, "backbone_options", BACKBONE_OPTION_DEFAULTS))
+    options[key] = value
+    model.backbone_options = options
+
+
+def resolve_backbone_options(
+    settings: Mapping[str, Any] | None, recipe: Mapping[str, Any], random_start: bool
+) -> dict[str, Any]:
+    """The backbone options of one pre-training run.
+
+    ``settings`` are ``pretrain.backbone_options`` (a key that is absent or
+    null takes the default), ``recipe`` the method's ``backbone_recipe``,
+    which applies only to a backbone built from random weights. A start from
+    an encoder file never zero-initialises (it would erase the imported
+    blocks); an explicit ``drop_path`` still applies to it.
+    """
+    settings = dict(settings or {})
+    for key in sorted(set(settings) - set(BACKBONE_OPTION_DEFAULTS)):
+        look_up("pretrain.backbone_options key", key, BACKBONE_OPTION_DEFAULTS)
+    options = dict(BACKBONE_OPTION_DEFAULTS)
+    if random_start:
+        options.update(recipe)
+    options.update({k: v for k, v in settings.items() if v is not None})
+    if not random_start:
+        options["zero_init_residual"] = False
+    if not isinstance(options["zero_init_residual"], bool):
+        raise ValueError(
+            "pretrain.backbone_options.zero_init_residual must be true or false, "
+            f"got {options['zero_init_residual']!r}"
+        )
+    options["drop_path"] = float(options["drop_path"])
+    return options
+
+
+def build_backbone(
+    name: str, in_channels: int, *, zero_init_residual: bool = False, drop_path: float = 0.0
+) -> ResNet:
     """A randomly initialised ResNet with ``in_channels`` input channels and no classifier.
 
     ``model.fc`` is ``nn.Identity`` so ``model(x)`` returns pooled features of
-    size :func:`feature_dim`. An unknown ``name`` raises
+    size :func:`feature_dim`. ``zero_init_residual`` and ``drop_path`` are the
+    options of :data:`BACKBONE_OPTION_DEFAULTS`, kept on the model as
+    ``backbone_options``. An unknown ``name`` raises
     :class:`~medssl.core.registry.UnknownNameError`.
     """
-    model = BACKBONES[name]()
+    model = BACKBONES[name](zero_init_residual=zero_init_residual)
+    _record_option(model, "zero_init_residual", bool(zero_init_residual))
+    set_drop_path(model, drop_path)
     if in_channels != model.conv1.in_channels:
         stem = model.conv1
         model.conv1 = nn.Conv2d(
@@ -207,9 +329,14 @@ def save_encoder(model: ResNet, path: str | Path, backbone: str, info: dict) -> 
     if stem_channels(model) != in_channels:
         # A repeated stem: the weights have more channels than the model takes.
         stem = {"stem": "repeat", "stem_channels": stem_channels(model)}
+    options = dict(getattr(model, "backbone_options", BACKBONE_OPTION_DEFAULTS))
+    recorded = {}
+    if options != BACKBONE_OPTION_DEFAULTS:
+        recorded = {"backbone_options": options}
     save_torch(path, state)
     write_json(
-        sidecar_path(path), {"backbone": backbone, "in_channels": in_channels, **stem, **info}
+        sidecar_path(path),
+        {"backbone": backbone, "in_channels": in_channels, **stem, **recorded, **info},
     )
 
 
@@ -223,6 +350,10 @@ def read_sidecar(path: str | Path) -> dict:
 
 def load_encoder(path: str | Path) -> tuple[ResNet, dict]:
     """Rebuild the backbone named in the sidecar and load the weights into it.
+
+    The network is built with the default options (no stochastic depth):
+    ``backbone_options`` in the sidecar describe how the weights were
+    trained, not how the next stage must use them.
 
     Loading is strict: a key that is missing or unexpected means the file is
     not what its sidecar says, and silently random layers would poison results.

@@ -80,9 +80,27 @@ def supervised_jobs(config: dict) -> list[str]:
     return [name for name, spec in config["inits"].items() if spec["source"] == "supervised"]
 
 
+def stores_pixels(spec: dict) -> bool:
+    """Whether a dataset holds photographs or radiographs as 8/16-bit pixels (an images or
+    npz source, or a preset releasing those) rather than CT in HU."""
+    if spec["source"] == "preset":
+        from medssl.datasets.presets import look_up_preset  # only for preset datasets
+
+        return look_up_preset(spec["preset"]).kind in IMAGE_SOURCES
+    return spec["source"] in IMAGE_SOURCES
+
+
 def dataset_convert_settings(config: dict, dataset: str) -> dict:
-    """``data.convert`` with the dataset's own ``convert`` keys replacing it, key by key."""
-    return {**config["data"]["convert"], **config["data"]["datasets"][dataset].get("convert", {})}
+    """``data.convert`` with the dataset's own ``convert`` keys replacing it, key by key.
+
+    A dataset of stored pixels takes the ``scale`` intensity policy unless it sets
+    its own: the shared section's CT windows mean nothing for a PNG.
+    """
+    spec = config["data"]["datasets"][dataset]
+    override = dict(spec.get("convert", {}))
+    if "intensity" not in override and stores_pixels(spec):
+        override["intensity"] = {"policy": "scale"}
+    return {**config["data"]["convert"], **override}
 
 
 def data_channels(config: dict, dataset: str | None = None) -> int:
@@ -90,8 +108,7 @@ def data_channels(config: dict, dataset: str | None = None) -> int:
     one per HU window of a CT source, three for colour images kept as RGB, else one."""
     dataset = config["pretrain"]["dataset"] if dataset is None else dataset
     settings = dataset_convert_settings(config, dataset)
-    source = config["data"]["datasets"][dataset]["source"]
-    if source in IMAGE_SOURCES:
+    if stores_pixels(config["data"]["datasets"][dataset]):
         return 3 if settings.get("rgb") == "keep" else 1
     intensity = settings["intensity"]
     return len(intensity["windows"]) if intensity["policy"] == "window" else 1

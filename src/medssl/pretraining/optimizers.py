@@ -7,7 +7,9 @@ share the layer-wise trust ratio (:func:`trust_ratio`) and the convention
 for biases and normalisation parameters (groups flagged ``lars_exclude``,
 see :meth:`medssl.pretraining.methods.base.Method.optimizer_groups`), which get neither
 weight decay nor the trust ratio: their norms say nothing about a sensible
-step size, and the originals exclude them likewise.
+step size, and the originals exclude them likewise. Parameters a method
+names itself (SparK's mask tokens) join that convention through
+:func:`exempt_from_decay`, which every optimiser here honours alike.
 
 :data:`OPTIMIZERS` maps the config's ``optimizer`` name to a builder; the
 state dicts are torch's ordinary ones (per-parameter momentum or moment
@@ -167,6 +169,36 @@ class LAMB(Optimizer):
                     update.mul_(trust_ratio(param, update, 1.0))
                 param.add_(update, alpha=-group["lr"])
         return loss
+
+
+def exempt_from_decay(groups: ParamGroups, parameters: Iterable[torch.Tensor]) -> ParamGroups:
+    """``groups`` with ``parameters`` moved out of every decaying group into an exempt one.
+
+    The general form of the bias/norm convention for parameters a method names
+    itself (:meth:`medssl.pretraining.methods.spark.SparK.no_decay_parameters`:
+    SparK's mask tokens, exempt in the official code by name): the new group
+    has weight decay 0 and ``lars_exclude`` set, so every optimiser here
+    honours it alike: LARS and LAMB skip decay and the trust ratio (LAMB's
+    step is then plain Adam, as in timm's LAMB for groups without decay),
+    AdamW, Adam and SGD read the group's zero ``weight_decay``, and the
+    trainer's decay schedule leaves it at zero. Parameters already in an
+    exempt group stay where they are; the new group keeps the other options
+    (``lr_scale``...) of the group each parameter came from, so one exempt
+    group is made per source group. Empty groups are dropped.
+    """
+    named = {id(p) for p in parameters}
+    result: ParamGroups = []
+    for group in groups:
+        params = list(group["params"])
+        if group.get("lars_exclude", False) or not named.intersection(map(id, params)):
+            result.append(group)
+            continue
+        kept = [p for p in params if id(p) not in named]
+        moved = [p for p in params if id(p) in named]
+        if kept:
+            result.append({**group, "params": kept})
+        result.append({**group, "params": moved, "weight_decay": 0.0, "lars_exclude": True})
+    return result
 
 
 def _adamw(groups: ParamGroups, lr: float, config: Mapping[str, Any]) -> Optimizer:

@@ -184,13 +184,28 @@ class Start:
 
 
 def start_backbone(
-    settings: Mapping[str, Any], channels: int, init_encoder: str | Path | None
+    settings: Mapping[str, Any],
+    channels: int,
+    init_encoder: str | Path | None,
+    recipe: Mapping[str, Any] | None = None,
 ) -> Start:
-    """Random ``settings['backbone']`` weights, or the backbone of encoder file ``init_encoder``."""
+    """Random ``settings['backbone']`` weights, or the backbone of encoder file ``init_encoder``.
+
+    ``recipe`` is the method's ``backbone_recipe`` (SparK: zero-initialised last
+    BatchNorm of every block and stochastic depth, as its official backbone),
+    which ``pretrain.backbone_options`` overrides key by key; it shapes a
+    backbone built from random weights only, and only its stochastic depth
+    applies to one continued from an encoder.
+    """
+    options = models.resolve_backbone_options(
+        settings.get("backbone_options"), recipe or {}, random_start=init_encoder is None
+    )
     if init_encoder is None:
         name = settings.get("backbone", PRETRAIN_DEFAULTS["backbone"])
-        return Start(models.build_backbone(name, channels), name, None)
+        return Start(models.build_backbone(name, channels, **options), name, None)
     backbone, sidecar = start_from_encoder(init_encoder, channels)
+    if options["drop_path"] > 0:
+        models.set_drop_path(backbone, options["drop_path"])
     return Start(backbone, sidecar["backbone"], sidecar)
 
 
@@ -292,7 +307,8 @@ def pretrain(
     seed_everything(seed)
     indices = pool_indices(data_path, settings.get("max_samples"), seed)
     channels, height, width = data.image_shape(data_path)
-    start = start_backbone(settings, channels, init_encoder)
+    recipe = getattr(method_class(method), "backbone_recipe", {})
+    start = start_backbone(settings, channels, init_encoder, recipe)
     if start.sidecar is not None:
         settings["backbone"] = start.backbone_name
     trainer, plan = plan_run(method, train_settings, len(indices), ctx.world_size)

@@ -46,14 +46,10 @@ def _global_batch_norm(module: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
     local_mean = values.mean(dims) if values.numel() else values.new_zeros(channels)
     centred = values - local_mean.view(1, channels, *([1] * (x.ndim - 2)))
     local_m2 = centred.pow(2).sum(dims)
-    stats = distributed.gather(torch.cat([count.view(1), local_mean, local_m2]).unsqueeze(0))
-    counts, means, m2s = stats[:, :1], stats[:, 1 : 1 + channels], stats[:, 1 + channels :]
-    total = counts.sum()
-    mean = (counts * means).sum(0) / total
-    m2 = (m2s + counts * (means - mean).pow(2)).sum(0)
+    total, mean, m2 = global_moments(count, local_mean, local_m2)
     var = m2 / total
     if module.track_running_stats and module.running_mean is not None:
-        _update_running(module, mean.detach(), (m2 / (total - 1)).detach())
+        update_running(module, mean.detach(), (m2 / (total - 1)).detach())
     shape = (1, channels, *([1] * (x.ndim - 2)))
     out = (values - mean.view(shape)) * torch.rsqrt(var.view(shape) + module.eps)
     if module.affine:
@@ -61,11 +57,38 @@ def _global_batch_norm(module: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
     return out.to(x.dtype)
 
 
+def global_moments(
+    count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Merge this rank's ``count``, per-channel ``mean`` and centred sum of squares ``m2``.
+
+    Returns the global count, mean and centred sum of squares over every
+    rank (Chan et al.'s parallel formula), with gradient through the gather;
+    outside a process group the inputs come back unchanged. All tensors, so
+    no value leaves the device.
+    """
+    channels = mean.shape[0]
+    stats = distributed.gather(torch.cat([count.view(1), mean, m2]).unsqueeze(0))
+    counts, means, m2s = stats[:, :1], stats[:, 1 : 1 + channels], stats[:, 1 + channels :]
+    total = counts.sum()
+    merged_mean = (counts * means).sum(0) / total
+    merged_m2 = (m2s + counts * (means - merged_mean).pow(2)).sum(0)
+    return total, merged_mean, merged_m2
+
+
 @torch.no_grad()
-def _update_running(module: _BatchNorm, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
-    """Running statistics as ``nn.BatchNorm`` updates them (momentum or cumulative)."""
+def update_running(module: _BatchNorm, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
+    """Running statistics as ``nn.BatchNorm`` updates them (momentum or cumulative).
+
+    The cumulative factor ``1 / num_batches_tracked`` stays a tensor, so the
+    update never waits for the device.
+    """
     module.num_batches_tracked.add_(1)
-    factor = 1.0 / float(module.num_batches_tracked) if module.momentum is None else module.momentum
+    if module.momentum is None:
+        tracked = module.num_batches_tracked.to(module.running_mean.dtype)
+        factor: float | torch.Tensor = 1.0 / tracked
+    else:
+        factor = module.momentum
     module.running_mean.lerp_(mean.to(module.running_mean.dtype), factor)
     module.running_var.lerp_(unbiased_var.to(module.running_var.dtype), factor)
 

@@ -12,6 +12,7 @@ from torchvision.models import resnet18
 
 from medssl.models import backbones as models
 from medssl.pretraining.loop import build_optimizer, train_settings
+from medssl.pretraining.methods import build_method, method_class
 from medssl.pretraining.methods.spark import (
     SPARK_AUGMENT,
     masked_patch_loss,
@@ -122,3 +123,36 @@ def test_augment_overrides_and_settings() -> None:
         spark(mask_ratio=1.0)
     with pytest.raises(ValueError, match="divisible by 32"):
         method([torch.rand(2, 1, 48, 48)])
+
+
+def test_sparse_impl_setting_is_checked() -> None:
+    assert spark().mask_state.impl == "dense_masked"
+    assert spark(sparse_impl="gather").mask_state.impl == "gather"
+    with pytest.raises(KeyError, match="unknown spark.sparse_impl 'gathr'; did you mean 'gather'"):
+        spark(sparse_impl="gathr")
+
+
+def test_narrow_decoder_trains_and_exports_with_the_backbone_recipe(tmp_path: Path) -> None:
+    """Width 128 on the small backbone, built with SparK's recipe for a random start."""
+    options = models.resolve_backbone_options(
+        None, method_class("spark").backbone_recipe, random_start=True
+    )
+    assert options == {"zero_init_residual": True, "drop_path": 0.05}
+    torch.manual_seed(0)
+    backbone = models.build_backbone("resnet_small", 1, **options)
+    method = build_method("spark", backbone, {"decoder_width": 128})
+    assert method.decoder.blocks[0][1].in_channels == 128
+    assert method.decoder.head.in_channels == 4
+    images = synthetic_slices(4)
+    optimizer = build_optimizer(method, train_settings({"optimizer": "lamb", "batch_size": 4}))
+    loss = method([images])
+    loss.backward()
+    optimizer.step()
+    assert math.isfinite(loss.item())
+    out = tmp_path / "encoder.pt"
+    models.save_encoder(method.encoder(), out, "resnet_small", {"method": "spark"})
+    assert models.read_sidecar(out)["backbone_options"] == options
+    loaded, _ = models.load_encoder(out)
+    method.eval(), loaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), method.encoder()(images))

@@ -12,15 +12,19 @@ silently loses slices cannot be audited. The work happens in three passes:
    the slice normal (never by InstanceNumber or file name), drop duplicate
    positions, gaps and gantry tilt by their policies;
 3. pixels in blocks of :data:`~.pixels.SLICES_PER_BLOCK` slices (:mod:`~.pixels`):
-   decode, HU, resize (:mod:`medssl.datasets.resizing`), intensity policy
-   (:mod:`~.intensity`). With ``threads`` > 1, worker processes take parts of
+   decode, HU, resample, intensity policy (:mod:`~.intensity`), and place on the
+   dataset's grid (:class:`medssl.datasets.resizing.Grid`: slices of different
+   matrix sizes are padded, cropped or resized by the ``geometry`` setting, and
+   each row's geometry is stored in ``/meta``). With ``threads`` > 1, worker processes take parts of
    series (:data:`~.driver.SLICES_PER_TASK` slices) and return them compressed
    into HDF5 chunks (:mod:`~.chunks`); the single writer (:mod:`~.writing`)
    places chunks in output order as results arrive, so memory holds a few
    parts, never the dataset.
 
 Settings and their defaults are in :mod:`~.settings`; the command line is
-``python -m medssl.convert``. The names below are the public interface.
+``python -m medssl.convert``. Image files, npz archives and NIfTI volumes go
+through :mod:`medssl.datasets.sources`, which ends in the same writer
+(:func:`~.driver.write_dataset`). The names below are the public interface.
 """
 
 from __future__ import annotations
@@ -52,12 +56,14 @@ from medssl.datasets.conversion.settings import (
     resolve_settings,
 )
 from medssl.datasets.conversion.writing import reason_counts
-from medssl.datasets.resizing import resample_matrix, resize
+from medssl.datasets.resizing import Geometry, Grid, resample_matrix, resize, to_stored_grid
 
 __all__ = [
     "CHUNK_ENCODERS",
     "COMPRESSION",
     "DEFAULTS",
+    "Geometry",
+    "Grid",
     "IMAGES",
     "INTENSITY_DEFAULTS",
     "INTENSITY_POLICIES",
@@ -81,4 +87,5 @@ __all__ = [
     "resample_matrix",
     "resize",
     "resolve_settings",
+    "to_stored_grid",
 ]

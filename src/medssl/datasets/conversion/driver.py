@@ -15,7 +15,7 @@ import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +30,14 @@ from medssl.datasets.conversion.writing import (
     write_rejects,
     write_root_attrs,
 )
+from medssl.datasets.resizing import Grid
 from medssl.dicom.reading import Rejection, SliceHeader, iter_files, read_header
 
 log = logging.getLogger(__name__)
+
+#: Reasons that mark a file that is not an image at all (a README, an RTSTRUCT, a
+#: report): listed in the rejects CSV like every file, but not a lost image.
+NOT_IMAGE_REASONS = ("not DICOM", "non-image SOP class")
 
 #: Tasks in flight per worker: enough to keep workers busy, small enough to bound memory.
 PREFETCH_PER_WORKER = 2
@@ -88,10 +93,34 @@ def convert(
         if pool is not None:
             pool.shutdown(cancel_futures=True)
 
+    summary = summarize(
+        root,
+        out_h5,
+        Accounting(found.n_files, found.n_seen, found.rejected, found.findings, "dicom"),
+        n_converted,
+        n_series,
+        started,
+    )
+    summary["dicom_dir"] = str(root)
+    log_summary(summary)
+    return summary
+
+
+def summarize(
+    root: Path,
+    out_h5: str | os.PathLike[str],
+    found: Accounting,
+    n_converted: int,
+    n_series: int,
+    started: float,
+) -> dict[str, Any]:
+    """The summary a conversion returns and logs; checks that the images add up."""
     n_rejected = len(found.rejected)
     assert found.n_seen == n_converted + n_rejected, (found.n_seen, n_converted, n_rejected)
-    summary = {
-        "dicom_dir": str(root),
+    return {
+        "not_images": count_not_images(found.rejected),
+        "source": found.source,
+        "root": str(root),
         "out": str(out_h5),
         "files_seen": found.n_files,
         "images_seen": found.n_seen,
@@ -102,8 +131,6 @@ def convert(
         "findings": found.findings,
         "seconds": round(time.perf_counter() - started, 2),
     }
-    _log_summary(summary)
-    return summary
 
 
 def _inventory(
@@ -121,6 +148,8 @@ def _inventory(
         float(cfg["gap_tolerance"]),
         os.environ[key_env].encode("utf-8") if key_env else None,
         cfg["tilt_policy"],
+        cfg["geometry"],
+        cfg["patient_key"],
     )
     rejected.extend(series_rejects)
     findings = {p.series_uid.split("#")[0]: p.findings for p in plans if p.findings}
@@ -137,17 +166,64 @@ def _write_outputs(
     pool: ProcessPoolExecutor | None,
     workers: int,
 ) -> tuple[int, int]:
-    """The HDF5 file (atomically: none on failure) and, in every case, the rejects CSV."""
-    image_size = cfg["image_size"]
-    compression = cfg["compression"]
+    """The series plans' pixels through :func:`write_dataset`."""
+    grid = Grid.plan(
+        (
+            (
+                (p.slices[0].rows, p.slices[0].columns),
+                p.slices[0].pixel_spacing,
+                len(p.slices),
+            )
+            for p in found.plans
+        ),
+        cfg["geometry"],
+        cfg["image_size"],
+        cfg["target_spacing"],
+        cfg["fit"],
+    )
+    results = _ordered_results(found.plans, intensity, grid, pool, workers, cfg["compression"])
+    return write_dataset(
+        root,
+        out_h5,
+        rejects_csv,
+        cfg,
+        intensity,
+        grid,
+        results,
+        Accounting(found.n_files, found.n_seen, found.rejected, found.findings, "dicom"),
+    )
+
+
+@dataclass
+class Accounting:
+    """What a source found before the pixel pass: files and images seen, rejects so
+    far (the pixel pass adds its own), series findings, and the source's name."""
+
+    n_files: int
+    n_seen: int
+    rejected: list[Rejection]
+    findings: dict[str, list[str]]
+    source: str
+    #: Further root attributes of the source (NIfTI: ``volume_orientation``).
+    attrs: dict[str, str] = field(default_factory=dict)
+
+
+def write_dataset(
+    root: Path,
+    out_h5: str | os.PathLike[str],
+    rejects_csv: str | os.PathLike[str],
+    cfg: dict[str, Any],
+    intensity: Intensity,
+    grid: Grid,
+    results: Iterator[SeriesResult],
+    found: Accounting,
+) -> tuple[int, int]:
+    """The HDF5 file (atomically: none on failure) and, in every case, the rejects CSV;
+    shared by every source. Returns (slices, series) written."""
     try:
         with atomic_path(out_h5) as tmp:
-            results = _ordered_results(
-                found.plans, intensity, image_size, pool, workers, compression
-            )
-            shape = _stored_shape(found.plans, image_size)
             n_converted, n_series = write_images(
-                tmp, results, intensity, shape, compression, found.rejected
+                tmp, results, intensity, grid.stored, cfg["compression"], found.rejected
             )
             write_root_attrs(
                 tmp,
@@ -158,31 +234,36 @@ def _write_outputs(
                 found.rejected,
                 n_series,
                 found.findings,
+                found.source,
+                found.attrs,
             )
             if n_converted == 0:
                 raise NoUsableImagesError(
-                    f"{root}: no usable images ({found.n_seen} files seen, all rejected; "
+                    f"{root}: no usable images ({found.n_seen} images seen, all rejected; "
                     f"reasons in {rejects_csv})"
                 )
-            _check_reject_fraction(root, rejects_csv, found.n_seen, len(found.rejected), cfg)
+            check_reject_fraction(root, rejects_csv, found.n_seen, found.rejected, cfg)
     finally:
         write_rejects(rejects_csv, found.rejected)
     return n_converted, n_series
 
 
-def _stored_shape(plans: Sequence[SeriesPlan], image_size: int | None) -> tuple[int, int]:
-    """H x W of ``/images``: the configured size, else the (single) native shape."""
-    if image_size is not None:
-        return image_size, image_size
-    if plans:
-        return plans[0].slices[0].rows, plans[0].slices[0].columns
-    return 1, 1  # nothing to convert: the file is discarded by the caller
+def count_not_images(rejected: Sequence[Rejection]) -> int:
+    """Rejected files that are not images (:data:`NOT_IMAGE_REASONS`)."""
+    return sum(r.reason.startswith(NOT_IMAGE_REASONS) for r in rejected)
 
 
-def _log_summary(summary: dict[str, Any]) -> None:
+def log_summary(summary: dict[str, Any]) -> None:
+    if summary["not_images"]:
+        log.info(
+            "%s: %d of the %d files are not images (not DICOM or no image SOP class)",
+            summary["root"],
+            summary["not_images"],
+            summary["files_seen"],
+        )
     log.info(
         "%s: %d files, %d images seen = %d converted + %d rejected; %d series -> %s in %.1f s",
-        summary["dicom_dir"],
+        summary["root"],
         summary["files_seen"],
         summary["images_seen"],
         summary["converted"],
@@ -215,17 +296,41 @@ def _pool_context() -> multiprocessing.context.BaseContext:
     return context
 
 
-def _check_reject_fraction(
-    root: Path, rejects_csv: Any, n_seen: int, n_rejected: int, cfg: dict[str, Any]
+def check_reject_fraction(
+    root: Path,
+    rejects_csv: Any,
+    n_seen: int,
+    rejected: Sequence[Rejection],
+    cfg: dict[str, Any],
 ) -> None:
-    """Fail (inside the atomic write, so no HDF5 is left) above ``max_reject_fraction``."""
-    limit = cfg["max_reject_fraction"]
-    if limit is None or n_seen == 0:
+    """A WARNING above ``warn_reject_fraction`` (with the count and the reasons), and a
+    failure (inside the atomic write, so no HDF5 is left) above ``max_reject_fraction``.
+
+    The warning is there because a conversion that quietly drops a tenth of an
+    archive still succeeds, and the log is the only place a user would notice.
+    """
+    if n_seen == 0:
         return
+    n_rejected = len(rejected)
     fraction = n_rejected / n_seen
-    if fraction > limit:
+    images = [r for r in rejected if not r.reason.startswith(NOT_IMAGE_REASONS)]
+    n_images = n_seen - (n_rejected - len(images))
+    warn = cfg.get("warn_reject_fraction")
+    if warn is not None and n_images and len(images) / n_images > warn:
+        reasons = "; ".join(f"{c} x {r}" for r, c in reason_counts(images).items())
+        log.warning(
+            "%s: %d of %d images rejected (%.1f%%, more than warn_reject_fraction %.1f%%): %s",
+            root,
+            len(images),
+            n_images,
+            100 * len(images) / n_images,
+            100 * warn,
+            reasons,
+        )
+    limit = cfg["max_reject_fraction"]
+    if limit is not None and fraction > limit:
         raise TooManyRejectsError(
-            f"{root}: {n_rejected} of {n_seen} files rejected ({fraction:.1%}), more than "
+            f"{root}: {n_rejected} of {n_seen} images rejected ({fraction:.1%}), more than "
             f"max_reject_fraction {limit:.1%}; reasons in {rejects_csv}"
         )
 
@@ -261,7 +366,7 @@ def _scan(
 def _ordered_results(
     plans: Sequence[SeriesPlan],
     intensity: Intensity,
-    image_size: int | None,
+    grid: Grid,
     pool: ProcessPoolExecutor | None,
     workers: int,
     compression: str,
@@ -273,18 +378,18 @@ def _ordered_results(
     """
     if pool is None:
         for plan in plans:
-            yield from iter_blocks(plan, intensity, image_size)
+            yield from iter_blocks(plan, intensity, grid)
         return
     pending: deque[Future[SeriesResult]] = deque()
     upcoming = (part for plan in plans for part in plan.parts(SLICES_PER_TASK))
     limit = PREFETCH_PER_WORKER * workers
     for plan in upcoming:
-        pending.append(pool.submit(process_series, plan, intensity, image_size, compression))
+        pending.append(pool.submit(process_series, plan, intensity, grid, compression))
         if len(pending) >= limit:
             break
     while pending:
         result = pending.popleft().result()
         nxt = next(upcoming, None)
         if nxt is not None:
-            pending.append(pool.submit(process_series, nxt, intensity, image_size, compression))
+            pending.append(pool.submit(process_series, nxt, intensity, grid, compression))
         yield result

@@ -58,6 +58,14 @@ class Intensity:
     def offset(self) -> float:
         return 0.0
 
+    @property
+    def background(self) -> float:
+        """The stored value of the padding around a slice smaller than the grid."""
+        return 0.0
+
+    #: Whether the policy takes HU (DICOM, NIfTI) or stored integer pixels (images, npz).
+    takes_hu: ClassVar[bool] = True
+
     def channels(self) -> list[dict[str, Any]]:
         """The ``channels`` attribute: what each stored channel means."""
         raise NotImplementedError
@@ -65,6 +73,10 @@ class Intensity:
     def apply(self, hu: np.ndarray) -> np.ndarray:
         """(n, H, W) HU (int32 when exact, else float) -> (n, C, H, W) stored values."""
         raise NotImplementedError
+
+
+#: HU of air: the padding of the ``hu`` policy.
+AIR_HU = -1024.0
 
 
 def _as_int16(hu: np.ndarray) -> np.ndarray:
@@ -111,6 +123,11 @@ class HUIntensity(Intensity):
     def scale(self) -> float:
         """HU/1000: air -1, water 0, bone about 1."""
         return 1.0 / 1000.0
+
+    @property
+    def background(self) -> float:
+        """Air."""
+        return AIR_HU
 
     def channels(self) -> list[dict[str, Any]]:
         return [{"hu": self.dtype}]
@@ -171,7 +188,47 @@ class MinMaxIntensity(Intensity):
         return np.rint(scaled).astype(np.uint8)[:, None]
 
 
+@dataclass(frozen=True)
+class ScaleIntensity(Intensity):
+    """Stored integer pixels (PNG, JPEG, npz) kept as they are, 8 or 16 bits per
+    channel; the model sees them divided by the largest value of the bit depth.
+
+    ``bits`` and ``planes`` are the dataset's (16 when any image has 16 bits; 3
+    planes under ``rgb: keep``), set by the source after its header pass; an
+    8-bit image in a 16-bit dataset is multiplied by 257 so that 255 stays 1.0.
+    """
+
+    policy: ClassVar[str] = "scale"
+    takes_hu: ClassVar[bool] = False
+    bits: int = 8
+    planes: int = 1
+
+    @property
+    def n_channels(self) -> int:
+        return self.planes
+
+    @property
+    def numpy_dtype(self) -> np.dtype:
+        return np.dtype(np.uint8 if self.bits == 8 else np.uint16)
+
+    @property
+    def scale(self) -> float:
+        return 1.0 / (2**self.bits - 1)
+
+    def channels(self) -> list[dict[str, Any]]:
+        return [{"scale": f"{self.bits}-bit"} for _ in range(self.planes)]
+
+    def apply(self, hu: np.ndarray) -> np.ndarray:
+        """(n, H, W) or (n, C, H, W) uint8/uint16 pixels -> (n, C, H, W) stored values."""
+        values = hu if hu.ndim == 4 else hu[:, None]
+        if values.dtype == np.uint8 and self.bits == 16:
+            return values.astype(np.uint16) * np.uint16(257)
+        if values.dtype != self.numpy_dtype:
+            raise ValueError(f"{values.dtype} pixels do not fit a {self.bits}-bit dataset")
+        return values
+
+
 INTENSITY_POLICIES: Registry[type[Intensity]] = Registry(
     "intensity policy",
-    {cls.policy: cls for cls in (HUIntensity, WindowIntensity, MinMaxIntensity)},
+    {cls.policy: cls for cls in (HUIntensity, WindowIntensity, MinMaxIntensity, ScaleIntensity)},
 )

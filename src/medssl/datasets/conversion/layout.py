@@ -10,5 +10,9 @@ from __future__ import annotations
 IMAGES = "images"
 META = "meta"
 STRING_META = ("patient_id", "study_uid", "series_uid", "sop_uid", "source_file")
-META_COLUMNS = (*STRING_META, "slice_index", "z", "spacing")
+#: (N, 2) per row: native shape, shape after resampling, top-left offset on the
+#: stored grid (negative: cropped), stored pixels per native pixel
+#: (:class:`medssl.datasets.resizing.Geometry`).
+GEOMETRY_META = ("original_shape", "resized_shape", "pad_offset", "scale")
+META_COLUMNS = (*STRING_META, "slice_index", "z", "spacing", *GEOMETRY_META)
 REJECT_COLUMNS = ("file", "series_uid", "reason")

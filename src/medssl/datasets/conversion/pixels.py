@@ -17,7 +17,7 @@ from medssl.datasets.conversion.chunks import Chunk, encode_chunks
 from medssl.datasets.conversion.intensity import Intensity
 from medssl.datasets.conversion.layout import META_COLUMNS
 from medssl.datasets.conversion.planning import SeriesPlan
-from medssl.datasets.resizing import resize
+from medssl.datasets.resizing import Geometry, Grid, place_on_grid, resize_to
 from medssl.dicom.reading import Rejection, SliceHeader, read_slice_hu
 
 #: Slices decoded before they are written or compressed: 16 MB at 512 x 512 int16,
@@ -42,7 +42,7 @@ class SeriesResult:
 def process_series(
     plan: SeriesPlan,
     intensity: Intensity,
-    image_size: int | None,
+    grid: Grid,
     compression: str | None = None,
 ) -> SeriesResult:
     """One series (or part of one) as a single result for a worker: its blocks joined, and
@@ -50,13 +50,18 @@ def process_series(
     so a worker never holds the series uncompressed."""
     chunks: list[Chunk] = []
     parts: list[SeriesResult] = []
-    for block in iter_blocks(plan, intensity, image_size):
+    for block in iter_blocks(plan, intensity, grid):
         if compression is not None:
             chunks.extend(encode_chunks(block.images, compression))
             block = SeriesResult(block.images[:0], block.meta, block.rejected)
         else:
             block = SeriesResult(block.images.copy(), block.meta, block.rejected)
         parts.append(block)
+    return join_results(parts, chunks if compression is not None else None)
+
+
+def join_results(parts: list[SeriesResult], chunks: list[Chunk] | None = None) -> SeriesResult:
+    """One result from consecutive blocks (their arrays, meta and rejects in order)."""
     meta: dict[str, list[Any]] = {name: [] for name in META_COLUMNS}
     for part in parts:
         for name, values in part.meta.items():
@@ -65,18 +70,19 @@ def process_series(
         np.concatenate([part.images for part in parts]),
         meta,
         [r for part in parts for r in part.rejected],
-        chunks if compression is not None else None,
+        chunks,
     )
 
 
 def iter_blocks(
     plan: SeriesPlan,
     intensity: Intensity,
-    image_size: int | None,
+    grid: Grid,
     block: int | None = None,
 ) -> Iterator[SeriesResult]:
-    """Decode, convert to HU, resize and apply the intensity policy, ``block`` slices
-    at a time (default :data:`SLICES_PER_BLOCK`).
+    """Decode, convert to HU, resample, apply the intensity policy and place on the
+    dataset's grid (:func:`store_slice`), ``block`` slices at a time (default
+    :data:`SLICES_PER_BLOCK`).
 
     The blocks are views of one buffer that is refilled for the next block, so
     a consumer must store a block before asking for the next. Reusing the
@@ -85,12 +91,10 @@ def iter_blocks(
     Every step is per slice, so blocking does not change the result.
     """
     block = block or SLICES_PER_BLOCK
-    first = plan.slices[0]
-    out_h, out_w = (image_size, image_size) if image_size else (first.rows, first.columns)
     size = min(block, len(plan.slices))
-    buffer = np.empty((size, intensity.n_channels, out_h, out_w), intensity.numpy_dtype)
+    buffer = np.empty((size, intensity.n_channels, *grid.stored), intensity.numpy_dtype)
     for start in range(0, len(plan.slices), block):
-        kept: list[tuple[SliceHeader, float]] = []
+        kept: list[tuple[SliceHeader, float, Geometry]] = []
         rejected: list[Rejection] = []
         stop = start + block
         for header, z in zip(plan.slices[start:stop], plan.z[start:stop], strict=True):
@@ -103,18 +107,47 @@ def iter_blocks(
                 reason = f"unreadable or truncated file ({type(err).__name__}: {err})"
                 rejected.append(Rejection(header.label, plan.series_uid, reason))
                 continue
-            buffer[len(kept)] = intensity.apply(resize(hu[None], image_size))[0]
-            kept.append((header, z))
+            geometry = grid.place((header.rows, header.columns), header.pixel_spacing)
+            buffer[len(kept)] = store_slice(hu, geometry, intensity)
+            kept.append((header, z, geometry))
 
-        yield SeriesResult(buffer[: len(kept)], _block_meta(plan, kept, out_h, out_w), rejected)
+        yield SeriesResult(buffer[: len(kept)], _block_meta(plan, kept), rejected)
+
+
+def store_slice(native: np.ndarray, geometry: Geometry, intensity: Intensity) -> np.ndarray:
+    """One native slice, (H, W) or (C, H, W), as its (C, *stored) row of ``/images``.
+
+    The steps of :func:`medssl.datasets.resizing.to_stored_grid` with the
+    intensity policy between them: resampled first (HU, as before any policy, so
+    a window sees interpolated HU), then the policy, then placed on the grid
+    with the policy's background (air for hu, 0 after windowing), so padding
+    never enters a per-slice range (minmax). At native size with padding the
+    native values are not resampled at all, so integer HU stay exact.
+    """
+    planes = native[None] if native.ndim == 2 else native
+    resized = resize_to(planes, *geometry.resized)
+    if not intensity.takes_hu and resized.dtype != planes.dtype:
+        # Stored pixels stay in their integer type: resampled values rounded back.
+        top = np.iinfo(planes.dtype).max
+        resized = np.clip(np.rint(resized), 0, top).astype(planes.dtype)
+    stored = intensity.apply(resized if native.ndim == 2 else resized[None])[0]
+    return place_on_grid(stored, geometry, intensity.background)
+
+
+def geometry_meta(meta: dict[str, list[Any]], geometry: Geometry) -> None:
+    """Append one row's geometry columns (``/meta/original_shape`` ...)."""
+    meta["original_shape"].append(geometry.original)
+    meta["resized_shape"].append(geometry.resized)
+    meta["pad_offset"].append(geometry.offset)
+    meta["scale"].append(geometry.scale)
 
 
 def _block_meta(
-    plan: SeriesPlan, kept: list[tuple[SliceHeader, float]], out_h: int, out_w: int
+    plan: SeriesPlan, kept: list[tuple[SliceHeader, float, Geometry]]
 ) -> dict[str, list[Any]]:
     """The /meta columns of a block's slices; spacing is that of the stored pixels."""
     meta: dict[str, list[Any]] = {name: [] for name in META_COLUMNS}
-    for header, z in kept:
+    for header, z, geometry in kept:
         meta["patient_id"].append(plan.patient_id)
         meta["study_uid"].append(plan.study_uid)
         meta["series_uid"].append(plan.series_uid)
@@ -124,9 +157,10 @@ def _block_meta(
         meta["z"].append(z)
         meta["spacing"].append(
             (
-                header.pixel_spacing[0] * header.rows / out_h,
-                header.pixel_spacing[1] * header.columns / out_w,
+                header.pixel_spacing[0] / geometry.scale[0],
+                header.pixel_spacing[1] / geometry.scale[1],
                 plan.slice_spacing,
             )
         )
+        geometry_meta(meta, geometry)
     return meta

@@ -77,15 +77,20 @@ def plan_series(
     gap_tolerance: float = DEFAULT_GAP_TOLERANCE,
     pseudonym_key: bytes | None = None,
     tilt_policy: str = "report",
+    geometry: str = "pad",
+    patient_key: str = "patient_id",
 ) -> tuple[list[SeriesPlan], list[Rejection]]:
     """Group headers into series, apply the series-level checks, sort slices.
 
-    With ``image_size`` null every slice keeps its native size, so series whose
-    shape differs from the dataset's most common shape cannot share the array
-    and are rejected whole. Gaps are handled by ``gap_policy`` (see
+    With ``image_size`` null and ``geometry`` reject every slice keeps its
+    native size, so series whose shape differs from the dataset's most common
+    shape cannot share the array and are rejected whole; the other geometries
+    (:class:`medssl.datasets.resizing.Grid`) keep every series. Gaps are handled
+    by ``gap_policy`` (see
     :data:`medssl.dicom.geometry.GAP_POLICIES`); split parts are stored as series
     ``<SeriesInstanceUID>#1``, ``#2``, ... With ``pseudonym_key`` the stored
-    patient ids are keyed hashes of the PatientID.
+    patient ids are keyed hashes of the PatientID. ``patient_key`` ``study_uid``
+    takes the study as the patient (a release that anonymised every PatientID alike).
     """
     rejected: list[Rejection] = []
     by_series: dict[str, list[SliceHeader]] = defaultdict(list)
@@ -104,7 +109,7 @@ def plan_series(
         runs = _gap_runs(series_uid, slices, z, gap_policy, gap_tolerance, findings, rejected)
         if runs is None:
             continue
-        patient_id = _majority(h.patient_id for h in slices)
+        patient_id = _majority(getattr(h, patient_key) for h in slices)
         if pseudonym_key is not None:
             patient_id = pseudonymize(patient_id, pseudonym_key)
         for part, run in enumerate(runs, start=1):
@@ -122,7 +127,7 @@ def plan_series(
                 )
             )
 
-    if image_size is None and plans:
+    if image_size is None and geometry == "reject" and plans:
         plans = _keep_dataset_shape(plans, rejected)
     return sorted(plans, key=lambda p: p.sort_key), rejected
 

@@ -21,7 +21,13 @@ from medssl.core.faults import fault_point
 from medssl.core.files import write_csv
 from medssl.core.provenance import record
 from medssl.datasets.conversion.intensity import Intensity
-from medssl.datasets.conversion.layout import IMAGES, META, REJECT_COLUMNS, STRING_META
+from medssl.datasets.conversion.layout import (
+    GEOMETRY_META,
+    IMAGES,
+    META,
+    REJECT_COLUMNS,
+    STRING_META,
+)
 from medssl.datasets.conversion.pixels import SeriesResult
 from medssl.datasets.conversion.settings import COMPRESSION
 from medssl.dicom.reading import Rejection
@@ -53,10 +59,12 @@ def write_images(
             n_rows += count
             # Numbered here, not by the producer: a series arrives in several
             # blocks or tasks, and a slice that failed to decode leaves no gap.
-            series = result.meta["series_uid"][0]
-            first = written[series]
-            result.meta["slice_index"] = list(range(first, first + count))
-            written[series] += count
+            # Row by row, because a result of flat images holds several series.
+            numbers = []
+            for series in result.meta["series_uid"]:
+                numbers.append(written[series])
+                written[series] += 1
+            result.meta["slice_index"] = numbers
             for name, values in result.meta.items():
                 meta[name].extend(values)
             fault_point("convert.series_written")
@@ -108,6 +116,9 @@ def _write_meta(handle: h5py.File, meta: dict[str, list[Any]]) -> None:
     group.create_dataset(
         "spacing", data=np.asarray(meta["spacing"], dtype=np.float32).reshape(-1, 3)
     )
+    for name in GEOMETRY_META:
+        dtype = np.float32 if name == "scale" else np.int32
+        group.create_dataset(name, data=np.asarray(meta[name], dtype=dtype).reshape(-1, 2))
 
 
 def reason_counts(rejected: Sequence[Rejection]) -> dict[str, int]:
@@ -124,8 +135,10 @@ def write_root_attrs(
     rejected: Sequence[Rejection],
     n_series: int,
     findings: dict[str, list[str]],
+    source: str = "dicom",
+    extra: dict[str, str] | None = None,
 ) -> None:
-    """Root attributes: provenance, the file accounting and the geometry findings."""
+    """Root attributes: provenance, the file accounting, the geometry findings, the source."""
     with h5py.File(path, "a") as handle:
         handle.attrs["provenance"] = json.dumps(record("convert", settings), default=str)
         handle.attrs["n_files_seen"] = n_files
@@ -135,6 +148,9 @@ def write_root_attrs(
         handle.attrs["n_series"] = n_series
         handle.attrs["reject_reasons"] = json.dumps(reason_counts(rejected))
         handle.attrs["series_findings"] = json.dumps(findings)
+        handle.attrs["source"] = source
+        for key, value in (extra or {}).items():
+            handle.attrs[key] = value
 
 
 def write_rejects(path: str | os.PathLike[str], rejected: Sequence[Rejection]) -> None:

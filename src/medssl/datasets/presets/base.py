@@ -48,6 +48,9 @@ class Manifest:
     rejects: list[tuple[str, str]] = field(default_factory=list)
     label_columns: list[str] = field(default_factory=list)
     mask_structures: list[str] = field(default_factory=list)
+    convert_settings: dict[str, Any] = field(default_factory=dict)
+    """Conversion settings the release needs whatever the config says (RSNA-PE's
+    anonymised PatientID: ``{"patient_key": "study_uid"}``)."""
 
     def __post_init__(self) -> None:
         required = {"images": IMAGE_COLUMNS, "dicom": DICOM_COLUMNS, "npz": ()}[self.kind]

@@ -36,4 +36,6 @@ class Lidc(Preset):
             )
         empty = [p.name for p in patients if not any(p.rglob("*.dcm"))]
         rejects = [(name, "patient folder without .dcm files") for name in empty]
-        return Manifest("dicom", base, pd.DataFrame(columns=list(DICOM_COLUMNS)), rejects, [])
+        # LIDC-IDRI also holds chest radiographs (CR, DX); the pool is its CT.
+        empty = pd.DataFrame(columns=list(DICOM_COLUMNS))
+        return Manifest("dicom", base, empty, rejects, [], convert_settings={"modalities": ["CT"]})

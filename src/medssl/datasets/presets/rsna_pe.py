@@ -80,4 +80,11 @@ class RsnaPe(Preset):
                 **{c: kept[c].astype(int) for c in LABELS},
             }
         ).reset_index(drop=True)
-        return Manifest("dicom", images, frame, rejects, list(LABELS))
+        return Manifest(
+            "dicom",
+            images,
+            frame,
+            rejects,
+            list(LABELS),
+            convert_settings={"patient_key": "study_uid", "modalities": ["CT"]},
+        )

@@ -88,7 +88,10 @@ class Siim(Preset):
         if not rows:
             raise PresetError(f"{self.name}: {images}: no .dcm file matches an ImageId of {rle}")
         frame = pd.DataFrame(rows, columns=["sop_uid", "patient_id", "official_split", LABEL])
-        return Manifest("dicom", images, frame, rejects, [LABEL])
+        # The release's radiographs are CR (and DX on some exports): whatever the
+        # config's modalities, they are what this dataset is.
+        modalities = {"modalities": ["CR", "DX"]}
+        return Manifest("dicom", images, frame, rejects, [LABEL], convert_settings=modalities)
 
     def _masks(
         self, root: Path, structure: str, sizes: dict[str, tuple[int, int]]

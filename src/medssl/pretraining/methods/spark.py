@@ -15,7 +15,12 @@ coarsest scale (identity when the widths already match) and 3x3 elsewhere.
 Its optimiser recipe (:attr:`SparK.optim_recipe`) is the official one:
 LAMB (betas 0.9/0.95), base lr 2e-4 x batch/256, 40 warm-up epochs, cosine
 to 0.001 of the peak, weight decay rising from 0.04 to 0.2 by a cosine,
-gradient clipping at 5.
+gradient clipping at 5. As there, the mask tokens join the biases and
+normalisation parameters without weight decay (:meth:`SparK.no_decay_parameters`),
+so LAMB gives them a plain Adam step. A backbone that starts from random
+weights gets the official backbone recipe (:attr:`SparK.backbone_recipe`):
+the last BatchNorm of every residual block zero-initialised and stochastic
+depth 0.05.
 """
 
 from __future__ import annotations
@@ -27,9 +32,16 @@ import torch
 from torch import nn
 from torchvision.models.resnet import ResNet
 
+from medssl.core.registry import look_up
+from medssl.pretraining import optimizers
 from medssl.pretraining.methods.base import Method, register
 from medssl.pretraining.methods.loss_helpers import wide
-from medssl.pretraining.methods.sparse import MaskState, SparseBatchNorm2d, sparsify
+from medssl.pretraining.methods.sparse import (
+    SPARSE_IMPLS,
+    MaskState,
+    SparseBatchNorm2d,
+    sparsify,
+)
 
 DOWNSAMPLE = 32
 """Total stride of a torchvision ResNet: the mask grid is the input / 32."""
@@ -169,14 +181,19 @@ class SparK(Method):
     """Sparse masked encoder, per-scale densify layers and a light UNet decoder.
 
     Settings: ``mask_ratio`` (fraction of grid cells hidden per image),
-    ``decoder_width`` (decoder channels at stride 32, halved per scale) and
-    ``augment`` (keys overriding :data:`SPARK_AUGMENT`).
+    ``decoder_width`` (decoder channels at stride 32, halved per scale; 768
+    is the official width, 128 makes the small CPU backbone's steps several
+    times faster), ``sparse_impl`` (how the sparse BatchNorm finds the visible
+    positions, :data:`~medssl.pretraining.methods.sparse.SPARSE_IMPLS`: equal
+    values, ``dense_masked`` never synchronises with a GPU) and ``augment``
+    (keys overriding :data:`SPARK_AUGMENT`).
     """
 
     views_per_sample: ClassVar[int] = 1
     default_settings: ClassVar[dict[str, Any]] = {
         "mask_ratio": 0.6,
         "decoder_width": 768,
+        "sparse_impl": "dense_masked",
         "augment": {},
     }
     # keyu-tian/SparK pretrain/utils/arg_util.py and lr_control.py.
@@ -190,13 +207,24 @@ class SparK(Method):
         "final_lr_fraction": 0.001,
         "grad_clip": 5.0,
     }
+    # keyu-tian/SparK pretrain/models/__init__.py: timm ResNets, whose blocks
+    # zero-initialise their last BatchNorm, with drop_path_rate 0.05 for
+    # ResNet-50, spread over the blocks by timm's linear rule.
+    backbone_recipe: ClassVar[dict[str, Any]] = {
+        "zero_init_residual": True,
+        "drop_path": 0.05,
+    }
+    """Backbone options (:func:`medssl.models.backbones.resolve_backbone_options`)
+    for a backbone built from random weights; an imported one keeps its own."""
 
     def __init__(self, backbone: ResNet, settings: Mapping[str, Any] | None = None) -> None:
         super().__init__(backbone, settings)
         ratio = float(self.settings["mask_ratio"])
         if not 0.0 < ratio < 1.0:
             raise ValueError(f"spark.mask_ratio must be in (0, 1), got {ratio}")
-        self.mask_state = MaskState()
+        impl = str(self.settings["sparse_impl"])
+        look_up("spark.sparse_impl", impl, SPARSE_IMPLS)
+        self.mask_state = MaskState(impl=impl)
         self._hooks = sparsify(self.backbone, self.mask_state)
         width = int(self.settings["decoder_width"])
         self.mask_tokens = nn.ParameterList()
@@ -222,13 +250,27 @@ class SparK(Method):
         """SparK's crop-and-flip recipe, with ``spark.augment`` keys on top."""
         return {**SPARK_AUGMENT, **dict(self.settings["augment"])}
 
-    def densify(self, features: list[torch.Tensor], active: torch.Tensor) -> list[torch.Tensor]:
-        """Coarsest-first decoder inputs: sparse BN, mask tokens at hidden positions, projection."""
+    def no_decay_parameters(self) -> list[nn.Parameter]:
+        """The mask tokens, exempt from weight decay by name in the official code.
+
+        With decay and LAMB's trust ratio a token's step is scaled by its own
+        tiny norm (initialised within +-0.02), so it would barely move.
+        """
+        return list(self.mask_tokens)
+
+    def optimizer_groups(self) -> list[dict[str, Any]]:
+        """The usual weight and bias/norm groups with :meth:`no_decay_parameters` exempt."""
+        return optimizers.exempt_from_decay(super().optimizer_groups(), self.no_decay_parameters())
+
+    def densify(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Coarsest-first decoder inputs: sparse BN, mask tokens at hidden positions, projection.
+
+        Runs inside the forward pass's mask context.
+        """
         dense = []
         for level, feature in enumerate(reversed(features)):
-            with self.mask_state.masking(active):
-                normed = self.densify_norms[level](feature)
-                visible = self.mask_state.at(feature.shape[-2], feature.shape[-1])
+            normed = self.densify_norms[level](feature)
+            visible = self.mask_state.at(feature.shape[-2], feature.shape[-1])
             filled = torch.where(visible, normed, self.mask_tokens[level].to(normed.dtype))
             dense.append(self.densify_projs[level](filled))
         return dense
@@ -250,8 +292,11 @@ class SparK(Method):
             float(self.settings["mask_ratio"]),
             images.device,
         )
+        # One mask context for encoder and densify layers, so each resolution's
+        # mask is built once per step.
         with self.mask_state.masking(active):
             visible_pixels = self.mask_state.at(height, width)
             features = stage_features(self.backbone, images * visible_pixels)
-        reconstruction = self.decoder(self.densify(features, active))
+            dense = self.densify(features)
+        reconstruction = self.decoder(dense)
         return masked_patch_loss(images, wide(reconstruction), active, DOWNSAMPLE)

@@ -15,20 +15,32 @@ backbone's own objects under their own names, so the exported encoder is a
 plain torchvision state dict. While no mask is set (:class:`MaskState` holds
 ``None``) every patched layer behaves exactly as the dense original, so the
 same backbone fine-tunes or evaluates densely after pre-training.
+
+The sparse BatchNorm has two implementations (:data:`SPARSE_IMPLS`) that
+give the same values: ``gather`` collects the visible positions into a
+smaller batch and scatters the result back, as the official code does; its
+boolean indexing has a data-dependent size, so on a GPU every BatchNorm
+waits for the device to count the visible positions (50-odd waits per step
+on ResNet-50). ``dense_masked`` (the default) computes the masked moments on
+the full map, weighting by the mask and keeping the count as a tensor, then
+normalises everywhere and re-masks: more arithmetic, no synchronisation, so
+the host can queue the whole step ahead of the device.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from medssl.pretraining import syncbn
+from medssl.core.registry import Registry
+from medssl.pretraining import distributed, syncbn
 
 SPARSE_HOOKED = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
 """Layers whose output is zeroed at masked positions by a forward hook."""
@@ -40,9 +52,17 @@ class MaskState:
 
     ``active`` is a boolean ``(N, 1, h, w)`` tensor on the coarsest grid,
     True where a patch is visible, or ``None`` outside a masked pass.
+    ``impl`` names the sparse BatchNorm implementation (:data:`SPARSE_IMPLS`).
+    The mask at each resolution is computed once per pass and reused by
+    every layer at that resolution.
     """
 
     active: torch.Tensor | None = None
+    impl: str = "dense_masked"
+    _cache: dict[tuple[Any, ...], torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        SPARSE_IMPLS[self.impl]  # fails early, naming the known implementations
 
     @contextmanager
     def masking(self, active: torch.Tensor) -> Iterator[None]:
@@ -51,27 +71,49 @@ class MaskState:
             raise ValueError(
                 f"mask must be bool (N, 1, h, w), got {active.dtype} {tuple(active.shape)}"
             )
-        self.active = active
+        outer, outer_cache = self.active, self._cache
+        self.active, self._cache = active, {}
         try:
             yield
         finally:
-            self.active = None
+            self.active, self._cache = outer, outer_cache
 
     def at(self, height: int, width: int) -> torch.Tensor:
-        """The mask upsampled by nearest repetition to a ``height x width`` feature map.
+        """The boolean mask upsampled by nearest repetition to a ``height x width`` map.
 
         Every ResNet stage halves the resolution, so each feature map is an
         integer multiple of the coarsest grid; anything else is a caller bug.
+        Built by broadcasting views (no data-dependent size), once per size.
         """
         active = self.active
         if active is None:
             raise RuntimeError("no mask is set")
-        grid_h, grid_w = active.shape[-2:]
-        if height % grid_h or width % grid_w:
-            raise ValueError(
-                f"feature map {height}x{width} is not a multiple of the mask grid {grid_h}x{grid_w}"
-            )
-        return active.repeat_interleave(height // grid_h, 2).repeat_interleave(width // grid_w, 3)
+        key = ("bool", height, width)
+        if key not in self._cache:
+            n, _, grid_h, grid_w = active.shape
+            if height % grid_h or width % grid_w:
+                raise ValueError(
+                    f"feature map {height}x{width} is not a multiple of the mask grid "
+                    f"{grid_h}x{grid_w}"
+                )
+            rows, cols = height // grid_h, width // grid_w
+            grid = active[:, :, :, None, :, None].expand(n, 1, grid_h, rows, grid_w, cols)
+            self._cache[key] = grid.reshape(n, 1, height, width)
+        return self._cache[key]
+
+    def weights(self, height: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+        """:meth:`at` as 0/1 values of ``dtype``, to weight sums by visibility (cached)."""
+        key = ("weights", height, width, dtype)
+        if key not in self._cache:
+            self._cache[key] = self.at(height, width).to(dtype)
+        return self._cache[key]
+
+    def count(self, height: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+        """Number of visible positions at ``height x width``, a 0-d tensor kept on the device."""
+        key = ("count", height, width, dtype)
+        if key not in self._cache:
+            self._cache[key] = self.weights(height, width, dtype).sum()
+        return self._cache[key]
 
 
 def _zero_masked(state: MaskState, module: nn.Module, inputs: Any, output: torch.Tensor) -> Any:
@@ -85,22 +127,79 @@ def _zero_masked(state: MaskState, module: nn.Module, inputs: Any, output: torch
 def sparse_batch_norm(module: nn.BatchNorm2d, state: MaskState, x: torch.Tensor) -> torch.Tensor:
     """BatchNorm over the visible positions of ``x`` only; masked positions come out zero.
 
-    The visible feature vectors are gathered into an ``(M, C, 1, 1)`` batch and
-    passed through the layer's own :class:`~torch.nn.BatchNorm2d` computation,
-    so batch statistics, running-statistic updates (momentum or cumulative),
-    ``num_batches_tracked`` and eval mode all behave as torch defines them,
-    only over the M visible positions instead of all N*H*W. Under DDP with
-    synchronised BatchNorm (:mod:`medssl.pretraining.syncbn`) the M positions are those of
-    every rank, as in the official code's sparse sync BatchNorm.
+    Batch statistics, running-statistic updates (momentum or cumulative,
+    unbiased variance), ``num_batches_tracked`` and eval mode behave as
+    torch's :class:`~torch.nn.BatchNorm2d` defines them, only over the M
+    visible positions instead of all N*H*W. Under DDP with synchronised
+    BatchNorm (:mod:`medssl.pretraining.syncbn`) the M positions are those of
+    every rank, as in the official code's sparse sync BatchNorm. Dispatches
+    to ``state.impl``.
     """
     if state.active is None:
         return syncbn.batch_norm(module, x)
+    return SPARSE_IMPLS[state.impl](module, state, x)
+
+
+def gather_batch_norm(module: nn.BatchNorm2d, state: MaskState, x: torch.Tensor) -> torch.Tensor:
+    """The official code's way: the visible feature vectors as an ``(M, C, 1, 1)`` batch.
+
+    The layer's own BatchNorm computation runs on that batch and the result
+    is scattered back into zeros. The boolean indexing synchronises with a GPU.
+    """
     visible = state.at(x.shape[-2], x.shape[-1])[:, 0]
     channels_last = x.permute(0, 2, 3, 1)
     normed = syncbn.batch_norm(module, channels_last[visible][:, :, None, None])
     out = torch.zeros_like(channels_last)
     out[visible] = normed[:, :, 0, 0].to(out.dtype)
     return out.permute(0, 3, 1, 2)
+
+
+def masked_batch_norm(module: nn.BatchNorm2d, state: MaskState, x: torch.Tensor) -> torch.Tensor:
+    """The same values as :func:`gather_batch_norm` with fixed shapes and no device sync.
+
+    Moments over the visible positions are sums weighted by the 0/1 mask
+    divided by the visible count (a tensor): the mean, then the biased
+    variance of the centred values for normalising, and ``M / (M - 1)`` times
+    it for the running variance, as torch does. Statistics are computed in at
+    least float32 (as cuDNN's BatchNorm does for half inputs). Every position
+    is normalised and the result re-masked. Written by hand because torch's
+    BatchNorm kernels have no per-position weights.
+    """
+    height, width = x.shape[-2:]
+    compute = torch.promote_types(x.dtype, torch.float32)
+    visible = state.weights(height, width, compute)
+    uses_batch_stats = module.training or module.running_mean is None
+    if not uses_batch_stats:
+        out = F.batch_norm(
+            x, module.running_mean, module.running_var, module.weight, module.bias,
+            False, 0.0, module.eps,
+        )  # fmt: skip
+        return out * visible.to(out.dtype)
+    values = x.to(compute)
+    count = state.count(height, width, compute)
+    mean = (values * visible).sum((0, 2, 3)) / count
+    centred = values - mean.view(1, -1, 1, 1)
+    m2 = (centred.square() * visible).sum((0, 2, 3))
+    if getattr(module, syncbn.SYNC_ATTRIBUTE, False) and distributed.active():
+        count, mean, global_m2 = syncbn.global_moments(count, mean, m2)
+        centred, m2 = values - mean.view(1, -1, 1, 1), global_m2
+    if module.track_running_stats and module.running_mean is not None:
+        # torch refuses a single value per channel; that check would need the
+        # count on the host, so a lone visible position keeps a finite variance.
+        unbiased = m2 / (count - 1).clamp_min(1)
+        syncbn.update_running(module, mean.detach(), unbiased.detach())
+    out = centred * torch.rsqrt(m2 / count + module.eps).view(1, -1, 1, 1)
+    if module.affine:
+        out = out * module.weight.view(1, -1, 1, 1) + module.bias.view(1, -1, 1, 1)
+    return (out * visible).to(x.dtype)
+
+
+SparseNorm = Callable[[nn.BatchNorm2d, MaskState, torch.Tensor], torch.Tensor]
+
+SPARSE_IMPLS: Registry[SparseNorm] = Registry(
+    "sparse implementation", {"gather": gather_batch_norm, "dense_masked": masked_batch_norm}
+)
+"""Sparse BatchNorm implementations by name (``spark.sparse_impl``); they agree to rounding."""
 
 
 class SparseBatchNorm2d(nn.BatchNorm2d):
