@@ -270,7 +270,10 @@ def convert_source(
     (a table, for a preset) replaces ``--manifest``; ``extra_rejects`` join the rejects."""
     settings = settings_from(args, source)
     if source == "dicom":
-        return convert(src, out, rejects, settings, threads=args.threads)
+        summary = convert(src, out, rejects, settings, threads=args.threads)
+        if args.labels_out is not None and manifest is None:
+            write_keys_table(out, args.labels_out)
+        return summary
     # Imported here: the DICOM path (the workflow's) does not need them.
     from medssl.datasets.sources import convert_images, convert_nifti, convert_npz
 
@@ -293,7 +296,25 @@ def convert_source(
         return convert_npz(
             src, out, rejects, settings, labels_out=args.labels_out, extra_rejects=extra_rejects
         )
-    return convert_nifti(src, out, rejects, settings, threads=args.threads, manifest=args.manifest)
+    summary = convert_nifti(
+        src, out, rejects, settings, threads=args.threads, manifest=args.manifest
+    )
+    if args.labels_out is not None:
+        write_keys_table(out, args.labels_out)
+    return summary
+
+
+def write_keys_table(out: Path, labels_out: Path) -> None:
+    """The labels table of a source without labels of its own (a DICOM or NIfTI folder):
+    each converted image's keys, so every dataset has the same table beside its HDF5
+    file; the user's label CSV holds the labels."""
+    from medssl.core.files import write_csv
+    from medssl.datasets.hdf5 import read_meta
+
+    meta = read_meta(out)
+    keys = meta[["sop_uid", "patient_id"]].drop_duplicates("sop_uid").assign(official_split="")
+    write_csv(labels_out, keys)
+    log.info("labels table: %d images, keys only -> %s", len(keys), labels_out)
 
 
 def run_preset(args: argparse.Namespace, root: Path, out: Path, rejects: Path) -> None:
@@ -317,7 +338,7 @@ def run_preset(args: argparse.Namespace, root: Path, out: Path, rejects: Path) -
     elif manifest.kind == "npz":
         convert_source("npz", manifest.source, out, rejects, args, None, preset_rejects)
     elif manifest.kind == "dicom":
-        convert_source("dicom", manifest.source, out, rejects, args)
+        convert_source("dicom", manifest.source, out, rejects, args, manifest.table)
         _finish_dicom_preset(manifest.table, out, rejects, args.labels_out, preset_rejects)
     else:
         raise ValueError(f"preset {args.preset}: unknown manifest kind {manifest.kind!r}")

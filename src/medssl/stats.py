@@ -29,6 +29,7 @@ import sys
 import pandas as pd
 
 from medssl.analysis.bootstrap import add_test_set_uncertainty, collect_predictions
+from medssl.analysis.delong import add_delong_vs_reference
 from medssl.analysis.statistics import (
     PUBLISHED_COLUMNS,
     published_decimals,
@@ -105,17 +106,24 @@ def run(args: argparse.Namespace) -> None:
         log.info("wrote %d rows to %s (%d marks flip within rounding)", len(out), args.out, flips)
         return
     summary = summarise(pd.read_csv(args.runs), settings)
-    if args.predictions_root and settings["test_bootstrap"] > 0:
+    wants_predictions = settings["test_bootstrap"] > 0 or settings["delong"]
+    if args.predictions_root and wants_predictions:
         predictions = collect_predictions(args.predictions_root)
-        summary = add_test_set_uncertainty(
-            summary,
-            predictions,
-            settings["test_bootstrap"],
-            settings["bootstrap_seed"],
-            settings["confidence"],
+        if settings["test_bootstrap"] > 0:
+            summary = add_test_set_uncertainty(
+                summary,
+                predictions,
+                settings["test_bootstrap"],
+                settings["bootstrap_seed"],
+                settings["confidence"],
+            )
+        if settings["delong"]:
+            summary = add_delong_vs_reference(summary, predictions, settings["reference"])
+    elif wants_predictions:
+        log.warning(
+            "stats.test_bootstrap or stats.delong is set but no --predictions-root: "
+            "no test-set intervals or DeLong tests"
         )
-    elif settings["test_bootstrap"] > 0:
-        log.warning("stats.test_bootstrap > 0 but no --predictions-root: no test-set intervals")
     write_table(args.out, summary, "stats", settings, sidecar=not args.no_provenance)
     counts = summary["mark"].value_counts().to_dict()
     log.info("wrote %d rows to %s (marks: %s)", len(summary), args.out, counts)

@@ -56,3 +56,44 @@ def test_bad_input_is_named() -> None:
         delong(np.array([1, 0, 0, 0]), np.array([0.9, 0.1, 0.2, 0.3]))
     with pytest.raises(ValueError, match="0/1"):
         delong(np.array([2, 0, 2, 0]), np.array([0.9, 0.1, 0.2, 0.3]))
+
+
+def _runs(labels: np.ndarray, signal: float, seeds: int, rng: np.random.Generator) -> list[dict]:
+    """Runs of one cell on one shared test split, rows in a different order per run."""
+    runs = []
+    for _ in range(seeds):
+        order = rng.permutation(len(labels))
+        scores = 1 / (1 + np.exp(-(signal * labels + rng.normal(size=len(labels)))))
+        runs.append({"sample_index": order, "labels": labels[order], "scores": scores[order]})
+    return runs
+
+
+def test_delong_against_the_reference_separates_a_better_init_on_the_test_set() -> None:
+    import pandas as pd
+
+    from medssl.analysis.delong import add_delong_vs_reference, seed_ensemble
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 400)
+    predictions = {
+        ("t", "good", 1.0): _runs(labels, 3.0, 3, rng),
+        ("t", "same", 1.0): _runs(labels, 0.5, 3, rng),
+        ("t", "scratch", 1.0): _runs(labels, 0.5, 3, rng),
+    }
+    summary = pd.DataFrame(
+        [
+            {"task": "t", "metric": metric, "fraction": 1.0, "init": init, "notes": ""}
+            for init in ("good", "same", "scratch")
+            for metric in ("auc", "accuracy")
+        ]
+    )
+    out = add_delong_vs_reference(summary, predictions, "scratch").set_index(["init", "metric"])
+    assert out.loc[("good", "auc"), "p_delong_vs_ref"] < 1e-6
+    assert out.loc[("good", "auc"), "delong_diff"] > 0.2
+    assert out.loc[("same", "auc"), "p_delong_vs_ref"] > 0.01
+    assert np.isnan(out.loc[("good", "accuracy"), "p_delong_vs_ref"])  # AUC rows only
+    assert np.isnan(out.loc[("scratch", "auc"), "p_delong_vs_ref"])  # not against itself
+    assert "DeLong" in out.loc[("good", "auc"), "notes"]
+    # The ensemble is aligned by test row, whatever order each run wrote them in.
+    rows, aligned, _ = seed_ensemble(predictions[("t", "good", 1.0)])
+    assert np.array_equal(rows, np.arange(400)) and np.array_equal(aligned, labels)

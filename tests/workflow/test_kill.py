@@ -112,7 +112,7 @@ def test_killed_snakemake_reruns_to_the_uninterrupted_runs(
     for path in rerun:
         reference = shared_run(workflow_run, path, workdir)
         assert without_provenance(json.loads(path.read_text())) == without_provenance(reference)
-    encoder = "results/init/simclr/encoder.pt"
+    encoder = "results/init/simclr/pseed0/encoder.pt"
     assert (workdir / encoder).read_bytes() == (workflow_run / encoder).read_bytes()
     runs = pd.read_csv(workdir / "results/tables/runs.csv")
     full = pd.read_csv(workflow_run / "results/tables/runs.csv")

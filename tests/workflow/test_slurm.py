@@ -24,7 +24,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.workflow.tree import REPO, SMALLEST, copy_workflow, drop_task
+from tests.workflow.tree import REPO, SMALLEST, base_config, copy_workflow, drop_task
 
 SCRIPT = REPO / "scripts" / "slurm-test-cluster.sh"
 PROFILE = Path("slurm") / "config.v8+.yaml"
@@ -32,7 +32,7 @@ PROFILE = Path("slurm") / "config.v8+.yaml"
 # task; fine-tunes in groups of four, so that there are two groups.
 DROPPED_TASK = "region"
 GROUP_SIZE = 4
-_DEFAULT = yaml.safe_load((REPO / "config.yaml").read_text())
+_DEFAULT = base_config()
 TASKS = {name: task for name, task in _DEFAULT["tasks"].items() if name != DROPPED_TASK}
 SEGMENTATION_TASKS = [name for name, task in TASKS.items() if task["type"] == "segmentation"]
 FINETUNES = (

@@ -127,3 +127,21 @@ def test_study_is_a_complete_config() -> None:
     for path in STUDIES.glob("*.yaml"):
         keys = set(yaml.safe_load(path.read_text()))
         assert set(load_schema()["required"]) <= keys, path.name
+
+
+def test_default_config_plans_spark_against_contrastive_methods(tmp_path: Path) -> None:
+    """The built-in run asks the studies' question: SparK, two contrastive methods and
+    scratch, on every task at three fractions and three seeds."""
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    resolved = validate_config(config)
+    methods = set(resolved["pretrain"]["methods"])
+    assert "spark" in methods and len(methods & {"simclr", "moco_v2", "byol", "swav"}) >= 2
+    assert {"scratch", *methods} <= set(resolved["inits"])
+    assert len(resolved["fractions"]) >= 3 and len(resolved["seeds"]) >= 3
+    counts = _job_counts(tmp_path)
+    assert counts["pretrain"] == len(methods) * len(resolved["pretrain"]["seeds"])
+    per_job = resolved["compute"]["seeds_per_job"]
+    cells = len(resolved["inits"]) * len(resolved["tasks"]) * len(resolved["fractions"])
+    assert counts["finetune"] == cells * -(-len(resolved["seeds"]) // per_job)
+    assert counts["costs"] == 1

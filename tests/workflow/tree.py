@@ -19,18 +19,34 @@ REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "tests" / "configs" / "tiny.yaml"
 WORKFLOW_FILES = ("Snakefile", "config.yaml", "workflow", "src", "envs", "slurm")
 SMALLEST = {"fractions": [0.5, 1.0], "seeds": [0]}
+TINY_INITS = ("scratch", "simclr")
+"""The inits the whole-workflow tests run. The default's SparK needs slices of 64
+pixels or more and BYOL adds nothing a test checks, so the copies keep scratch and
+one pre-trained init (an overlay can add inits, not remove them)."""
 """Overlay on the tiny config for the runs that test a mechanism (killing, SLURM) rather
 than the grid: one seed, and the two fractions a label-efficiency slope needs;
 :func:`drop_task` removes a task too."""
 
 
+def base_config() -> dict:
+    """``config.yaml`` with the inits and methods cut to :data:`TINY_INITS`."""
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config["inits"] = {name: config["inits"][name] for name in TINY_INITS}
+    methods = config["pretrain"]["methods"]
+    config["pretrain"]["methods"] = [method for method in methods if method in TINY_INITS]
+    return config
+
+
 def copy_workflow(workdir: Path, names: tuple[str, ...] = WORKFLOW_FILES) -> Path:
-    """Copy the workflow (and the tiny config as ``tiny.yaml``) into ``workdir``."""
+    """Copy the workflow (its config cut by :func:`base_config`, and the tiny config as
+    ``tiny.yaml``) into ``workdir``."""
     workdir.mkdir(parents=True, exist_ok=True)
     for name in names:
         source = REPO / name
         if source.is_dir():
             shutil.copytree(source, workdir / name, ignore=shutil.ignore_patterns("__pycache__"))
+        elif name == "config.yaml":
+            (workdir / name).write_text(yaml.safe_dump(base_config(), sort_keys=False))
         else:
             shutil.copy2(source, workdir / name)
     shutil.copy2(TINY, workdir / "tiny.yaml")

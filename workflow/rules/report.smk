@@ -48,6 +48,7 @@ rule stats:
         settings=stats_settings,
     shell:
         "python -m medssl.stats --runs {input.runs} --settings {params.settings:q}"
+        " --predictions-root results/finetune"
         " --out {output} > {log} 2>&1"
 
 
@@ -318,6 +319,7 @@ rule partial_stats:
         settings=stats_settings,
     shell:
         "python -m medssl.stats --runs {input.runs} --settings {params.settings:q}"
+        " --predictions-root results/finetune"
         " --out {output} > {log} 2>&1"
 
 

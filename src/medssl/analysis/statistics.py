@@ -142,6 +142,7 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "bootstrap_seed": 0,
     "best_bootstrap": 2000,
     "test_bootstrap": 0,
+    "delong": False,
     "efficiency_model": "ols",
     "efficiency_scale": "logit",
     "logit_eps": 0.001,

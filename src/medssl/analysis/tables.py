@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from medssl.analysis.statistics import TESTS, metric_direction, resolve_settings
+from medssl.analysis.statistics import ONE_PRETRAIN_NOTE, TESTS, metric_direction, resolve_settings
 from medssl.core.registry import Registry
 
 METRIC_LABELS: dict[str, str] = {
@@ -257,14 +257,22 @@ def _diff_text(row: Mapping[str, Any] | None, prefix: str, decimals: int, missin
     return f"{est:+.{decimals}f} [{low:+.{decimals}f}, {high:+.{decimals}f}]"
 
 
+def _cell_note(note: object) -> str:
+    """A cell's warnings without the one-pre-training-run note, which the legend's
+    design line states once per init instead of once per cell."""
+    if not isinstance(note, str):
+        return ""
+    return "; ".join(part for part in note.split("; ") if part and part != ONE_PRETRAIN_NOTE)
+
+
 def cell_notes(frame: pd.DataFrame) -> list[str]:
     """``init, fraction: note`` for every cell of a table whose comparisons carry warnings."""
     if "notes" not in frame.columns:
         return []
     out = []
     for row in frame.sort_values(["init", "fraction"], kind="mergesort").to_dict("records"):
-        note = row.get("notes")
-        if isinstance(note, str) and note:
+        note = _cell_note(row.get("notes"))
+        if note:
             out.append(f"{row['init']}, {fraction_label(row['fraction'])}: {note}")
     return out
 
@@ -396,9 +404,9 @@ def _init_notes(frame: pd.DataFrame, init: str) -> str:
         return ""
     rows = frame[frame["init"].astype(str) == init].sort_values("fraction")
     return "; ".join(
-        f"{fraction_label(f)}: {n}"
+        f"{fraction_label(f)}: {_cell_note(n)}"
         for f, n in zip(rows["fraction"], rows["notes"], strict=True)
-        if isinstance(n, str) and n
+        if _cell_note(n)
     )
 
 

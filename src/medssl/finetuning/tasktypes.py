@@ -56,7 +56,6 @@ from medssl.finetuning.metrics import (
     undefined_flags,
 )
 from medssl.models.backbones import feature_dim
-from medssl.models.unet import DEFAULT_DECODER_CHANNELS, ResNetUNet
 
 
 class Classifier(nn.Module):
@@ -414,6 +413,10 @@ class Segmentation(TaskType):
         return 1
 
     def build_model(self, backbone: ResNet, n_outputs: int, settings: dict[str, Any]) -> nn.Module:
+        # Imported here: MONAI's networks take about 2 s to import, which every
+        # classification fine-tune (most jobs of a grid) would pay for nothing.
+        from medssl.models.unet import DEFAULT_DECODER_CHANNELS, ResNetUNet
+
         channels = settings["decoder_channels"] or DEFAULT_DECODER_CHANNELS
         return ResNetUNet(backbone, n_outputs, channels)
 
