@@ -324,7 +324,8 @@ def run_preset(args: argparse.Namespace, root: Path, out: Path, rejects: Path) -
     from medssl.dicom.reading import Rejection
 
     manifest = look_up_preset(args.preset).scan(Path(root), **(args.preset_options or {}))
-    if manifest.convert_settings:
+    needs = getattr(manifest, "convert_settings", None) or {}
+    if needs:
         log.info("preset %s: conversion settings %s", args.preset, manifest.convert_settings)
         base = STANDALONE_DEFAULTS if args.settings is None else args.settings
         args.settings = {**copy.deepcopy(base), **manifest.convert_settings}

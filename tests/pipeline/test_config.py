@@ -58,7 +58,7 @@ MUTATIONS = [
     ("tasks.nodule.type", "regression", "tasks.nodule.type"),
     ("tasks.nodule.dataset", "lidc", "tasks.nodule.dataset"),
     ("tasks.nodule.split", {"val": 0.5, "test": 0.5}, "tasks.nodule.split"),
-    ("inits.simclr.method", "byol", "inits.simclr.method"),
+    ("inits.simclr.method", "barlow_twins", "inits.simclr.method"),
     ("inits.scratch.source", "imagenet", "inits.scratch.source"),
     ("data.convert.intensity.policy", "clahe", "data.convert.intensity.policy"),
     ("data.convert.intensity.windows", [{"center": 40, "width": 0}], "windows.0.width"),

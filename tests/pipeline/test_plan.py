@@ -24,7 +24,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture()
 def config() -> dict:
-    return validate_config(yaml.safe_load((REPO / "config.yaml").read_text()))
+    """The default config cut to scratch and one pre-trained init, so a test that sets
+    its own methods or inits starts from a known grid."""
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config["inits"] = {name: config["inits"][name] for name in ("scratch", "simclr")}
+    config["pretrain"]["methods"] = ["simclr"]
+    return validate_config(config)
 
 
 def plan(config: dict) -> WorkflowPlan:
@@ -145,9 +150,10 @@ def test_import_and_continual_inits_resolve(config: dict, checkpoint: Path) -> N
     assert jobs.pretrain_start("imagenet_spark", "0") == ["results/init/imagenet/encoder.pt"]
     assert jobs.pretrain_start("simclr", "0") == []
     assert jobs.pretrain_method("imagenet_spark") == "spark"
-    assert jobs.init_encoders("scratch", "seed0") == []
-    assert jobs.init_encoders("imagenet", "seed1") == ["results/init/imagenet/encoder.pt"]
-    assert jobs.init_encoders("imagenet_spark", "seed1") == [
+    run = next(iter(jobs.seed_blocks))
+    assert jobs.init_encoders("scratch", run) == []
+    assert jobs.init_encoders("imagenet", run) == ["results/init/imagenet/encoder.pt"]
+    assert jobs.init_encoder_files("imagenet_spark", run) == [
         "results/init/imagenet_spark/pseed0/encoder.pt"
     ]
     assert jobs.import_settings("imagenet") == {
@@ -190,6 +196,10 @@ def test_fine_tune_seeds_are_spread_over_the_pre_training_runs(config: dict) -> 
         "results/init/simclr/pseed7/encoder.pt",
     ]
     assert jobs.init_encoder_files("simclr", "seed4") == ["results/init/simclr/pseed0/encoder.pt"]
+    benchmarks = jobs.training_benchmarks()
+    assert "benchmarks/pretrain/simclr/pseed7.tsv" in benchmarks
+    one_seed = plan(revalidated(config, pretrain=pretrain, seeds=[0]))
+    assert "benchmarks/pretrain/simclr/pseed7.tsv" not in one_seed.training_benchmarks()
     # A second pre-training run changes no settings of the first one.
     assert jobs.pretrain_settings("simclr") == plan(config).pretrain_settings("simclr")
 

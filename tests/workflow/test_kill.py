@@ -75,7 +75,9 @@ def kill_once_fine_tuning_is_under_way(job: subprocess.Popen, workdir: Path) -> 
 
 
 def without_provenance(run: dict) -> dict:
-    return {key: value for key, value in run.items() if key != "provenance"}
+    """A run's record without what depends on how it ran: its provenance, and the name of
+    its predictions file (``test_predictions_seed<s>.npz`` in a job of several seeds)."""
+    return {k: v for k, v in run.items() if k not in ("provenance", "test_predictions")}
 
 
 def shared_run(workflow_run: Path, killed: Path, killed_root: Path) -> dict:

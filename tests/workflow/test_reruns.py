@@ -12,13 +12,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
-from tests.workflow.tree import planned_jobs, snakemake
+from tests.workflow.tree import TINY, planned_jobs, snakemake
 
 pytestmark = pytest.mark.workflow
 
 UPSTREAM = {"synthesize", "convert", "masks", "split", "subsample"}
-REPORT = {"aggregate", "stats", "tables", "plots", "efficiency", "all"}
+REPORT = {"aggregate", "stats", "tables", "plots", "efficiency", "costs", "all"}
+PRETRAIN_RUNS = len(yaml.safe_load(TINY.read_text())["pretrain"]["seeds"])
+"""One pre-training job per seed of the tiny config's ``pretrain.seeds``."""
 
 
 @contextlib.contextmanager
@@ -71,7 +74,7 @@ def test_editing_a_method_reruns_that_methods_pretraining_and_its_fine_tunes(
     jobs = jobs_after_edit(
         workflow_run, "pretraining/methods/simclr.py", lambda text: text + "\nEDITED = True\n"
     )
-    assert jobs.pop("pretrain") == 1
+    assert jobs.pop("pretrain") == PRETRAIN_RUNS
     # Only the simclr init's fine-tunes: half of all fine-tunes (scratch keeps its own).
     assert jobs.pop("finetune") * 2 == every_finetune["finetune"]
     assert not UPSTREAM & set(jobs)
@@ -89,5 +92,5 @@ def test_editing_the_shared_pretraining_loop_reruns_pretraining(workflow_run: Pa
     jobs = jobs_after_edit(
         workflow_run, "pretraining/loop.py", lambda text: text + "\nEDITED = True\n"
     )
-    assert jobs.get("pretrain") == 1
+    assert jobs.get("pretrain") == PRETRAIN_RUNS
     assert not UPSTREAM & set(jobs)

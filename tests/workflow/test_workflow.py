@@ -60,7 +60,12 @@ def test_workflow_produces_tables_and_figures(workflow_run: Path) -> None:
     assert rejects["reason"].str.contains("LOCALIZER", case=False).all()
     for init in grid["inits"]:
         assert (workflow_run / f"logs/finetune/{init}").is_dir()
-    assert (workflow_run / "benchmarks/pretrain/simclr.tsv").is_file()
+    tiny = yaml.safe_load(TINY.read_text())
+    for seed in tiny["pretrain"]["seeds"]:
+        assert (workflow_run / f"benchmarks/pretrain/simclr/pseed{seed}.tsv").is_file()
+    costs = pd.read_csv(workflow_run / "results/tables/costs.csv")
+    assert set(costs["init"]) == set(grid["inits"])
+    assert (costs.loc[costs["init"] == "simclr", "init_s"] > 0).all()
 
 
 def test_second_run_does_nothing(workflow_run: Path) -> None:
@@ -87,6 +92,7 @@ def test_finetune_setting_reruns_finetunes_and_what_follows(workflow_run: Path) 
         "tables": 1,
         "efficiency": 1,
         "forest": 1,
+        "costs": 1,
         "all": 1,
     }
 

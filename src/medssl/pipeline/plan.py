@@ -426,11 +426,15 @@ class WorkflowPlan:
     def training_benchmarks(self) -> list[str]:
         """The benchmark file of every job that makes an encoder or fine-tunes one: what
         the cost table reads (Snakemake writes each when its job ends)."""
+        # Only the pre-training runs some fine-tune seed starts from are jobs at all.
+        used = [
+            p for p in self.pretrain_seeds if p in {self.pretrain_seed_of(s) for s in self.seeds}
+        ]
         making = [
             *(
                 f"benchmarks/pretrain/{job}/pseed{seed}.tsv"
                 for job in self.methods
-                for seed in self.pretrain_seeds
+                for seed in used
             ),
             *(f"benchmarks/import_init/{name}.tsv" for name in self.imports),
             *(f"benchmarks/supervised_init/{name}.tsv" for name in self.supervised),
