@@ -25,6 +25,7 @@ with ``--out``, to ``device_check.json`` and ``device_check.csv``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -98,6 +99,21 @@ class Part:
     note: str = ""
 
 
+def descendants(root: int) -> list[int]:
+    """Every process below ``root``, from the parent ids in ``/proc`` (Linux)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def run_command(argv: list[str], budget: float, log: Path) -> tuple[str, float, str]:
     """Run ``argv`` for at most ``budget`` s; (status, seconds, stdout). Output goes to ``log``.
 
@@ -115,7 +131,13 @@ def run_command(argv: list[str], budget: float, log: Path) -> tuple[str, float, 
         try:
             out, _ = process.communicate(timeout=budget)
         except subprocess.TimeoutExpired:
+            # torchrun starts its ranks in sessions of their own, out of the
+            # group's reach: find every descendant first, then kill them all.
+            stragglers = descendants(process.pid)
             os.killpg(process.pid, signal.SIGKILL)
+            for pid in stragglers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             out, _ = process.communicate()
             stream.write(out)
             return "timeout", time.perf_counter() - started, out
