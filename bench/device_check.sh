@@ -18,7 +18,9 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
 WHEELS="${MEDSSL_WHEELS:-$ROOT/bench/wheels}"
 SITE="${MEDSSL_DEVICE_SITE:-/tmp/medssl-device-site}"
-NEEDED=(monai==1.6.1 pydicom==3.0.2 hdf5plugin==7.1.0)
+# lightly is the peer library of bench/peer_throughput.py (its loss and head modules
+# import without its declared pytorch_lightning and hydra dependencies).
+NEEDED=(monai==1.6.1 pydicom==3.0.2 hdf5plugin==7.1.0 lightly==1.6.0)
 
 args=("$@")
 out="${OUT:-}"

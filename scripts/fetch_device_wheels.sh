@@ -2,7 +2,8 @@
 # Download the wheels bench/device_check.sh installs on a GPU machine that has
 # PyTorch, h5py and numpy but not MONAI, pydicom or hdf5plugin, and no package
 # registry. They land in bench/wheels/ (ignored by its own .gitignore), which a
-# device run carries: about 48 MiB, hdf5plugin alone 44 MiB.
+# device run carries: about 49 MiB, hdf5plugin alone 44 MiB; lightly is the
+# peer library of bench/peer_throughput.py.
 #
 #   bash scripts/fetch_device_wheels.sh [--python-version 3.12]
 #
@@ -15,7 +16,7 @@ DEST="${MEDSSL_WHEELS:-$ROOT/bench/wheels}"
 PY_VERSION=3.12
 if [[ "${1:-}" == "--python-version" ]]; then PY_VERSION="$2"; fi
 # The versions pinned in pyproject.toml.
-PACKAGES=(monai==1.6.1 pydicom==3.0.2 hdf5plugin==7.1.0)
+PACKAGES=(monai==1.6.1 pydicom==3.0.2 hdf5plugin==7.1.0 lightly==1.6.0)
 
 mkdir -p "$DEST"
 printf '*\n' >"$DEST/.gitignore"
