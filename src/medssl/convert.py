@@ -112,6 +112,23 @@ def _spacing(text: str) -> list[float]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The stage's options in the groups ``--help`` shows them in."""
+    add_input_arguments(parser)
+    parser.add_argument(
+        "--settings",
+        type=json_object,
+        default=None,
+        help="JSON object of the data.convert config section; replaces the standalone "
+        "defaults, the options below then override single keys",
+    )
+    add_intensity_arguments(parser)
+    add_series_arguments(parser)
+    add_geometry_arguments(parser)
+    parser.add_argument("--threads", type=int, default=1, help="worker processes (default 1)")
+
+
+def add_input_arguments(parser: argparse.ArgumentParser) -> None:
+    """What to read (source, folder, manifest, preset) and what to write."""
     parser.add_argument(
         "src", nargs="?", type=Path, help="DICOM folder, image folder, npz or NIfTI (SRC)"
     )
@@ -145,13 +162,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--labels-out", type=Path, help="labels table CSV (images, npz, presets)")
     parser.add_argument("--out", type=Path, help="same as OUT.h5")
     parser.add_argument("--rejects", type=Path, help="rejects CSV (default OUT.rejects.csv)")
-    parser.add_argument(
-        "--settings",
-        type=json_object,
-        default=None,
-        help="JSON object of the data.convert config section; replaces the standalone "
-        "defaults, the options below then override single keys",
-    )
+
+
+def add_intensity_arguments(parser: argparse.ArgumentParser) -> None:
+    """Modalities, intensity policy, HU windows and dtype, output size."""
     parser.add_argument("--modalities", nargs="+", help="modalities to keep (default CT)")
     parser.add_argument(
         "--policy", choices=INTENSITY_POLICIES.names(), help="intensity policy (default hu)"
@@ -165,6 +179,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--dtype", choices=list(HU_DTYPES), help="HU dtype (default int16)")
     parser.add_argument("--image-size", help="output size in pixels, or 'native' (default native)")
+
+
+def add_series_arguments(parser: argparse.ArgumentParser) -> None:
+    """Series-level policies: gaps, gantry tilt, rejects, pseudonyms."""
     parser.add_argument(
         "--gap-policy",
         choices=GAP_POLICIES.names(),
@@ -193,6 +211,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="VAR",
         help="store HMAC-SHA256 pseudonyms of PatientID keyed by this environment variable",
     )
+
+
+def add_geometry_arguments(parser: argparse.ArgumentParser) -> None:
+    """Storage and geometry: compression, mixed shapes, fit, colour, spacing, warnings."""
     parser.add_argument(
         "--compression", choices=COMPRESSION.names(), help="HDF5 filter (default blosc)"
     )
@@ -214,7 +236,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         help="log a WARNING when more than this fraction of images is rejected (default 0.05)",
     )
-    parser.add_argument("--threads", type=int, default=1, help="worker processes (default 1)")
 
 
 def settings_from(args: argparse.Namespace, source: str = "dicom") -> dict[str, Any]:
