@@ -13,11 +13,11 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from medssl.core.files import atomic_path
 from medssl.datasets.conversion.intensity import Intensity
@@ -83,7 +83,7 @@ def convert(
         raise FileNotFoundError(f"{root}: DICOM folder does not exist")
     started = time.perf_counter()
     workers = max(1, int(threads))
-    pool = ProcessPoolExecutor(workers, mp_context=_pool_context()) if workers > 1 else None
+    pool = make_pool(workers)
     try:
         found = _inventory(root, cfg, pool, workers)
         n_converted, n_series = _write_outputs(
@@ -380,16 +380,41 @@ def _ordered_results(
         for plan in plans:
             yield from iter_blocks(plan, intensity, grid)
         return
+    parts = [part for plan in plans for part in plan.parts(SLICES_PER_TASK)]
+    yield from ordered_results(process_series, parts, (intensity, grid, compression), pool)
+
+
+Task = TypeVar("Task")
+
+
+def make_pool(threads: int) -> ProcessPoolExecutor | None:
+    """Worker processes for a conversion (see :func:`_pool_context`), none for one thread."""
+    workers = max(1, int(threads))
+    return ProcessPoolExecutor(workers, mp_context=_pool_context()) if workers > 1 else None
+
+
+def ordered_results(
+    work: Callable[..., SeriesResult],
+    tasks: Sequence[Task],
+    args: tuple[Any, ...],
+    pool: ProcessPoolExecutor | None,
+) -> Iterator[SeriesResult]:
+    """``work(task, *args)`` for each task, in task order, a few tasks in flight per
+    worker (memory holds a few results, never the dataset); every source's pixel pass."""
+    if pool is None:
+        for task in tasks:
+            yield work(task, *args)
+        return
+    limit = PREFETCH_PER_WORKER * pool._max_workers  # noqa: SLF001 - the pool's own size
+    upcoming = iter(tasks)
     pending: deque[Future[SeriesResult]] = deque()
-    upcoming = (part for plan in plans for part in plan.parts(SLICES_PER_TASK))
-    limit = PREFETCH_PER_WORKER * workers
-    for plan in upcoming:
-        pending.append(pool.submit(process_series, plan, intensity, grid, compression))
+    for task in upcoming:
+        pending.append(pool.submit(work, task, *args))
         if len(pending) >= limit:
             break
     while pending:
         result = pending.popleft().result()
         nxt = next(upcoming, None)
         if nxt is not None:
-            pending.append(pool.submit(process_series, nxt, intensity, grid, compression))
+            pending.append(pool.submit(work, nxt, *args))
         yield result

@@ -10,20 +10,18 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import h5py
 import pandas as pd
 
 from medssl.datasets.conversion.driver import (
-    PREFETCH_PER_WORKER,
     Accounting,
-    _pool_context,
     log_summary,
+    make_pool,
+    ordered_results,
     summarize,
     write_dataset,
 )
@@ -35,40 +33,7 @@ from medssl.datasets.sources.manifest import labels_table, write_labels
 
 log = logging.getLogger(__name__)
 
-Task = TypeVar("Task")
-
-
-def make_pool(threads: int) -> ProcessPoolExecutor | None:
-    """Worker processes as the DICOM path starts them, or none for one thread."""
-    workers = max(1, int(threads))
-    return ProcessPoolExecutor(workers, mp_context=_pool_context()) if workers > 1 else None
-
-
-def ordered_results(
-    work: Callable[..., SeriesResult],
-    tasks: Sequence[Task],
-    args: tuple[Any, ...],
-    pool: ProcessPoolExecutor | None,
-) -> Iterator[SeriesResult]:
-    """``work(task, *args)`` for each task, in task order, a few tasks in flight per
-    worker (memory holds a few results, never the dataset)."""
-    if pool is None:
-        for task in tasks:
-            yield work(task, *args)
-        return
-    limit = PREFETCH_PER_WORKER * pool._max_workers  # noqa: SLF001 - the pool's own size
-    upcoming = iter(tasks)
-    pending: deque[Future[SeriesResult]] = deque()
-    for task in upcoming:
-        pending.append(pool.submit(work, task, *args))
-        if len(pending) >= limit:
-            break
-    while pending:
-        result = pending.popleft().result()
-        nxt = next(upcoming, None)
-        if nxt is not None:
-            pending.append(pool.submit(work, nxt, *args))
-        yield result
+__all__ = ["converted_ids", "finish", "make_pool", "ordered_results", "started_now"]
 
 
 def finish(
