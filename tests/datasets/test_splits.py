@@ -367,3 +367,34 @@ def test_official_split_read_from_a_label_csv(tmp_path: Path) -> None:
     assert table["official_split"].tolist() == labels["official_split"].tolist()
     partition = make_partition(meta, table, OFFICIAL_TASK, "d.h5", str(path))
     assert patients_in(partition, "test") == {"P09", "P10", "P11"}
+
+
+def test_uncertain_and_soft_multilabel_values_travel_in_the_partition(tmp_path: Path) -> None:
+    """-1 (left out) and soft labels are kept per label; the bits stratify on value >= 0.5."""
+    h5, labels = cohort(tmp_path)
+    table = pd.read_csv(labels, dtype={"patient_id": str})
+    table["edema"] = np.resize([1.0, 0.0, -1.0, 0.7, 0.3], len(table))
+    table.to_csv(labels, index=False)
+    task = {"name": "t", "type": "multilabel", "columns": ["nodule", "edema"]}
+    frame = read_label_table(labels, "sop_uid", ["nodule", "edema"])
+    partition = make_partition(read_meta(h5), frame, task, "d", str(labels))
+    partition.to_csv(tmp_path / "partition.csv", index=False)
+    reread = split.read_partition(tmp_path / "partition.csv")
+    values = split.parse_targets(reread["targets"], 2)
+    by_uid = table.set_index("sop_uid")
+    uids = read_meta(h5)["sop_uid"].to_numpy()[reread["index"]]
+    np.testing.assert_array_equal(values, by_uid.loc[uids, ["nodule", "edema"]].to_numpy())
+    edema_bit = (reread["label"].to_numpy() >> 1) & 1
+    np.testing.assert_array_equal(edema_bit, (values[:, 1] >= 0.5).astype(int))
+    binary = make_partition(read_meta(h5), frame.assign(edema=0), task, "d", "l")
+    assert "targets" not in binary.columns  # 0/1 only: the bits say everything
+
+
+def test_multilabel_values_outside_zero_one_and_minus_one_are_refused(tmp_path: Path) -> None:
+    h5, labels = cohort(tmp_path)
+    table = pd.read_csv(labels, dtype={"patient_id": str}).assign(edema=2.0)
+    table.to_csv(labels, index=False)
+    frame = read_label_table(labels, "sop_uid", ["nodule", "edema"])
+    task = {"name": "t", "type": "multilabel", "columns": ["nodule", "edema"]}
+    with pytest.raises(SplitError, match=r"column 'edema' must hold 0/1 .*found \['2.0'\]"):
+        make_partition(read_meta(h5), frame, task, "d", str(labels))

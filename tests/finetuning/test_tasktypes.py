@@ -12,7 +12,13 @@ from medssl.core import task_types as core
 from medssl.core.registry import UnknownNameError
 from medssl.datasets.hdf5 import read_meta
 from medssl.finetuning.protocols import PROTOCOLS
-from medssl.finetuning.tasktypes import SEG_LOSSES, TASK_TYPES, metric_names, task_type
+from medssl.finetuning.tasktypes import (
+    SEG_LOSSES,
+    TASK_TYPES,
+    EvalRows,
+    metric_names,
+    task_type,
+)
 from medssl.finetuning.tta import TTA_MODES
 from medssl.pipeline.config import SCHEMA_PATH, check_references, load_config
 from tests.finetuning.cohorts import task_type_cohort
@@ -82,3 +88,46 @@ def test_config_checks_segmentation_settings() -> None:
     assert "tasks.lung: the U-Net needs slices a multiple of 32" in problems
     assert "tasks.lung: tta ten_crop is for classification" in problems
     assert "tasks.lung.metric: 'auc' is not a segmentation metric" in problems
+
+
+def test_multilabel_loss_leaves_out_minus_one_and_trains_on_soft_targets() -> None:
+    kind = TASK_TYPES["multilabel"]
+    targets = torch.tensor([[1.0, -1.0], [0.0, 0.7], [-1.0, 0.0], [1.0, 1.0]])
+    logits = torch.linspace(-2, 2, 8).reshape(4, 2)
+    criterion = kind.criterion({"class_weights": "none"}, None, 2)
+    kept = targets != -1
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(logits[kept], targets[kept])
+    assert torch.allclose(criterion(logits, targets), expected)
+    weighted = kind.criterion({}, targets, 2)
+    # label 0: kept 1, 0, 1 -> 2 positives, 1 negative; label 1: 0.7 + 0 + 1 of 3 kept.
+    assert torch.allclose(weighted.pos_weight, torch.tensor([0.5, (3 - 1.7) / 1.7]))
+
+
+def test_multilabel_metrics_score_only_certain_entries() -> None:
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 2, (60, 2)).astype(float)
+    scores = np.clip(labels * 0.4 + rng.random((60, 2)) * 0.6, 0, 1)
+    noisy = labels.copy()
+    noisy[:10, 0], noisy[10:20, 1] = -1.0, 0.7  # not ground truths: must not count
+    kind = TASK_TYPES["multilabel"]
+    threshold = kind.choose_threshold(
+        torch.from_numpy(noisy), torch.from_numpy(scores), {"threshold": "youden"}
+    )
+    rows = EvalRows(np.arange(60), np.array([f"p{i}" for i in range(60)]))
+    result = kind.assess(torch.from_numpy(noisy), torch.from_numpy(scores), threshold, rows, {})
+    from sklearn.metrics import roc_auc_score
+
+    expected = np.mean(
+        [
+            roc_auc_score(labels[10:, 0], scores[10:, 0]),
+            roc_auc_score(
+                np.r_[labels[:10, 1], labels[20:, 1]], np.r_[scores[:10, 1], scores[20:, 1]]
+            ),
+        ]
+    )
+    assert result.metrics["auc"] == pytest.approx(expected)
+    assert result.metrics["excluded_entries"] == 20
+    assert result.arrays["labels"].dtype == np.float64
+    assert (
+        kind.extra_metrics({"columns": ["a", "b"]}, result.metrics)["test_excluded_entries"] == 20
+    )

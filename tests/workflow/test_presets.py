@@ -4,6 +4,7 @@ per-task or per-dataset setting reruns that task's or dataset's jobs only."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -79,7 +80,8 @@ def preset_config(data: Path) -> dict:
         for name, preset in PRESET_OF.items()
     }
     datasets["drive"]["convert"] = {"image_size": 64}
-    datasets["chexpert"]["preset_options"] = {"uncertainty": "u_ones"}
+    # Study B's policy: uncertain labels become soft targets, left out of the metrics.
+    datasets["chexpert"]["preset_options"] = {"uncertainty": "lsr_ones"}
     return {
         "data": {"datasets": datasets, "convert": {"image_size": 32}},
         "tasks": TASKS,
@@ -123,6 +125,23 @@ def test_every_preset_converts_splits_and_fine_tunes(preset_run: tuple[Path, dic
         rejects = pd.read_csv(workdir / "results" / "data" / f"{name}.rejects.csv")
         assert rejects["reason"].notna().all(), name
     assert (workdir / "results" / "data" / "lidc.h5").is_file()
+
+
+def test_uncertain_chexpert_labels_train_as_soft_targets_and_are_not_scored(
+    preset_run: tuple[Path, dict],
+) -> None:
+    workdir, _ = preset_run
+    partition = pd.read_csv(workdir / "results" / "splits" / "chexpert.csv")
+    values = partition["targets"].str.split(";", expand=True).astype(float).to_numpy()
+    soft = (values > 0) & (values < 1)
+    assert soft.any() and ((values[soft] >= 0.55) & (values[soft] <= 0.85)).all()
+    assert not soft[partition["split"].to_numpy() == "val"].any()  # valid.csv is certain
+    files = sorted((workdir / "results/finetune/scratch/chexpert").rglob("metrics.json"))
+    loaded = [json.loads(path.read_text()) for path in files]
+    records = [r for item in loaded for r in (item if isinstance(item, list) else [item])]
+    assert records
+    test_soft = int(soft[partition["split"].to_numpy() == "test"].sum())
+    assert all(record["test_excluded_entries"] == test_soft for record in records)
 
 
 def test_labels_tables_are_keyed_by_image_and_rejects_name_their_reason(

@@ -53,6 +53,10 @@ DEFAULT_SPLIT = {"source": "random", "val": 0.2, "test": 0.2, "seed": 0}
 SPLIT_SOURCES = ("random", "official")
 OFFICIAL_COLUMN = "official_split"
 STRICTER_FIRST = ("test", "val", "train")
+TARGETS_COLUMN = "targets"
+"""Optional partition column: the per-label values of a multilabel task (see multilabel_targets)."""
+IGNORED_TARGET = -1.0
+"""A multilabel value that is left out of the loss and the metrics (an uncertain label)."""
 """A patient on two official lists goes to the first of these it is on."""
 CONFLICT_RULE = (
     "a patient on several official lists goes to the strictest: test, then val, then train"
@@ -174,6 +178,10 @@ def _encode_multilabel(frame: pd.DataFrame, task: dict, source: str) -> tuple[pd
 
     One integer column keeps the partition file's layout the same for every
     task type; 62 labels fit, far more than any benchmark in the field uses.
+    A value other than 0/1 (an uncertain label left out, -1, or a soft label in
+    (0, 1)) sets its bit when it is at least 0.5, for stratification only: the
+    values themselves travel in the partition's ``targets`` column
+    (:func:`multilabel_targets`).
     """
     columns = label_columns(task)
     if len(columns) > 62:
@@ -181,17 +189,47 @@ def _encode_multilabel(frame: pd.DataFrame, task: dict, source: str) -> tuple[pd
     codes = pd.Series(0, index=frame.index, dtype=np.int64)
     names = pd.Series("", index=frame.index, dtype=object)
     for bit, column in enumerate(columns):
-        values = frame[column]
-        bad = ~values.isin([0, 1])
-        if bad.any():
-            raise SplitError(
-                f"{source}: multilabel column {column!r} must hold 0/1, found "
-                f"{sorted(map(str, values[bad].unique()))[:5]}"
-            )
-        positive = values.astype(np.int64).to_numpy() == 1
+        positive = _multilabel_values(frame[column], source, column) >= 0.5
         codes += positive.astype(np.int64) << bit
         names = names.where(~positive, names + np.where(names == "", "", "|") + column)
     return codes, names.astype(str)
+
+
+def _multilabel_values(values: pd.Series, source: str, column: str) -> np.ndarray:
+    """One multilabel column as floats: 0, 1, :data:`IGNORED_TARGET` or a soft label in (0, 1)."""
+    numbers = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
+    valid = (numbers == IGNORED_TARGET) | ((numbers >= 0) & (numbers <= 1))
+    if not valid.all():
+        raise SplitError(
+            f"{source}: multilabel column {column!r} must hold 0/1 (or -1 for a label left "
+            f"out, or a soft label in (0, 1)), found "
+            f"{sorted(map(str, values[~valid].unique()))[:5]}"
+        )
+    return numbers
+
+
+def multilabel_targets(frame: pd.DataFrame, task: dict, source: str) -> pd.Series | None:
+    """The per-label training targets of a multilabel task as text (``1;0;-1;0.7312``),
+    or None when every value is 0 or 1 and the partition's bits say everything.
+
+    Uncertain CheXpert labels under the ``ignore`` policy (-1: masked out of the
+    loss and of the metrics) and soft labels of ``lsr_ones`` (trained on as
+    given, left out of the metrics) need the values, not only the bits.
+    """
+    columns = label_columns(task)
+    values = np.column_stack([_multilabel_values(frame[c], source, c) for c in columns])
+    if np.isin(values, (0.0, 1.0)).all():
+        return None
+    text = [";".join(f"{v:.6g}" for v in row) for row in values]
+    return pd.Series(text, index=frame.index, dtype=object)
+
+
+def parse_targets(text: pd.Series, n_labels: int, source: str = "<partition>") -> np.ndarray:
+    """The ``targets`` column of a partition back to an (N, L) float array."""
+    rows = [str(value).split(";") for value in text]
+    if any(len(row) != n_labels for row in rows):
+        raise SplitError(f"{source}: a 'targets' value does not hold {n_labels} labels")
+    return np.asarray(rows, dtype=np.float64).reshape(len(rows), n_labels)
 
 
 def _encode_foreground(frame: pd.DataFrame, task: dict, source: str) -> tuple[pd.Series, pd.Series]:
@@ -422,6 +460,11 @@ def make_partition(
     )
     encode = LABEL_ENCODERS[spec.label_encoding]
     rows["label"], rows["label_name"] = encode(joined, task, labels_name)
+    targets = None
+    if spec.label_encoding == "bits":
+        targets = multilabel_targets(joined, task, labels_name)
+    if targets is not None:
+        rows[TARGETS_COLUMN] = targets.to_numpy()
     strata = patient_strata(rows, task["type"])
     val, test, seed = float(split_cfg["val"]), float(split_cfg["test"]), int(split_cfg["seed"])
     if source == "official":
@@ -433,7 +476,8 @@ def make_partition(
     report["seed"] = seed
     rows["split"] = rows["patient_id"].map(splits)
     rows["stratum"] = rows["patient_id"].map(strata).astype(np.int64)
-    partition = rows[list(PARTITION_COLUMNS)].sort_values("index").reset_index(drop=True)
+    kept = [*PARTITION_COLUMNS, *([TARGETS_COLUMN] if targets is not None else [])]
+    partition = rows[kept].sort_values("index").reset_index(drop=True)
     counts = partition.drop_duplicates("patient_id")["split"].value_counts()
     report["patients"] = {name: int(counts.get(name, 0)) for name in SPLITS}
     partition.attrs["split"] = report  # for the sidecar: how the split was made
@@ -560,7 +604,9 @@ def partition_files(
 
 def read_partition(path: str | Path) -> pd.DataFrame:
     """Read a partition CSV with the dtypes its writer meant (patient ids stay text)."""
-    frame = pd.read_csv(path, dtype={"patient_id": str, "label_name": str, "split": str})
+    frame = pd.read_csv(
+        path, dtype={"patient_id": str, "label_name": str, "split": str, TARGETS_COLUMN: str}
+    )
     missing = [c for c in PARTITION_COLUMNS if c not in frame.columns]
     if missing:
         raise SplitError(f"{path}: not a partition file, missing columns {missing}")

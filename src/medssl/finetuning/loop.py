@@ -61,7 +61,7 @@ from medssl.core.seeding import seed_everything
 from medssl.core.task_types import TASK_TYPES as TASK_TYPE_SPECS
 from medssl.datasets.hdf5 import load_images
 from medssl.datasets.maskfile import load_masks
-from medssl.datasets.splits import select_training
+from medssl.datasets.splits import TARGETS_COLUMN, parse_targets, select_training
 from medssl.finetuning.metrics import (
     EMPTY_REFERENCE_RULES,
     check_threshold_setting,
@@ -431,8 +431,12 @@ def _targets(
         if masks is None:
             raise FinetuneError(f"a {kind.name} task needs --masks (the medssl.masks output)")
         return torch.from_numpy(load_masks(masks, every)).unsqueeze(1).float().to(device)
-    label_of = partition.set_index("index")["label"]
-    codes = torch.as_tensor(label_of.loc[every].to_numpy(copy=True), dtype=torch.int64)
+    by_row = partition.set_index("index")
+    if TARGETS_COLUMN in by_row.columns:
+        # Per-label values (uncertain labels left out as -1, soft labels): see splits.
+        values = parse_targets(by_row[TARGETS_COLUMN].loc[every], n_outputs)
+        return torch.from_numpy(values).float().to(device)
+    codes = torch.as_tensor(by_row["label"].loc[every].to_numpy(copy=True), dtype=torch.int64)
     return kind.targets(codes, n_outputs).to(device)
 
 

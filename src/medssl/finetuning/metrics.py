@@ -362,28 +362,38 @@ def multilabel_metrics(
 ) -> dict[str, Any]:
     """Mean AUC over labels, element-wise accuracy and macro F1 of a multi-label evaluation.
 
-    ``labels`` and ``scores`` are (N, L): 0/1 targets and per-label
-    probabilities; ``thresholds`` is one threshold for all labels or one per
-    label. A label whose AUC is undefined in this split (all positive or all
-    negative) is left out of the mean, as the ChestX-ray14 benchmarks do; the
-    mean is NaN only when no label has an AUC. ``auc_per_label`` keeps every
-    label's value (NaN where undefined) for the record.
+    ``labels`` and ``scores`` are (N, L): targets and per-label probabilities;
+    ``thresholds`` is one threshold for all labels or one per label. Only
+    entries whose target is exactly 0 or 1 are scored: an uncertain label left
+    out (-1) or a soft training label in (0, 1) is not a ground truth, so it is
+    excluded from that label's AUC, accuracy and F1 and counted in
+    ``excluded_entries``. A label whose AUC is undefined in this split (all
+    positive or all negative among its scored entries) is left out of the
+    mean, as the ChestX-ray14 benchmarks do; the mean is NaN only when no label
+    has an AUC. ``auc_per_label`` keeps every label's value (NaN where undefined).
     """
-    labels, scores = _multilabel_inputs(labels, scores)
-    per_label = [roc_auc("binary", labels[:, j], scores[:, j]) for j in range(labels.shape[1])]
+    labels, scores, known = _multilabel_inputs(labels, scores)
+    per_label = [
+        roc_auc("binary", labels[known[:, j], j], scores[known[:, j], j])
+        if known[:, j].sum() > 1
+        else math.nan
+        for j in range(labels.shape[1])
+    ]
     defined = [value for value in per_label if math.isfinite(value)]
     pred = multilabel_predictions(scores, thresholds)
-    tp = ((pred == 1) & (labels == 1)).sum(0)
-    fp = ((pred == 1) & (labels == 0)).sum(0)
-    fn = ((pred == 0) & (labels == 1)).sum(0)
+    tp = ((pred == 1) & (labels == 1) & known).sum(0)
+    fp = ((pred == 1) & (labels == 0) & known).sum(0)
+    fn = ((pred == 0) & (labels == 1) & known).sum(0)
     denominator = 2 * tp + fp + fn
     present = denominator > 0
     f1 = float(np.mean(2 * tp[present] / denominator[present])) if present.any() else 0.0
+    accuracy = float(np.mean((pred == labels)[known])) if known.any() else math.nan
     return {
         "auc": float(np.mean(defined)) if defined else math.nan,
-        "accuracy": float(np.mean(pred == labels)),
+        "accuracy": accuracy,
         "f1": f1,
         "auc_per_label": per_label,
+        "excluded_entries": int((~known).sum()),
     }
 
 
@@ -394,8 +404,15 @@ def multilabel_predictions(scores: np.ndarray, thresholds: float | np.ndarray) -
     return (scores >= cut).astype(np.int64)
 
 
-def _multilabel_inputs(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    labels = np.asarray(labels)
+def known_targets(labels: np.ndarray) -> np.ndarray:
+    """Where a multilabel target is a ground truth (exactly 0 or 1), not -1 or soft."""
+    return np.isin(np.asarray(labels, dtype=np.float64), (0.0, 1.0))
+
+
+def _multilabel_inputs(
+    labels: np.ndarray, scores: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    labels = np.asarray(labels, dtype=np.float64)
     scores = np.asarray(scores, dtype=np.float64)
     if labels.ndim != 2 or labels.shape != scores.shape or len(labels) == 0:
         raise ValueError(
@@ -404,9 +421,11 @@ def _multilabel_inputs(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarr
         )
     if not np.all(np.isfinite(scores)):
         raise ValueError(f"{int((~np.isfinite(scores)).sum())} scores are NaN or infinite")
-    if not np.isin(labels, (0, 1)).all():
-        raise ValueError("multilabel labels must be 0 or 1")
-    return labels.astype(np.int64), scores
+    known = known_targets(labels)
+    allowed = known | (labels == -1) | ((labels > 0) & (labels < 1))
+    if not allowed.all():
+        raise ValueError("multilabel labels must be 0 or 1 (or -1 / a soft label, not scored)")
+    return labels, scores, known
 
 
 # --------------------------------------------------------------------------- segmentation

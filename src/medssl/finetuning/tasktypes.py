@@ -17,7 +17,9 @@ reads its metrics from there, so the two tables cannot disagree.
   (per-label ``pos_weight`` when balanced); mean AUC over labels, element-wise
   accuracy, macro F1, at one validation-chosen threshold per label. The
   partition stores the labels of a slice as a bit mask (bit j = ``columns[j]``),
-  decoded here.
+  decoded here, or, for uncertain labels, per-label values: -1 is left out of
+  the loss and the metrics, a soft label is trained on as given and left out
+  of the metrics.
 * ``segmentation``: a U-Net on the encoder (:mod:`medssl.models.unet`), one logit per
   pixel, soft-Dice (MONAI ``DiceLoss``), BCE, or their sum (:data:`SEG_LOSSES`);
   per-case (per-patient) Dice and IoU and the global Dice, with the
@@ -41,12 +43,14 @@ from torchvision.models.resnet import ResNet
 
 from medssl.core.registry import Registry
 from medssl.core.task_types import TaskTypeSpec, task_type_spec
+from medssl.datasets.splits import IGNORED_TARGET
 from medssl.finetuning.metrics import (
     SEGMENTATION_THRESHOLD,
     case_counts,
     choose_threshold,
     classification_flags,
     classification_metrics,
+    known_targets,
     metrics_from_counts,
     multilabel_metrics,
     multilabel_predictions,
@@ -303,8 +307,30 @@ class Multiclass(OneLabel):
         return len(torch.unique(targets)) < n_outputs
 
 
+class MaskedBCEWithLogits(nn.Module):
+    """BCE with logits over the entries whose target is not -1 (an uncertain label left out).
+
+    Soft targets in (0, 1) (label smoothing of uncertain labels) enter the loss
+    as given. The mean is over the entries kept, so a batch with many left-out
+    labels does not shrink the gradient; torch's ``BCEWithLogitsLoss`` has no
+    ignore value, hence this wrapper around its functional form.
+    """
+
+    def __init__(self, pos_weight: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.register_buffer("pos_weight", pos_weight)
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        keep = targets != IGNORED_TARGET
+        losses = nn.functional.binary_cross_entropy_with_logits(
+            logits, targets.clamp(min=0), pos_weight=self.pos_weight, reduction="none"
+        )
+        return (losses * keep).sum() / keep.sum().clamp(min=1)
+
+
 class Multilabel(TaskType):
-    """One logit per label column; the partition's code holds one bit per column."""
+    """One logit per label column; the partition's code holds one bit per column, or its
+    ``targets`` column the per-label values (-1: left out; soft labels in (0, 1))."""
 
     name = "multilabel"
 
@@ -320,10 +346,11 @@ class Multilabel(TaskType):
     ) -> nn.Module:
         weight = None
         if targets is not None:
-            positives = targets.sum(0)
-            ratio = (len(targets) - positives) / positives.clamp(min=1)
+            kept = targets != IGNORED_TARGET
+            positives = (targets.clamp(min=0) * kept).sum(0)
+            ratio = (kept.sum(0) - positives) / positives.clamp(min=1)
             weight = torch.where(positives > 0, ratio, torch.ones_like(ratio))
-        return nn.BCEWithLogitsLoss(pos_weight=weight)
+        return MaskedBCEWithLogits(pos_weight=weight)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(logits)
@@ -331,10 +358,15 @@ class Multilabel(TaskType):
     def choose_threshold(
         self, targets: torch.Tensor, probs: torch.Tensor, settings: dict[str, Any]
     ) -> Threshold:
-        """One threshold per label, each chosen on that label's validation scores."""
+        """One threshold per label, each chosen on that label's validation entries that
+        are a ground truth (0 or 1)."""
         rule = settings["threshold"]
-        labels, scores = _numpy(targets).astype(np.int64), _numpy(probs).astype(np.float64)
-        values = [choose_threshold(rule, column, scores[:, j]) for j, column in enumerate(labels.T)]
+        labels, scores = _numpy(targets).astype(np.float64), _numpy(probs).astype(np.float64)
+        known = known_targets(labels)
+        values = [
+            choose_threshold(rule, labels[known[:, j], j].astype(np.int64), scores[known[:, j], j])
+            for j in range(labels.shape[1])
+        ]
         undefined = any(value is None for value in values)
         chosen = np.array([FALLBACK_THRESHOLD if v is None else v for v in values])
         return Threshold(chosen, rule, undefined=undefined)
@@ -347,14 +379,16 @@ class Multilabel(TaskType):
         rows: EvalRows,
         settings: dict[str, Any],
     ) -> Assessment:
-        labels, scores = _numpy(targets).astype(np.int64), _numpy(probs).astype(np.float64)
+        labels, scores = _numpy(targets).astype(np.float64), _numpy(probs).astype(np.float64)
         metrics = multilabel_metrics(labels, scores, threshold.value)
         predicted = multilabel_predictions(scores, threshold.value)
         flags = classification_flags(scores, predicted) + undefined_flags(metrics, self.metrics)
+        binary = bool(known_targets(labels).all())
         arrays = {
             "sample_index": rows.sample_index,
             "patient_id": rows.patient_id,
-            "labels": labels,
+            # 0/1 as integers; with left-out (-1) or soft values the targets as given.
+            "labels": labels.astype(np.int64) if binary else labels,
             "scores": scores,
             "predictions": predicted,
             "threshold": np.broadcast_to(
@@ -369,13 +403,17 @@ class Multilabel(TaskType):
         return dict(zip(columns, (float(v) for v in values), strict=True))
 
     def classes_missing(self, targets: torch.Tensor, n_outputs: int) -> bool:
-        counts = targets.sum(0)
-        return bool(((counts == 0) | (counts == len(targets))).all())
+        known = (targets == 0) | (targets == 1)
+        positives = ((targets == 1) & known).sum(0)
+        return bool(((positives == 0) | (positives == known.sum(0))).all())
 
     def extra_metrics(self, task: dict[str, Any], test: dict[str, Any]) -> dict[str, Any]:
         # The mean AUC hides which finding the model misses; the per-label values keep it.
         per_label = dict(zip(task["columns"], test["auc_per_label"], strict=True))
-        return {"test_auc_per_label": per_label}
+        return {
+            "test_auc_per_label": per_label,
+            "test_excluded_entries": int(test.get("excluded_entries", 0)),
+        }
 
 
 class SoftDiceBCE(nn.Module):
