@@ -15,6 +15,7 @@ from medssl.analysis.efficiency import (
     label_efficiency,
     normalised_auc,
     relative_drops,
+    replication_clusters,
     task_efficiency,
 )
 from medssl.core.registry import UnknownNameError
@@ -191,3 +192,58 @@ def test_losses_stay_on_the_raw_scale() -> None:
     runs = simulate({"a": 0.05})
     runs["metric"] = "loss"
     assert set(task_efficiency(runs, {})["scale"]) == {"raw"}
+
+
+def test_seeds_that_share_a_pre_training_run_form_one_cluster() -> None:
+    runs = simulate({"scratch": 0.04, "spark": 0.04, "imagenet": 0.04})
+    runs["pretrain_seed"] = pd.array(
+        np.where(runs["init"] == "spark", runs["seed"] % 2, -1), dtype="Int64"
+    )
+    runs.loc[runs["init"] == "imagenet", "pretrain_seed"] = 0  # one run: nothing to join
+    runs.loc[runs["init"] == "scratch", "pretrain_seed"] = pd.NA
+    clusters = replication_clusters(runs)
+    by_seed = dict(zip(runs["seed"], clusters, strict=True))
+    assert len(set(by_seed.values())) == 2
+    assert len({by_seed[s] for s in (0, 2, 4, 6)}) == 1 and by_seed[0] != by_seed[1]
+    out = task_efficiency(runs, SETTINGS).set_index("init")
+    assert out.loc["spark", "n_pretrain"] == 2 and out.loc["imagenet", "n_pretrain"] == 1
+    assert set(out["n_clusters"]) == {2}
+    assert runs.drop(columns="pretrain_seed").pipe(replication_clusters).nunique() == 8
+
+
+def nested_runs(rng: np.random.Generator, n_pretrain: int = 3, seeds: int = 9) -> pd.DataFrame:
+    """Equal true slopes; each pre-training run of ``spark`` shifts its slope at random."""
+    run_slope = rng.normal(0, 0.02, n_pretrain)
+    seed_effect = rng.normal(0, 0.01, seeds)
+    rows = []
+    for init in ("scratch", "spark"):
+        for seed in range(seeds):
+            pseed = seed % n_pretrain if init == "spark" else None
+            slope = 0.04 + (run_slope[pseed] if pseed is not None else 0.0)
+            for f in FRACTIONS:
+                value = 0.8 + slope * math.log(f) + seed_effect[seed] + rng.normal(0, 0.005)
+                rows.append(
+                    {"task": "t", "metric": "auc", "init": init, "fraction": f, "seed": seed}
+                    | {"value": value, "pretrain_seed": pseed}
+                )
+    frame = pd.DataFrame(rows)
+    frame["pretrain_seed"] = frame["pretrain_seed"].astype("Int64")
+    return frame
+
+
+def test_nested_clusters_hold_the_false_positive_rate_that_seed_clusters_break() -> None:
+    """With pre-training noise on the slope, clustering by seed alone treats 9 fine-tunes
+    of 3 encoders as 9 independent runs and flags equal slopes far too often."""
+    rng = np.random.default_rng(11)
+    nested, by_seed = [], []
+    settings = {**SETTINGS, "efficiency_bootstrap": 0}
+    for _ in range(150):
+        runs = nested_runs(rng)
+        nested.append(task_efficiency(runs, settings).set_index("init").loc["spark"])
+        flat = task_efficiency(runs.drop(columns="pretrain_seed"), settings)
+        by_seed.append(flat.set_index("init").loc["spark"])
+    nested_rate = np.mean([row["p_slope_diff"] < 0.05 for row in nested])
+    seed_rate = np.mean([row["p_slope_diff"] < 0.05 for row in by_seed])
+    assert nested_rate <= 0.12
+    assert seed_rate >= 0.3
+    assert nested[0]["n_clusters"] == 3

@@ -12,6 +12,13 @@ from medssl.analysis.tables import (
 from tests.analysis.frames import table_summary, table_summary_full, table_summary_with_stars
 
 
+def _section(text: str, heading: str) -> str:
+    """From ``heading`` to the next heading of any level."""
+    start = text.index(heading)
+    ends = [i for i in (text.find("\n#", start + 1),) if i > 0]
+    return text[start : min(ends, default=len(text))]
+
+
 def _line(text: str, start: str) -> str:
     return next(line for line in text.splitlines() if line.startswith(start))
 
@@ -130,3 +137,30 @@ def test_latex_table_is_booktabs_with_bold_arrows_and_caption() -> None:
     assert "paired t-test" in caption and "Holm" in caption and r"\downarrow" in caption
     assert "different from scratch" in caption
     assert r"10\%" in text
+
+
+def test_the_combined_seed_and_test_set_interval_is_its_own_table_in_every_format() -> None:
+    frame = table_summary_full()
+    frame["test_se"] = 0.01
+    frame["ci_total_low"] = frame["mean"] - 0.04
+    frame["ci_total_high"] = frame["mean"] + 0.04
+    text = markdown_table(frame, {})
+    auc = _section(text, "### AUC")
+    assert "Mean with its interval over seeds and test patients, 95% CI" in auc
+    assert "| simclr | 0.800 [0.760, 0.840] | 0.850 [0.810, 0.890] |" in auc
+    assert "add test-set variance (patient-level bootstrap of the test split" in auc
+    assert "not test-set sampling" not in auc
+    latex = task_latex(frame, "nodule")
+    assert "0.800 [0.760, 0.840]" in latex and "add test-set variance" in latex
+    table = task_csv(frame, "nodule")
+    assert "Mean with its interval over seeds and test patients" in set(table["quantity"])
+
+
+def test_legend_names_cells_where_welch_replaced_the_paired_test() -> None:
+    frame = table_summary_full()
+    frame.loc[0, "notes"] = "Welch's test on pre-training-run means (not pairable by seed)"
+    text = markdown_table(frame, {"test": "paired"})
+    auc = _section(text, "### AUC")
+    assert "In 1 of 5 cells some comparisons used Welch's unequal-variance t-test instead" in auc
+    assert "In 1 of" in task_latex(frame, "nodule")
+    assert "instead of the" not in markdown_table(table_summary_full(), {"test": "paired"})

@@ -13,11 +13,27 @@ This is the same model as ``value ~ C(init) * log(fraction)``, parameterised so
 that each init's own intercept and slope are coefficients; the slope difference
 against the reference init is then a linear contrast (``t_test``). Runs of one
 seed share their training subsets and split, so their errors are correlated:
-the default fit is OLS with cluster-robust (by seed) standard errors, inference
-on a t distribution with (seeds - 1) degrees of freedom; ``efficiency_model:
-mixedlm`` fits a linear mixed model with a random intercept per seed instead.
-With a single seed no clustering is possible and the OLS falls back to HC1
-errors (the ``cov_type`` column says which was used).
+the default fit is OLS with cluster-robust standard errors, inference on a t
+distribution with (clusters - 1) degrees of freedom; ``efficiency_model:
+mixedlm`` fits a linear mixed model with a random intercept per cluster
+instead. With a single cluster no clustering is possible and the OLS falls
+back to HC1 errors (the ``cov_type`` column says which was used).
+
+**Clusters: fine-tune seeds nested in pre-training runs.** When a pre-trained
+init has two or more pre-training runs (``pretrain_seed`` in runs.csv; the
+k-th fine-tune seed uses run k mod n), the fine-tunes of one pre-training run
+share its encoder as well as their subsets, so a cluster must hold every run
+that shares either: the clusters are the connected groups of seeds linked by
+a shared (init, pre-training run), :func:`replication_clusters`. With the
+usual design that is one cluster per pre-training run index, holding the
+seeds that use it, and the degrees of freedom are (pre-training runs - 1):
+the slope intervals then carry pre-training variance, as the summary's do.
+With one pre-training run per init (or none: scratch, imports) each seed is
+its own cluster, as before, and pre-training variance is not measured (the
+summary's notes say so). The same clusters are the units of the bootstrap and
+of the per-fraction differences (cluster means, paired across inits, since a
+cluster fixes the same subsets for every init). ``n_pretrain`` and
+``n_clusters`` say how many of each there were.
 
 **Scale.** Bounded scores (AUC, Dice, IoU, accuracy, balanced accuracy, F1;
 :data:`medssl.core.directions.LOGIT_METRICS`) have a ceiling: an init that
@@ -82,6 +98,8 @@ COLUMNS: tuple[str, ...] = (
     "cov_type",
     "n_runs",
     "n_seeds",
+    "n_pretrain",
+    "n_clusters",
     "slope",
     "slope_se",
     "slope_ci_low",
@@ -106,23 +124,57 @@ def _slope_name(init: str) -> str:
     return f"C(init)[{init}]:logf"
 
 
+def replication_clusters(data: pd.DataFrame) -> pd.Series:
+    """Cluster of each run: seeds joined when they share an (init, pre-training run).
+
+    Only inits with two or more pre-training runs join seeds: with one run the
+    pre-training noise cannot be measured, and joining would leave a single
+    cluster and no inference at all. Hand-written union-find: a few lines, and
+    no graph library is a dependency of this project.
+    """
+    seeds = data["seed"].astype(np.int64).to_numpy()
+    parent = {int(s): int(s) for s in np.unique(seeds)}
+
+    def root(seed: int) -> int:
+        while parent[seed] != seed:
+            parent[seed] = parent[parent[seed]]
+            seed = parent[seed]
+        return seed
+
+    if "pretrain_seed" in data.columns:
+        nested = data.dropna(subset=["pretrain_seed"])
+        runs_per_init = nested.groupby("init")["pretrain_seed"].nunique()
+        nested = nested[nested["init"].map(runs_per_init).fillna(0) >= 2]
+        for _, linked in nested.groupby(["init", "pretrain_seed"]):
+            first, *rest = (int(s) for s in linked["seed"].unique())
+            for other in rest:
+                parent[root(other)] = root(first)
+    return pd.Series([root(int(s)) for s in seeds], index=data.index, name="cluster")
+
+
+def _n_pretrain(data: pd.DataFrame, init: str) -> int:
+    if "pretrain_seed" not in data.columns:
+        return 0
+    return int(data.loc[data["init"] == init, "pretrain_seed"].dropna().nunique())
+
+
 def _fit_ols(data: pd.DataFrame) -> tuple[Any, str]:
-    """OLS, errors clustered by seed (HC1 with one seed); returns the fit and its covariance."""
+    """OLS, errors clustered (HC1 with one cluster); returns the fit and its covariance."""
     ols = smf.ols(FORMULA, data)
-    if data["seed"].nunique() >= 2:
-        fitted = ols.fit(cov_type="cluster", cov_kwds={"groups": data["seed"]}, use_t=True)
+    if data["cluster"].nunique() >= 2:
+        fitted = ols.fit(cov_type="cluster", cov_kwds={"groups": data["cluster"]}, use_t=True)
         return fitted, "cluster"
     return ols.fit(cov_type="HC1", use_t=True), "HC1"
 
 
 def _fit_mixedlm(data: pd.DataFrame) -> tuple[Any, str]:
-    """Linear mixed model with a random intercept per seed (REML)."""
+    """Linear mixed model with a random intercept per cluster (REML)."""
     with warnings.catch_warnings():
         # A seed variance estimated at the boundary (0) is a valid answer
         # with few seeds, not a failure worth a warning per task.
         warnings.simplefilter("ignore", ConvergenceWarning)
         warnings.simplefilter("ignore", RuntimeWarning)
-        fitted = smf.mixedlm(FORMULA, data, groups=data["seed"]).fit(reml=True)
+        fitted = smf.mixedlm(FORMULA, data, groups=data["cluster"]).fit(reml=True)
     return fitted, "mixedlm"
 
 
@@ -216,6 +268,7 @@ def _prepared(data: pd.DataFrame, scale: str, eps: float) -> pd.DataFrame:
     data["logf"] = np.log(data["fraction"].astype(float))
     data["raw"] = data["value"].astype(float)
     data["value"] = to_scale(data["raw"].to_numpy(), scale, eps)
+    data["cluster"] = replication_clusters(data)
     return data
 
 
@@ -242,11 +295,12 @@ def lack_of_fit(data: pd.DataFrame) -> float:
 def fraction_differences(
     data: pd.DataFrame, init: str, reference: str, cfg: Mapping[str, Any]
 ) -> dict[str, float]:
-    """Per fraction, this init's raw mean minus the reference's, with the stats test's CI."""
+    """Per fraction, this init's raw mean minus the reference's, with the stats test's CI,
+    on cluster means (one per seed unless seeds share a pre-training run)."""
     out: dict[str, float] = {}
     for fraction, frame in data.groupby("fraction", sort=True):
-        a = frame[frame["init"] == init].set_index("seed")["raw"]
-        b = frame[frame["init"] == reference].set_index("seed")["raw"]
+        a = frame[frame["init"] == init].groupby("cluster")["raw"].mean()
+        b = frame[frame["init"] == reference].groupby("cluster")["raw"].mean()
         c = compare(a, b, cfg["test"], cfg["confidence"])
         name = diff_column(float(fraction))
         out.update({name: c.estimate, f"{name}_ci_low": c.ci_low, f"{name}_ci_high": c.ci_high})
@@ -261,18 +315,19 @@ def diff_column(fraction: float) -> str:
 def bootstrap_curves(
     data: pd.DataFrame, fractions: np.ndarray, n_boot: int, seed: int
 ) -> dict[str, np.ndarray]:
-    """Per init, ``n_boot`` mean curves (rows) over ``fractions`` with seeds resampled jointly.
+    """Per init, ``n_boot`` mean curves (rows) over ``fractions`` with clusters resampled
+    jointly (a cluster is a seed unless seeds share a pre-training run).
 
-    A seed missing a fraction contributes nothing to that fraction's mean
+    A cluster missing a fraction contributes nothing to that fraction's mean
     (``nanmean``); a resample without any value there gives NaN.
     """
-    seeds = np.array(sorted(data["seed"].unique()))
+    clusters = np.array(sorted(data["cluster"].unique()))
     rng = np.random.default_rng(seed)
-    picks = rng.integers(0, seeds.size, size=(n_boot, seeds.size))
+    picks = rng.integers(0, clusters.size, size=(n_boot, clusters.size))
     out = {}
     for init, frame in data.groupby("init", sort=True):
-        table = frame.pivot_table(index="seed", columns="fraction", values="raw", aggfunc="mean")
-        matrix = table.reindex(index=seeds, columns=fractions).to_numpy(dtype=float)
+        table = frame.pivot_table(index="cluster", columns="fraction", values="raw", aggfunc="mean")
+        matrix = table.reindex(index=clusters, columns=fractions).to_numpy(dtype=float)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             out[str(init)] = np.nanmean(matrix[picks], axis=1)
@@ -366,9 +421,13 @@ def task_efficiency(data: pd.DataFrame, settings: Mapping[str, Any] | None = Non
             "cov_type": cov_type,
             "n_runs": int((data["init"] == init).sum()),
             "n_seeds": int(data.loc[data["init"] == init, "seed"].nunique()),
+            "n_pretrain": _n_pretrain(data, init),
+            "n_clusters": int(data.loc[data["init"] == init, "cluster"].nunique()),
             "nauc": normalised_auc(fractions, curve.to_numpy()),
         }
-        row.update(dict.fromkeys(COLUMNS[9:19], math.nan))
+        row.update(
+            dict.fromkeys(COLUMNS[COLUMNS.index("slope") : COLUMNS.index("stars")], math.nan)
+        )
         row.update(stars="", p_lack_of_fit=p_fit, nauc_ci_low=math.nan, nauc_ci_high=math.nan)
         if fitted is not None:
             row.update(_slope_columns(fitted, init, reference, alpha))

@@ -216,6 +216,7 @@ def legend(
         f"α = {cfg['alpha']:g}, family: {family}; {_mcb_correction(cfg)}). "
         f"Unmarked: not separated from the best, which is not evidence of equivalence. "
     )
+    text += _fallbacks(frame, cfg)
     margin = cfg["equivalence_margin"]
     if margin is None:
         text += "No equivalence test was made (stats.equivalence_margin is null). "
@@ -231,17 +232,45 @@ def legend(
 
 def _coverage(frame: pd.DataFrame | None) -> str:
     """What the intervals cover: seeds only, or (summary.csv's ci_total) the test set too."""
-    if frame is not None and "test_se" in frame.columns and frame["test_se"].notna().any():
+    if frame is not None and _has_values(frame, "ci_total_low"):
         return (
-            "the differences' intervals cover seed (and pre-training) variance; summary.csv's "
-            "ci_total_low/high add test-set variance (patient-level bootstrap of the test split)."
+            "the std, the tests and the differences' intervals cover seed (and pre-training) "
+            "variance; the intervals of the table 'Mean with its interval over seeds and test "
+            "patients' add test-set variance (patient-level bootstrap of the test split, "
+            "combined with the seed variance)."
         )
     return "intervals cover seed (and pre-training) variance only, not test-set sampling."
+
+
+def _fallbacks(frame: pd.DataFrame | None, cfg: Mapping[str, Any]) -> str:
+    """The legend's word on cells whose comparison could not use the configured test."""
+    if frame is None or "notes" not in frame.columns or cfg["test"] == "welch":
+        return ""
+    notes = frame["notes"].fillna("").astype(str)
+    count = int(notes.str.contains("Welch's test").sum())
+    if count == 0:
+        return ""
+    return (
+        f"In {count} of {len(frame)} cells some comparisons used Welch's unequal-variance "
+        f"t-test instead of the {TESTS[cfg['test']].label} (units that cannot be paired by "
+        f"seed: pre-training-run means, or too few shared seeds); the notes name them. "
+    )
 
 
 def _mcb_correction(cfg: Mapping[str, Any]) -> str:
     """How the comparisons with the best are corrected over the inits of the family."""
     return f"{CORRECTION_LABELS[cfg['correction']]} over the inits"
+
+
+def _total_text(row: Mapping[str, Any] | None, decimals: int, missing: str) -> str:
+    """``0.842 [0.801, 0.879]``: the mean with summary.csv's ci_total interval."""
+    if row is None or not math.isfinite(float(row["mean"])):
+        return missing
+    low, high = (float(row.get(c, math.nan)) for c in ("ci_total_low", "ci_total_high"))
+    text = f"{float(row['mean']):.{decimals}f}"
+    if math.isfinite(low) and math.isfinite(high):
+        text += f" [{low:.{decimals}f}, {high:.{decimals}f}]"
+    return text
 
 
 def _diff_text(row: Mapping[str, Any] | None, prefix: str, decimals: int, missing: str) -> str:
@@ -293,9 +322,20 @@ DIFFERENCES: tuple[tuple[str, str], ...] = (
 """summary.csv column prefix of a difference, and the heading of its table."""
 
 
+TOTAL_INTERVAL = "ci_total"
+"""Pseudo-prefix of the block "mean with the interval over seeds and test patients"."""
+
+
+def _has_values(frame: pd.DataFrame, column: str) -> bool:
+    return column in frame.columns and bool(np.isfinite(frame[column].to_numpy(dtype=float)).any())
+
+
 def _differences(frame: pd.DataFrame) -> list[tuple[str, str]]:
-    """The difference tables this frame can show (its summary has the columns and values)."""
+    """The interval tables this frame can show (its summary has the columns and values): the
+    mean with the combined seed and test-set interval, then the differences."""
     out = []
+    if _has_values(frame, "ci_total_low"):
+        out.append((TOTAL_INTERVAL, "Mean with its interval over seeds and test patients"))
     for prefix, title in DIFFERENCES:
         if prefix in frame.columns and np.isfinite(frame[prefix].to_numpy(dtype=float)).any():
             if prefix == "diff_vs_ref" and "reference" in frame.columns:
@@ -372,7 +412,8 @@ def _cells(
     """Fractions, inits and formatted cells of one (task, metric) frame.
 
     ``difference`` (``diff_vs_best`` or ``diff_vs_ref``) formats that
-    difference with its interval instead of ``mean ± std``.
+    difference with its interval instead of ``mean ± std``; :data:`TOTAL_INTERVAL`
+    the mean with its seed and test-set interval.
     """
     fractions = sorted(frame["fraction"].astype(float).unique())
     inits = _ordered(frame["init"].astype(str).tolist(), init_order)
@@ -385,6 +426,8 @@ def _cells(
     def render(row: Mapping[str, Any] | None) -> str:
         if difference is None:
             return format_cell(row, decimals, n_max, dialect)
+        if difference == TOTAL_INTERVAL:
+            return _total_text(row, decimals, missing)
         return _diff_text(row, difference, decimals, missing)
 
     grid = [[render(cells.get((i, f))) for f in fractions] for i in inits]
@@ -454,13 +497,15 @@ def latex_caption(
     text = (
         f"{latex_escape(task)}: test {latex_escape(metric_label(metric))}, mean $\\pm$ sample "
         f"standard deviation over the cell's units (up to $n = {n_max}$ runs), per fraction "
-        f"of labelled training patients; intervals cover seed (and pre-training) variance, "
-        f"not test-set sampling. Bold: {better} mean in the column. $^{{\\downarrow}}$: shown "
+        f"of labelled training patients; {latex_escape(_coverage(frame))} "
+        f"Bold: {better} mean in the column. $^{{\\downarrow}}$: shown "
         f"not to be the best (multiple comparisons with the best, Bonferroni form of Hsu's "
         f"MCB, one-sided {TESTS[cfg['test']].label}, $\\alpha = {cfg['alpha']:g}$, family: "
         f"{family}; {_mcb_correction(cfg)}). "
-        f"Unmarked: not separated from the best, which is not equivalence."
+        f"Unmarked: not separated from the best, which is not equivalence. "
+        f"{latex_escape(_fallbacks(frame, cfg))}"
     )
+    text = text.rstrip()
     margin = cfg["equivalence_margin"]
     if margin is not None:
         text += (
