@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from medssl.pipeline.config import method_names, validate_config
+from medssl.pipeline.config import ConfigError, method_names, validate_config
 from medssl.pipeline.plan import (
     WorkflowPlan,
     encoder_name,
@@ -214,6 +214,23 @@ def test_a_tasks_finetune_keys_reach_its_fine_tunes_only(config: dict) -> None:
     assert after.finetune_settings("lung") == before.finetune_settings("lung")
     # The split reads the task's own keys, not its fine-tune recipe.
     assert after.task_settings("nodule") == before.task_settings("nodule")
+
+
+def test_an_inits_finetune_keys_win_over_the_tasks_for_its_fine_tunes_only(config: dict) -> None:
+    tasks, inits = copy.deepcopy(config["tasks"]), copy.deepcopy(config["inits"])
+    tasks["nodule"]["finetune"] = {"protocol": "full", "epochs": 3}
+    inits["scratch"]["finetune"] = {"protocol": "linear"}
+    after = plan(revalidated(config, tasks=tasks, inits=inits))
+    mine = json.loads(after.finetune_settings("nodule", "scratch"))
+    assert mine["protocol"] == "linear" and mine["epochs"] == 3
+    other = next(name for name in inits if name != "scratch")
+    assert json.loads(after.finetune_settings("nodule", other))["protocol"] == "full"
+    bad = copy.deepcopy(inits)
+    bad["scratch"]["finetune"] = {"protocl": "linear"}
+    with pytest.raises(
+        ConfigError, match=r"inits\.scratch\.finetune: unknown key\(s\) \['protocl'\]"
+    ):
+        revalidated(config, inits=bad)
 
 
 def test_a_datasets_convert_keys_replace_the_shared_ones_for_it_only(

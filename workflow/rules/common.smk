@@ -222,7 +222,7 @@ def encoder_argument(wildcards):
 
 
 def finetune_settings(wildcards):
-    return PLAN.finetune_settings(wildcards.task)
+    return PLAN.finetune_settings(wildcards.task, wildcards.init)
 
 
 def run_subsets(wildcards):

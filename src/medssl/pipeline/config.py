@@ -114,8 +114,9 @@ def validate_config(config: dict, schema_path: str | Path = SCHEMA_PATH) -> dict
 OVERRIDES = (
     ("data.datasets", ("data", "datasets"), "convert", ("data", "convert")),
     ("tasks", ("tasks",), "finetune", ("finetune",)),
+    ("inits", ("inits",), "finetune", ("finetune",)),
 )
-"""Per-dataset and per-task sections that replace keys of a shared section:
+"""Per-dataset, per-task and per-init sections that replace keys of a shared section:
 (where, path to the named entries, override key, path to the shared section)."""
 
 
@@ -241,12 +242,12 @@ def _check_task_masks(name: str, task: dict, dataset: dict) -> Iterator[str]:
 
 
 INIT_KEYS = {
-    "scratch": set(),
-    "pretrain": {"method", "from"},
-    "import": {"checkpoint", "format", "backbone", "stem"},
-    "supervised": {"task", "from", "seed"},
+    "scratch": {"finetune"},
+    "pretrain": {"method", "from", "finetune"},
+    "import": {"checkpoint", "format", "backbone", "stem", "finetune"},
+    "supervised": {"task", "from", "seed", "finetune"},
 }
-"""Keys each init source takes besides ``source``."""
+"""Keys each init source takes besides ``source`` (``finetune``: its fine-tunes' overrides)."""
 
 
 def _check_inits(config: dict) -> Iterator[str]:

@@ -262,9 +262,12 @@ class WorkflowPlan:
         labels = self.dataset_labels(spec["dataset"])
         return [] if labels is None else [labels]
 
-    def finetune_settings(self, task: str) -> str:
-        """The finetune section with this task's overrides replacing it, key by key."""
-        return as_json({**self.config["finetune"], **self.task(task).get("finetune", {})})
+    def finetune_settings(self, task: str, init: str | None = None) -> str:
+        """The finetune section with this task's, then this init's overrides replacing it,
+        key by key."""
+        init_override = self.config["inits"][init].get("finetune", {}) if init else {}
+        task_override = self.task(task).get("finetune", {})
+        return as_json({**self.config["finetune"], **task_override, **init_override})
 
     def task_metric(self, task: str) -> str:
         return self.task(task)["metric"]
