@@ -13,14 +13,27 @@ protocol's name, so a new protocol is one class and one registry line.
   then on everything trains, starting at ``unfreeze_lr_factor`` x lr and
   growing by ``unfreeze_lr_growth`` per epoch until it is back at the base lr
   (0.1 x, 0.2 x, 0.4 x, 0.8 x, 1 x with the defaults).
+* ``knn``: nothing trains. The frozen encoder's features of the training
+  subset become a bank, and each validation or test image is answered by the
+  weighted vote of its ``knn_k`` nearest neighbours at ``knn_temperature``
+  (DINO's protocol, :mod:`medssl.finetuning.knn`): zero epochs, and
+  :meth:`Protocol.model_without_training` gives the model that answers.
+
+A protocol's own settings and their defaults are :attr:`Protocol.setting_defaults`
+(all of them: :data:`PROTOCOL_SETTING_DEFAULTS`), checked by
+:meth:`Protocol.check_settings`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from medssl.core.registry import Registry
+
+if TYPE_CHECKING:  # torch stays out of this module's import: the protocols are plain rules
+    import torch
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -35,9 +48,35 @@ class Protocol:
     """Base class: subclasses say, per 1-based epoch, what trains and how fast."""
 
     name = ""
+    setting_defaults: ClassVar[dict[str, Any]] = {}
+    """This protocol's own ``finetune`` settings and their defaults."""
 
     def __init__(self, settings: dict[str, Any]) -> None:
-        self.settings = settings
+        self.settings = {**self.setting_defaults, **settings}
+        self.check_settings()
+
+    def check_settings(self) -> None:
+        """Raise ``ValueError`` naming the setting when one of this protocol's is out of range."""
+
+    def planned_epochs(self) -> int:
+        """Training epochs the run plans (``finetune.epochs``; early stopping may end it sooner)."""
+        return int(self.settings["epochs"])
+
+    def model_without_training(
+        self,
+        model: nn.Module,
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        task_type: str,
+        n_outputs: int,
+    ) -> nn.Module | None:
+        """For a protocol that trains nothing, the model that answers instead; else None.
+
+        ``model`` is the network built for the task (``model.backbone`` the
+        encoder), ``images`` and ``targets`` the training subset and its
+        task-type targets.
+        """
+        return None
 
     def plan(self, epoch: int) -> EpochPlan:
         """What epoch ``epoch`` (1-based) trains, and at what lr factor per group."""
@@ -92,10 +131,68 @@ class FrozenThenUnfrozen(Protocol):
         return int(self.settings["freeze_epochs"]) + 1
 
 
+class KNN(Protocol):
+    """A weighted k-nearest-neighbour probe on the frozen encoder's features; nothing trains.
+
+    ``knn_k`` neighbours vote with weights ``exp(cosine / knn_temperature)``
+    (DINO's 20 and 0.07 by default). Only one-label-per-image task types
+    can be answered; segmentation is refused when the model is made.
+    """
+
+    name = "knn"
+    # Literal values, equal to medssl.finetuning.knn's DEFAULT_K and DEFAULT_TEMPERATURE
+    # (a test keeps them so): importing that module here would import torch.
+    setting_defaults: ClassVar[dict[str, Any]] = {"knn_k": 20, "knn_temperature": 0.07}
+
+    def check_settings(self) -> None:
+        k, temperature = self.settings["knn_k"], self.settings["knn_temperature"]
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"finetune.knn_k must be an integer >= 1, got {k!r}")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+            raise ValueError(f"finetune.knn_temperature must be a number, got {temperature!r}")
+        if not temperature > 0:
+            raise ValueError(f"finetune.knn_temperature must be > 0, got {temperature!r}")
+
+    def planned_epochs(self) -> int:
+        return 0
+
+    def plan(self, epoch: int) -> EpochPlan:
+        raise ValueError("protocol knn trains nothing: it has no epoch to plan")
+
+    def trains_backbone_ever(self) -> bool:
+        return False
+
+    def model_without_training(
+        self,
+        model: nn.Module,
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        task_type: str,
+        n_outputs: int,
+    ) -> nn.Module:
+        """The kNN probe of ``model.backbone`` with the training subset as its bank."""
+        from medssl.finetuning.knn import neighbour_classifier  # lazy: keeps torch out
+
+        return neighbour_classifier(
+            model.backbone,
+            images,
+            targets,
+            task_type,
+            n_outputs,
+            k=int(self.settings["knn_k"]),
+            temperature=float(self.settings["knn_temperature"]),
+        )
+
+
 PROTOCOLS: Registry[type[Protocol]] = Registry(
-    "fine-tuning protocol", {cls.name: cls for cls in (Full, Linear, FrozenThenUnfrozen)}
+    "fine-tuning protocol", {cls.name: cls for cls in (Full, Linear, FrozenThenUnfrozen, KNN)}
 )
 """The protocols by name (``finetune.protocol`` in the config)."""
+
+PROTOCOL_SETTING_DEFAULTS: dict[str, Any] = {
+    key: value for cls in PROTOCOLS.values() for key, value in cls.setting_defaults.items()
+}
+"""Every protocol's own settings and defaults, for the ``finetune`` section's defaults."""
 
 
 def make_protocol(settings: dict[str, Any]) -> Protocol:
