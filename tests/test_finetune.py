@@ -269,3 +269,35 @@ def test_supervised_init_exports_the_trained_backbone(prepared, tmp_path: Path, 
     out = tmp_path / "x.json"
     assert finetune.main([*bad, "--out", str(out), "--export-encoder", str(tmp_path / "e.pt")]) == 1
     assert not out.exists() and not (tmp_path / "e.pt").exists()
+
+
+def test_the_seeds_of_one_job_share_one_read_of_val_and_test(
+    prepared, tmp_path: Path, monkeypatch, one_thread
+) -> None:
+    """compute.seeds_per_job > 1: the fixed splits are read once for every seed of the job."""
+    from medssl.finetuning import streaming
+
+    name = "nodule"
+    write_csv(
+        prepared["root"] / f"{name}.seed1.csv", make_subsets(prepared[name]["partition"], seed=1)
+    )
+    held: list[int] = []
+    real_hold = streaming.JobData.hold
+
+    def counting(self, rows):
+        held.append(len(rows))
+        return real_hold(self, rows)
+
+    monkeypatch.setattr(streaming.JobData, "hold", counting)
+    settings = {**TASK_SETTINGS, "epochs": 1}
+    out = tmp_path / "both.json"
+    assert finetune.main([*task_argv(prepared, name, [0, 1], settings), "--out", str(out)]) == 0
+    runs = json.loads(out.read_text())
+    n_fixed = runs[0]["n_val"] + runs[0]["n_test"]
+    assert sum(held) == n_fixed + runs[0]["n_train"] + runs[1]["n_train"]
+    assert len(held) == 4  # val and test once, then each seed's training subset
+    # A budget that cannot hold one batch is refused by name, and nothing is written.
+    tiny = {**settings, "memory_budget_gb": 1e-7}
+    bad = tmp_path / "bad.json"
+    assert finetune.main([*task_argv(prepared, name, [0], tiny), "--out", str(bad)]) == 1
+    assert not bad.exists()

@@ -7,7 +7,10 @@
 One run = one (init, task, fraction, seed) cell of the benchmark
 (:func:`medssl.finetuning.loop.finetune`). Several seeds (with one subsets
 file each) run one after another in one process, to spare a large grid a
-process start per run; ``--out`` then holds their list. ``--export-encoder``
+process start per run; ``--out`` then holds their list. The seeds share the
+job's data (:func:`medssl.finetuning.loop.job_data`): one loader over the file
+and, when they fit ``finetune.memory_budget_gb``, one read of the fixed
+validation and test splits. ``--export-encoder``
 also saves the selected model's backbone: a supervised initialisation. A run
 that fails (a diverged loss, unusable inputs) writes nothing.
 
@@ -28,9 +31,15 @@ from pathlib import Path
 from medssl.cli import add_settings_argument, json_arg, resolve_device, stage_main
 from medssl.core.files import write_json
 from medssl.datasets.splits import read_partition, read_subsets
-from medssl.finetuning.loop import DEFAULT_BACKBONE, check_task, export_encoder, finetune
+from medssl.finetuning.loop import (
+    DEFAULT_BACKBONE,
+    check_task,
+    export_encoder,
+    finetune,
+    job_data,
+)
 from medssl.finetuning.metrics import save_predictions
-from medssl.models.backbones import BACKBONES
+from medssl.models.backbones import backbone_names
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--masks", help="mask file (medssl.masks) of a segmentation task")
     parser.add_argument(
         "--backbone",
-        choices=BACKBONES.names(),
+        choices=backbone_names(),
         help=f"backbone for scratch runs (default {DEFAULT_BACKBONE}); an encoder's sidecar wins",
     )
     parser.add_argument("--out", required=True, help="metrics.json to write")
@@ -116,24 +125,26 @@ def run(args: argparse.Namespace) -> None:
     runs, predictions = [], []
     encoders = [None] * len(args.seed) if args.encoder is None else args.encoder
     encoders = encoders * len(args.seed) if len(encoders) == 1 else encoders
-    for seed, subsets, encoder in zip(args.seed, args.subsets, encoders, strict=True):
-        result = finetune(
-            data=args.data,
-            partition=partition,
-            subsets=read_subsets(subsets),
-            fraction=args.fraction,
-            seed=seed,
-            task=args.task,
-            settings=args.settings,
-            init=args.init,
-            encoder=encoder,
-            backbone=args.backbone,
-            device=device,
-            masks=args.masks,
-        )
-        name = predictions_name(seed, len(args.seed))
-        runs.append({**result.metrics, "test_predictions": name})
-        predictions.append((Path(args.out).parent / name, result.predictions))
+    with job_data(args.data, args.masks, args.task, args.settings, device) as job:
+        for seed, subsets, encoder in zip(args.seed, args.subsets, encoders, strict=True):
+            result = finetune(
+                data=args.data,
+                partition=partition,
+                subsets=read_subsets(subsets),
+                fraction=args.fraction,
+                seed=seed,
+                task=args.task,
+                settings=args.settings,
+                init=args.init,
+                encoder=encoder,
+                backbone=args.backbone,
+                device=device,
+                masks=args.masks,
+                job=job,
+            )
+            name = predictions_name(seed, len(args.seed))
+            runs.append({**result.metrics, "test_predictions": name})
+            predictions.append((Path(args.out).parent / name, result.predictions))
     if args.export_encoder:
         export_encoder(result, args.export_encoder, args.task, args.init, encoders[0])
         log.info("wrote %s", args.export_encoder)

@@ -8,8 +8,9 @@
 
 The checkpoint is read with ``torch.load(weights_only=True)``: tensors and
 plain containers only, so a file carrying pickled code is refused before
-anything in it runs. Its keys are mapped to torchvision's by the format's row
-in medssl.models.checkpoint_formats and loaded into a torchvision ResNet;
+anything in it runs. Its keys are mapped by the format's row in
+medssl.models.checkpoint_formats to torchvision's (ResNets, padded as the
+publisher's network was) or the named timm model's, and loaded into it;
 every missing and unexpected key is logged, and a missing key other than the
 classifier stops the import (a silently random layer would poison every
 result downstream). The stem is then adapted to the data's channels by the
@@ -54,13 +55,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=IMPORT_DEFAULTS["in_channels"],
         help="channels of the data",
     )
+    parser.add_argument(
+        "--img-size",
+        type=int,
+        default=None,
+        help="input size a transformer's position embeddings are resampled to",
+    )
     parser.add_argument("--out", required=True, type=Path, help="encoder file to write")
 
 
 def run(args: argparse.Namespace) -> None:
     """Import the checkpoint and write the encoder (the library logs what it wrote)."""
     import_checkpoint(
-        args.checkpoint, args.format, args.out, args.backbone, args.stem, args.in_channels
+        args.checkpoint,
+        args.format,
+        args.out,
+        args.backbone,
+        args.stem,
+        args.in_channels,
+        args.img_size,
     )
 
 

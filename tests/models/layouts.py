@@ -76,7 +76,24 @@ LAYOUTS: dict[str, Callable[[State], object]] = {
         "epoch": 90,
     },
     "spark": lambda s: prefixed(s, "", with_fc=False),
+    "radimagenet": lambda s: {"state_dict": sequential(s, "module.backbone.")},
 }
+
+TRANSFORMER_FORMATS: tuple[str, ...] = ("biomedclip", "dinov2", "sam")
+"""Formats of ViT encoders only: their layouts are in tests/models/test_formats_foundation.py."""
+
+SEQUENTIAL_INDEX = {"conv1.": "0.", "bn1.": "1.", "layer1.": "4.", "layer2.": "5."}
+SEQUENTIAL_INDEX |= {"layer3.": "6.", "layer4.": "7."}
+
+
+def sequential(state: State, prefix: str) -> State:
+    """``nn.Sequential(*list(resnet.children())[:-1])``: the children by position, no fc."""
+    out = {}
+    for key, value in state.items():
+        head = next((h for h in SEQUENTIAL_INDEX if key.startswith(h)), None)
+        if head is not None:
+            out[prefix + SEQUENTIAL_INDEX[head] + key[len(head) :]] = value
+    return out
 
 
 class Payload:

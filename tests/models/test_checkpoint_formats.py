@@ -21,11 +21,11 @@ from medssl.models.checkpoint_formats import (
 )
 from medssl.models.importing import read_checkpoint
 from medssl.pipeline.config import load_schema
-from tests.models.layouts import LAYOUTS, State
+from tests.models.layouts import LAYOUTS, TRANSFORMER_FORMATS, State
 
 
 def test_every_format_has_a_layout_and_a_schema_entry() -> None:
-    assert sorted(LAYOUTS) == format_names()
+    assert sorted([*LAYOUTS, *TRANSFORMER_FORMATS]) == format_names()
     schema = load_schema()["properties"]["inits"]["additionalProperties"]["properties"]
     assert sorted(schema["format"]["enum"]) == format_names()
 

@@ -107,3 +107,30 @@ def test_not_a_checkpoint_names_the_file(tmp_path: Path) -> None:
         read_checkpoint(path)
     with pytest.raises(CheckpointImportError, match="does not exist"):
         read_checkpoint(tmp_path / "absent.pth")
+
+
+def test_transformer_import_reads_back_at_its_size(tmp_path: Path, one_thread) -> None:
+    """A DINOv2 ViT imported for 56 px: the encoder file rebuilds the same network."""
+    from medssl.models.backbones import load_encoder
+
+    out = tmp_path / "d" / "encoder.pt"
+    path, fmt, backbone = _dinov2_file(tmp_path)
+    vit, report = import_encoder(path, fmt, backbone, img_size=56)
+    info = import_checkpoint(path, fmt, out, backbone, img_size=56)
+    loaded, _ = load_encoder(out)
+    assert "padding" not in report and info["provenance"]["settings"]["img_size"] == 56
+    x = torch.randn(1, 1, 56, 56)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x), vit.eval()(x))
+
+
+def _dinov2_file(tmp_path: Path) -> tuple[Path, str, str]:
+    import timm
+
+    torch.manual_seed(0)
+    source = timm.create_model(
+        "vit_small_patch14_dinov2", pretrained=False, num_classes=0, img_size=56
+    )
+    path = tmp_path / "dinov2_vits14_pretrain.pth"
+    torch.save(source.state_dict() | {"mask_token": torch.zeros(1, 384)}, path)
+    return path, "dinov2", "vit_small_patch14_dinov2"

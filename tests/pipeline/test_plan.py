@@ -161,6 +161,7 @@ def test_import_and_continual_inits_resolve(config: dict, checkpoint: Path) -> N
         "backbone": "resnet50",
         "stem": "repeat",
         "in_channels": 1,
+        "img_size_option": "",
     }
 
 

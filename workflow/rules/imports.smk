@@ -20,4 +20,5 @@ rule import_init:
         "python -m medssl.import_init --checkpoint {input.checkpoint:q}"
         " --format {params.settings[format]} --backbone {params.settings[backbone]}"
         " --stem {params.settings[stem]} --in-channels {params.settings[in_channels]}"
+        " {params.settings[img_size_option]}"
         " --out {output.encoder} > {log} 2>&1"

@@ -145,8 +145,9 @@ class SliceReader:
     a training loader pays.
     """
 
-    def __init__(self, handle: h5py.File) -> None:
-        images = handle[IMAGES]
+    def __init__(self, handle: h5py.File, name: str = IMAGES) -> None:
+        # ``name``: any (N, ...) dataset with one chunk per row, e.g. a mask file's masks.
+        images = handle[name]
         self.shape: tuple[int, ...] = tuple(images.shape[1:])
         self.dtype = images.dtype
         self._id = images.id

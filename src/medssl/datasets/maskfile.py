@@ -41,6 +41,32 @@ def load_masks(path: str | Path, indices: Sequence[int]) -> np.ndarray:
     return stored
 
 
+def open_mask_file(path: str | Path, rows: Sequence[int] | None = None) -> h5py.File:
+    """The mask file opened read-only for row reads, its layout (and ``rows``' annotation) checked.
+
+    For readers that fetch masks batch by batch
+    (:class:`~medssl.datasets.hdf5.SliceReader` with ``name=MASKS``) instead of
+    all at once: the checks :func:`load_masks` makes happen here, once, before
+    the first batch. The chunk cache is off because a training reader visits
+    each one-slice chunk once per pass.
+    """
+    try:
+        handle = h5py.File(path, "r", rdcc_nbytes=0)
+    except OSError as err:
+        raise MaskError(f"{path}: cannot open as HDF5 ({err})") from err
+    if MASKS not in handle or ANNOTATED not in handle:
+        handle.close()
+        raise MaskError(f"{path}: not a medssl mask file (needs /{MASKS} and /{ANNOTATED})")
+    if rows is not None and len(rows):
+        order = np.asarray(rows, dtype=np.int64)
+        annotated = handle[ANNOTATED][...]
+        if not annotated[order].all():
+            handle.close()
+            missing = order[~annotated[order]][:5].tolist()
+            raise MaskError(f"{path}: rows {missing} have no annotation")
+    return handle
+
+
 def mask_labels(path: str | Path, data: str | Path) -> pd.DataFrame:
     """A label table for the split stage: ``sop_uid`` and ``foreground`` (0/1) per annotated slice.
 

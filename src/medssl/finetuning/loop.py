@@ -59,15 +59,33 @@ from medssl.core.provenance import record
 from medssl.core.registry import Registry, UnknownNameError, look_up
 from medssl.core.seeding import seed_everything
 from medssl.core.task_types import TASK_TYPES as TASK_TYPE_SPECS
-from medssl.datasets.hdf5 import load_images
 from medssl.datasets.maskfile import load_masks
 from medssl.datasets.splits import TARGETS_COLUMN, parse_targets, select_training
+from medssl.finetuning.knn import NeighbourClassifier, build_bank, check_task_type
+from medssl.finetuning.lr_decay import (
+    DEFAULT_LAYER_DECAY,
+    check_layer_decay,
+    param_groups_with_decay,
+)
 from medssl.finetuning.metrics import (
     EMPTY_REFERENCE_RULES,
+    OverlapCounts,
+    case_counts,
     check_threshold_setting,
     metric_definitions,
+    metrics_from_counts,
+    overlap_counts,
+    segmentation_flags,
+    undefined_flags,
 )
-from medssl.finetuning.protocols import PROTOCOLS, Protocol, make_protocol
+from medssl.finetuning.protocols import (
+    KNN,
+    PROTOCOL_SETTING_DEFAULTS,
+    PROTOCOLS,
+    Protocol,
+    make_protocol,
+)
+from medssl.finetuning.streaming import DEFAULT_BUDGET_GB, JobData, RowSource
 from medssl.finetuning.tasktypes import (
     SEG_LOSSES,
     TASK_TYPES,
@@ -101,6 +119,9 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "num_workers": 0,
     "threshold": "youden",
     "empty_reference": "exclude",
+    "memory_budget_gb": DEFAULT_BUDGET_GB,
+    "layer_decay": DEFAULT_LAYER_DECAY,
+    **PROTOCOL_SETTING_DEFAULTS,
 }
 """The ``finetune`` config section's defaults: the code's one source (the schema's
 defaults are kept equal by a test)."""
@@ -191,6 +212,9 @@ def _check_numbers(settings: dict[str, Any]) -> None:
         raise ValueError("finetune settings: lr must be > 0 and weight_decay >= 0")
     if settings["patience"] is not None and int(settings["patience"]) < 1:
         raise ValueError("finetune settings: patience must be at least 1, or null for none")
+    if not float(settings["memory_budget_gb"]) > 0 or int(settings["num_workers"]) < 0:
+        raise ValueError("finetune settings: memory_budget_gb must be > 0 and num_workers >= 0")
+    check_layer_decay(float(settings["layer_decay"]))
     if int(settings["freeze_epochs"]) < 0:
         raise ValueError("finetune settings: freeze_epochs must be >= 0")
     if (
@@ -291,12 +315,18 @@ def balanced_class_weights(labels: torch.Tensor, task_type: str, n_outputs: int)
     return weight if weight is not None else criterion.weight
 
 
-def _param_groups(model: nn.Module, protocol: Protocol) -> list[dict[str, Any]]:
-    """One optimiser group per part, named so the protocol can set each part's lr."""
-    groups = [{"name": "head", "params": list(model.head.parameters())}]
-    if protocol.trains_backbone_ever():
-        groups.insert(0, {"name": "backbone", "params": list(model.backbone.parameters())})
-    return groups
+def _param_groups(
+    model: nn.Module, protocol: Protocol, settings: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Optimiser groups named by part (``backbone``, ``head``) so the protocol can set each
+    part's lr; with ``layer_decay`` < 1 one group per layer, each with its ``lr_scale``."""
+    return param_groups_with_decay(
+        model.backbone if protocol.trains_backbone_ever() else None,
+        model.head,
+        float(settings["lr"]),
+        float(settings["weight_decay"]),
+        float(settings["layer_decay"]),
+    )
 
 
 @torch.no_grad()
@@ -336,8 +366,8 @@ class Evaluation:
 
 def evaluate(
     model: nn.Module,
-    images: torch.Tensor,
-    targets: torch.Tensor,
+    images: torch.Tensor | RowSource,
+    targets: torch.Tensor | None,
     kind: TaskType | str,
     tta: str = "none",
     settings: dict[str, Any] | None = None,
@@ -347,13 +377,59 @@ def evaluate(
 ) -> Evaluation:
     """Metrics and mean (unweighted) loss of ``model`` on one split.
 
-    ``threshold`` None chooses it on these predictions (validation: the
-    ``finetune.threshold`` rule); the test split is given the selected
-    epoch's. ``rows`` name the split's samples and patients.
+    ``images`` is the split's model input, or its
+    :mod:`~medssl.finetuning.streaming` source, read in batches of
+    :data:`EVAL_BATCH`; ``targets`` are its labels (None for segmentation,
+    whose masks come with a source's batches). ``threshold`` None chooses it
+    on these predictions (validation: the ``finetune.threshold`` rule); the
+    test split is given the selected epoch's. ``rows`` name the split's
+    samples and patients.
     """
     kind = task_type(kind) if isinstance(kind, str) else kind
     settings = resolve_settings(settings)
-    probs, logits = predict(model, images, kind, tta)
+    if isinstance(images, torch.Tensor):
+        probs, logits = predict(model, images, kind, tta)
+    elif kind.dense and not images.held:
+        return _evaluate_counts(model, images, kind, tta, settings, rows, threshold)
+    else:
+        probs, logits, masks = _predict_source(model, images, kind, tta)
+        targets = masks if kind.dense else targets
+    return _score(kind, settings, probs, logits, targets, rows, threshold)
+
+
+def _eval_chunks(n: int) -> list[torch.Tensor]:
+    """Positions of a split in the consecutive batches the whole-tensor path scores."""
+    return list(torch.split(torch.arange(n), EVAL_BATCH))
+
+
+def _predict_source(
+    model: nn.Module, source: RowSource, kind: TaskType, tta: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Probabilities, logits (and masks) of a source's split, batch by batch.
+
+    The batches are :data:`EVAL_BATCH` consecutive rows, as :func:`predict`
+    cuts a tensor, and every step of a prediction (and of each TTA view) is
+    per image, so the results equal the whole-tensor path's.
+    """
+    probs, logits, masks = [], [], []
+    for _, x, batch_masks in source.batches(_eval_chunks(len(source))):
+        batch_probs, batch_logits = predict(model, x, kind, tta)
+        probs.append(batch_probs)
+        logits.append(batch_logits)
+        masks.append(batch_masks)
+    return torch.cat(probs), torch.cat(logits), torch.cat(masks) if kind.dense else None
+
+
+def _score(
+    kind: TaskType,
+    settings: dict[str, Any],
+    probs: torch.Tensor,
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    rows: EvalRows,
+    threshold: Threshold | None,
+) -> Evaluation:
+    """The split's loss, threshold and the task type's assessment, from all its outputs."""
     criterion = kind.criterion(settings, None, int(logits.shape[1]))
     with torch.no_grad():
         loss = float(kind.loss(criterion, logits, targets))
@@ -363,6 +439,70 @@ def evaluate(
         threshold = kind.choose_threshold(targets, probs, settings)
     outcome = kind.assess(targets, probs, threshold, rows, settings)
     return Evaluation({**outcome.metrics, "loss": loss}, threshold, outcome.flags, outcome.arrays)
+
+
+def _evaluate_counts(
+    model: nn.Module,
+    source: RowSource,
+    kind: TaskType,
+    tta: str,
+    settings: dict[str, Any],
+    rows: EvalRows,
+    threshold: Threshold | None,
+) -> Evaluation:
+    """A streamed segmentation split scored from per-slice overlap counts, never whole maps.
+
+    Per-case Dice needs only each slice's intersection and foreground sums
+    (:func:`~medssl.finetuning.metrics.overlap_counts`), the constant-output
+    flag only the extreme probabilities, and the loss (per-slice soft Dice,
+    per-pixel BCE: means over equal-sized slices) is the size-weighted mean
+    of the batch losses. The metrics, flags and arrays are those of
+    :meth:`~medssl.finetuning.tasktypes.Segmentation.assess`.
+    """
+    if threshold is None:  # a fixed pixel cut: it does not depend on the predictions
+        threshold = kind.choose_threshold(torch.empty(0), torch.empty(0), settings)
+    criterion = kind.criterion(settings, None, 1)
+    total, low, high, parts = 0.0, math.inf, -math.inf, []
+    for _, x, masks in source.batches(_eval_chunks(len(source))):
+        probs, logits = predict(model, x, kind, tta)
+        with torch.no_grad():
+            total += float(kind.loss(criterion, logits, masks)) * len(x)
+        probs = probs.detach().cpu()
+        parts.append(overlap_counts(masks[:, 0].cpu(), probs, float(threshold.value)))
+        low, high = min(low, float(probs.min())), max(high, float(probs.max()))
+    loss = total / len(source)
+    if not math.isfinite(loss):
+        raise FinetuneError(f"validation loss is {loss}: the run diverged")
+    counts = OverlapCounts(
+        *(np.concatenate([getattr(p, name) for p in parts]) for name in COUNT_FIELDS),
+        pixels_per_slice=parts[0].pixels_per_slice,
+    )
+    metrics = metrics_from_counts(counts, rows.patient_id, settings["empty_reference"])
+    # The spread of two values [min, max] is the spread of every probability.
+    flags = segmentation_flags(torch.tensor([low, high]), counts)
+    flags += undefined_flags(metrics, kind.metrics)
+    arrays = segmentation_arrays(counts, rows)
+    return Evaluation({**metrics, "loss": loss}, threshold, flags, arrays)
+
+
+COUNT_FIELDS = ("intersection", "pred_sum", "ref_sum")
+
+
+def segmentation_arrays(counts: OverlapCounts, rows: EvalRows) -> dict[str, np.ndarray]:
+    """The test predictions file's arrays of a segmentation split, from its slice counts."""
+    cases, per_case = case_counts(counts, rows.patient_id)
+    return {
+        "case_id": cases,
+        "intersection": per_case.intersection,
+        "pred_sum": per_case.pred_sum,
+        "ref_sum": per_case.ref_sum,
+        "sample_index": rows.sample_index,
+        "patient_id": rows.patient_id,
+        "slice_intersection": counts.intersection,
+        "slice_pred_sum": counts.pred_sum,
+        "slice_ref_sum": counts.ref_sum,
+        "pixels_per_slice": np.int64(counts.pixels_per_slice),
+    }
 
 
 def _is_better(value: float, best: float | None, metric: str) -> bool:
@@ -442,25 +582,72 @@ def _targets(
 
 @dataclass
 class SplitData:
-    """Images and targets of the three splits, on the run's device."""
+    """The three splits of a run: their images (held or streamed) and label targets.
+
+    Segmentation has no label targets (``y_*`` None): its masks come with
+    each batch of the split's source.
+    """
 
     train_idx: np.ndarray
     """Partition rows of the training subset (the fraction's patients)."""
     n_train_patients: int
     n_outputs: int
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_val: torch.Tensor
-    y_val: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
+    channels: int
+    train: RowSource
+    val: RowSource
+    test: RowSource
+    y_train: torch.Tensor | None
+    y_val: torch.Tensor | None
+    y_test: torch.Tensor | None
     val_rows: EvalRows
     test_rows: EvalRows
 
     @property
     def sizes(self) -> tuple[int, int, int]:
         """Slices in the train, val and test splits."""
-        return len(self.x_train), len(self.x_val), len(self.x_test)
+        return len(self.train), len(self.val), len(self.test)
+
+    @property
+    def x_train(self) -> torch.Tensor:
+        """The training subset as one float tensor (a held split only: small data, tests)."""
+        return self.train.model_input()
+
+    @property
+    def x_val(self) -> torch.Tensor:
+        """The validation split as one float tensor (a held split only)."""
+        return self.val.model_input()
+
+    @property
+    def x_test(self) -> torch.Tensor:
+        """The test split as one float tensor (a held split only)."""
+        return self.test.model_input()
+
+
+def job_data(
+    data: str | Path,
+    masks: str | Path | None,
+    task: dict[str, Any],
+    settings: dict[str, Any] | None,
+    device: str | torch.device = "cpu",
+    mode: str = "auto",
+) -> JobData:
+    """The data of a job's runs on ``data``: one loader, and the fixed splits read once.
+
+    Every seed of a job passes the same one to :func:`finetune`; the mask
+    file is opened only for a task whose labels are masks. ``mode``
+    (:data:`~medssl.finetuning.streaming.DATA_MODES`) forces a plan instead
+    of choosing it by ``memory_budget_gb``.
+    """
+    settings = resolve_settings(settings)
+    kind = check_task(task)
+    return JobData(
+        data,
+        masks if kind.spec.labels_from_masks else None,
+        torch.device(device),
+        float(settings["memory_budget_gb"]),
+        int(settings["num_workers"]),
+        mode,
+    )
 
 
 def load_splits(
@@ -473,11 +660,14 @@ def load_splits(
     protocol: Protocol,
     masks: str | Path | None,
     device: torch.device,
+    job: JobData | None = None,
+    batch_size: int = DEFAULT_SETTINGS["batch_size"],
 ) -> SplitData:
-    """Read the training subset of ``fraction`` and the fixed val and test splits.
+    """The training subset of ``fraction`` and the fixed val and test splits, ready to batch.
 
-    One read of the HDF5 file for all three splits: the slices are gathered
-    once, in train, val, test order, and split in memory.
+    ``job`` (:func:`job_data`) decides within its memory budget which splits
+    are held in memory and which are streamed; only the rows of the three
+    splits are ever read. Without one, a job of default settings is made.
     """
     train_idx = select_training(partition, subsets, fraction)
     val_rows, test_rows = _split_rows(partition, "val"), _split_rows(partition, "test")
@@ -491,23 +681,24 @@ def load_splits(
         )
     n_outputs = kind.n_outputs(task, n_codes)
     sizes = (len(train_idx), len(val_rows), len(test_rows))
-    every = np.concatenate([train_idx, val_rows["index"].to_numpy(), test_rows["index"].to_numpy()])
-    # channels_last runs the small convolutions of these networks ~20 % faster on CPU.
-    images = load_images(data, every).to(device).contiguous(memory_format=torch.channels_last)
-    targets = _targets(kind, partition, every, masks, n_outputs, device)
-    x_train, x_val, x_test = torch.split(images, sizes)
-    y_train, y_val, y_test = torch.split(targets, sizes)
+    splits = (train_idx, val_rows["index"].to_numpy(), test_rows["index"].to_numpy())
+    if kind.spec.labels_from_masks:
+        if masks is None:
+            raise FinetuneError(f"a {kind.name} task needs --masks (the medssl.masks output)")
+        targets: tuple[torch.Tensor | None, ...] = (None, None, None)
+    else:
+        every = np.concatenate(splits)
+        targets = torch.split(_targets(kind, partition, every, masks, n_outputs, device), sizes)
+    job = job or job_data(data, masks, task, None, device)
+    sources = job.sources(splits, max(int(batch_size), EVAL_BATCH), kind.dense)
     n_patients = partition.loc[partition["index"].isin(train_idx), "patient_id"].nunique()
     return SplitData(
         train_idx,
         int(n_patients),
         n_outputs,
-        x_train,
-        y_train,
-        x_val,
-        y_val,
-        x_test,
-        y_test,
+        job.layout.shape[0],
+        *sources,
+        *targets,
         _eval_rows(val_rows),
         _eval_rows(test_rows),
     )
@@ -559,12 +750,15 @@ def prepare_run(
     backbone: str | None = None,
     device: str | torch.device = "cpu",
     masks: str | Path | None = None,
+    job: JobData | None = None,
 ) -> PreparedRun:
     """Check the settings and task, seed every generator, load the splits, build the model.
 
     Everything that can be refused is checked before the first random draw;
     the seeding comes before the model is built, because the scratch backbone
-    and the head draw from torch's generator.
+    and the head draw from torch's generator. ``job`` (:func:`job_data`) is
+    the data shared by the seeds of one job; without one, this run's settings
+    make its own.
     """
     settings = resolve_settings(settings)
     kind = check_task(task)
@@ -572,13 +766,28 @@ def prepare_run(
     protocol = make_protocol(settings)
     device = torch.device(device)
     generator = seed_everything(seed)
-    split = load_splits(data, partition, subsets, fraction, task, kind, protocol, masks, device)
+    job = job or job_data(data, masks, task, settings, device)
+    split = load_splits(
+        data,
+        partition,
+        subsets,
+        fraction,
+        task,
+        kind,
+        protocol,
+        masks,
+        device,
+        job,
+        int(settings["batch_size"]),
+    )
     model, backbone_name, info = build_model(
-        kind.name, split.n_outputs, split.x_train.shape[1], encoder, backbone, settings
+        kind.name, split.n_outputs, split.channels, encoder, backbone, settings
     )
     model.to(device=device, memory_format=torch.channels_last)
     optimizer = OPTIMIZERS[settings["optimizer"]](
-        _param_groups(model, protocol), float(settings["lr"]), float(settings["weight_decay"])
+        _param_groups(model, protocol, settings),
+        float(settings["lr"]),
+        float(settings["weight_decay"]),
     )
     weights = split.y_train if CLASS_WEIGHTS[settings["class_weights"]] else None
     criterion = kind.criterion(settings, weights, split.n_outputs)
@@ -612,17 +821,19 @@ def prepare_run(
 def _train_epoch(run: PreparedRun, train_backbone: bool, epoch: int) -> float:
     """One pass over the training subset; returns the sample-weighted mean loss."""
     model, settings, kind, generator = run.model, run.settings, run.kind, run.generator
-    images, targets = run.data.x_train, run.data.y_train
+    targets = run.data.y_train
     model.train()
     model.backbone.requires_grad_(train_backbone)
     if not train_backbone:
         # Frozen means frozen: BatchNorm must not update its running statistics either.
         model.backbone.eval()
-    order = torch.randperm(len(images), generator=generator)
+    # The order and the augmentation are drawn here, never in a loader worker, so a
+    # held and a streamed training subset see the same batches for one seed.
+    order = torch.randperm(len(run.data.train), generator=generator)
+    batches = _batches(order, int(settings["batch_size"]))
     total, seen = 0.0, 0
-    for batch in _batches(order, int(settings["batch_size"])):
-        x = images[batch.to(images.device)]
-        y = targets[batch.to(targets.device)]
+    for batch, x, masks in run.data.train.batches(batches):
+        y = masks if kind.dense else targets[torch.from_numpy(batch).to(targets.device)]
         if settings["augment"]:
             if kind.dense:
                 x, y = augment_batch(x, generator, y)
@@ -673,26 +884,67 @@ def _should_stop(run: PreparedRun, fitted: FitResult, epoch: int) -> bool:
     )
 
 
+def _group_key(group: dict[str, Any], per_layer: bool) -> str:
+    return f"{group['name']}/layer{group['layer_id']}" if per_layer else group["name"]
+
+
+def fit_probe(run: PreparedRun) -> FitResult:
+    """A protocol that trains nothing (``knn``): the kNN probe of the frozen encoder, its bank
+    the training subset read batch by batch, scored once on validation."""
+    probe = run.protocol
+    check_task_type(run.kind.name)  # segmentation has no neighbour vote: refused first
+    positions = _batches(torch.arange(len(run.data.train)), EVAL_BATCH)
+    targets = run.data.y_train
+    batches = (
+        (x, targets[torch.from_numpy(where).to(targets.device)])
+        for where, x, _ in run.data.train.batches(positions)
+    )
+    run.model.backbone.eval()
+    bank = build_bank(run.model.backbone, batches)
+    run.model = NeighbourClassifier(
+        run.model.backbone,
+        bank,
+        run.kind.name,
+        run.data.n_outputs,
+        int(probe.settings["knn_k"]),
+        float(probe.settings["knn_temperature"]),
+    )
+    val = evaluate(
+        run.model,
+        run.data.val,
+        run.data.y_val,
+        run.kind,
+        settings=run.settings,
+        rows=run.data.val_rows,
+    )
+    log.info("kNN probe (k=%s): val %s", probe.settings["knn_k"], val.metrics.get(run.select))
+    return FitResult(best_val=val.metrics, best_threshold=val.threshold)
+
+
 def fit(run: PreparedRun) -> FitResult:
     """Train epoch by epoch, scoring the validation split; keep the best state, stop on patience."""
+    if isinstance(run.protocol, KNN):
+        return fit_probe(run)
     fitted = FitResult()
     base_lr = float(run.settings["lr"])
     metrics = (*run.kind.metrics, "loss")
-    for epoch in range(1, int(run.settings["epochs"]) + 1):
+    per_layer = float(run.settings["layer_decay"]) != 1.0
+    for epoch in range(1, run.protocol.planned_epochs() + 1):
         plan = run.protocol.plan(epoch)
         for group in run.optimizer.param_groups:
-            group["lr"] = base_lr * plan.lr_factor[group["name"]]
+            scale = group.get("lr_scale", 1.0)
+            group["lr"] = base_lr * scale * plan.lr_factor[group["name"]]
         train_loss = _train_epoch(run, plan.train_backbone, epoch)
         evaluation = evaluate(
             run.model,
-            run.data.x_val,
+            run.data.val,
             run.data.y_val,
             run.kind,
             settings=run.settings,
             rows=run.data.val_rows,
         )
         val = evaluation.metrics
-        lrs = {group["name"]: group["lr"] for group in run.optimizer.param_groups}
+        lrs = {_group_key(g, per_layer): g["lr"] for g in run.optimizer.param_groups}
         fitted.history.append(
             {
                 "epoch": epoch,
@@ -737,13 +989,13 @@ def score_test(run: PreparedRun, fitted: FitResult) -> Evaluation:
         run.model.load_state_dict(fitted.best_state)
     threshold = fitted.best_threshold
     if threshold is None:
-        x_val, y_val, val_rows = run.data.x_val, run.data.y_val, run.data.val_rows
+        val, y_val, val_rows = run.data.val, run.data.y_val, run.data.val_rows
         threshold = evaluate(
-            run.model, x_val, y_val, run.kind, settings=run.settings, rows=val_rows
+            run.model, val, y_val, run.kind, settings=run.settings, rows=val_rows
         ).threshold
     return evaluate(
         run.model,
-        run.data.x_test,
+        run.data.test,
         run.data.y_test,
         run.kind,
         tta=run.settings["tta"],
@@ -837,32 +1089,41 @@ def finetune(
     backbone: str | None = None,
     device: str | torch.device = "cpu",
     masks: str | Path | None = None,
+    job: JobData | None = None,
 ) -> FinetuneResult:
     """Run one fine-tuning and return the metrics.json payload and the selected model.
 
     ``task`` needs ``name`` and ``type`` (and ``columns`` for multilabel);
     ``settings`` is the config ``finetune`` section (missing keys take
     :data:`DEFAULT_SETTINGS`); ``masks`` is the task's mask file for
-    segmentation. Raises :class:`FinetuneError` when the run diverges; nothing
-    is written here.
+    segmentation. ``job`` (:func:`job_data`) shares the file, the loader and
+    the held fixed splits between the seeds of one job; without one the run
+    makes and closes its own. Raises :class:`FinetuneError` when the run
+    diverges; nothing is written here.
     """
     started = time.perf_counter()
-    run = prepare_run(
-        data,
-        partition,
-        subsets,
-        fraction,
-        seed,
-        task,
-        settings,
-        init,
-        encoder,
-        backbone,
-        device,
-        masks,
-    )
-    fitted = fit(run)
-    test = score_test(run, fitted)
+    own = job_data(data, masks, task, settings, device) if job is None else None
+    try:
+        run = prepare_run(
+            data,
+            partition,
+            subsets,
+            fraction,
+            seed,
+            task,
+            settings,
+            init,
+            encoder,
+            backbone,
+            device,
+            masks,
+            job=job or own,
+        )
+        fitted = fit(run)
+        test = score_test(run, fitted)
+    finally:
+        if own is not None:
+            own.close()
     log.info(
         "best epoch %s; threshold %s; test %s; %.1f s",
         fitted.best_epoch,

@@ -450,12 +450,29 @@ class Segmentation(TaskType):
     def n_outputs(self, task: dict[str, Any], n_codes: int) -> int:
         return 1
 
-    def build_model(self, backbone: ResNet, n_outputs: int, settings: dict[str, Any]) -> nn.Module:
+    def build_model(
+        self, backbone: nn.Module, n_outputs: int, settings: dict[str, Any]
+    ) -> nn.Module:
         # Imported here: MONAI's networks take about 2 s to import, which every
         # classification fine-tune (most jobs of a grid) would pay for nothing.
-        from medssl.models.unet import DEFAULT_DECODER_CHANNELS, ResNetUNet
+        # The decoder follows the encoder's family: a U-Net on the multi-scale
+        # maps of a ResNet, ConvNeXt or Swin, UNETR on a plain ViT's tokens.
+        from medssl.models import timm_backbones
+        from medssl.models.unet import DEFAULT_DECODER_CHANNELS, ResNetUNet, TimmUNet
 
+        family = timm_backbones.family_of(backbone)
+        if family in timm_backbones.PLAIN_FAMILIES:
+            from medssl.models.unetr import ViTUNETR
+
+            if settings.get("decoder_channels"):
+                raise ValueError(
+                    "finetune.decoder_channels sets a U-Net decoder (ResNet, ConvNeXt, Swin); "
+                    f"a {type(backbone).__name__} segments with UNETR: leave it null"
+                )
+            return ViTUNETR(backbone, n_outputs)
         channels = settings["decoder_channels"] or DEFAULT_DECODER_CHANNELS
+        if family in timm_backbones.HIERARCHICAL_FAMILIES:
+            return TimmUNet(backbone, n_outputs, channels)
         return ResNetUNet(backbone, n_outputs, channels)
 
     def criterion(

@@ -18,6 +18,16 @@ rising linearly over the blocks to the value given (timm's rule, which the
 official SparK backbones use). Neither adds parameters or buffers: the
 encoder's keys stay torchvision's, and the sidecar records the options
 (``backbone_options``) when they differ from the defaults.
+
+Beyond ResNets, the timm families of :mod:`medssl.models.timm_backbones`
+(ConvNeXt, ViT, Swin) go through the same functions: :func:`build_backbone`,
+the stem policies (on a ConvNeXt stem or a patch embedding, the network's
+first convolution, :func:`stem_conv`), :func:`save_encoder` /
+:func:`load_encoder` (timm's keys; the sidecar adds ``img_size`` when a
+ViT or Swin was built for another size than timm's default) and
+:func:`feature_dim`. For them ``drop_path`` is timm's ``drop_path_rate``;
+``zero_init_residual`` is refused (their blocks have no final BatchNorm;
+ConvNeXt's layer scale starts near zero by design).
 """
 
 from __future__ import annotations
@@ -35,6 +45,8 @@ from torchvision.ops import StochasticDepth
 
 from medssl.core.files import read_json, save_torch, write_json
 from medssl.core.registry import Registry, look_up
+from medssl.models import timm_backbones
+from medssl.models.timm_backbones import TIMM_BACKBONES
 
 BACKBONE_OPTION_DEFAULTS: dict[str, Any] = {"zero_init_residual": False, "drop_path": 0.0}
 """Training options of a backbone (``pretrain.backbone_options``) and their defaults."""
@@ -90,7 +102,23 @@ BACKBONES: Registry[Callable[..., ResNet]] = Registry(
 )
 """Randomly initialised networks by name (``pretrain.backbone``, ``inits.<name>.backbone``).
 
-Each takes torchvision's ``zero_init_residual`` keyword."""
+Each takes torchvision's ``zero_init_residual`` keyword. The timm backbones are in
+:data:`medssl.models.timm_backbones.TIMM_BACKBONES`; :func:`backbone_names` lists both."""
+
+
+def backbone_names() -> list[str]:
+    """Every backbone name :func:`build_backbone` accepts: the ResNets and the timm models."""
+    return sorted([*BACKBONES, *TIMM_BACKBONES])
+
+
+def is_timm_backbone(name: str) -> bool:
+    """Whether ``name`` is built by timm (:data:`~medssl.models.timm_backbones.TIMM_BACKBONES`)."""
+    return name in TIMM_BACKBONES
+
+
+def _all_backbones() -> dict[str, str]:
+    """Name -> kind of every backbone, for one look-up that lists them all on a miss."""
+    return {**{n: "torchvision" for n in BACKBONES}, **{n: "timm" for n in TIMM_BACKBONES}}
 
 
 def residual_blocks(model: nn.Module) -> list[BasicBlock | Bottleneck]:
@@ -131,7 +159,13 @@ def set_drop_path(model: ResNet, rate: float) -> ResNet:
     on the block's last BatchNorm, the end of the branch, before the shortcut
     is added. A hook rather than a wrapper keeps the state-dict keys
     torchvision's. Calling it again replaces the previous rates; 0 removes them.
+    A timm network gets timm's own stochastic depth layers instead
+    (:func:`~medssl.models.timm_backbones.set_timm_drop_path`).
     """
+    if timm_backbones.family_of(model) is not None:
+        timm_backbones.set_timm_drop_path(model, rate)
+        _record_option(model, "drop_path", float(rate))
+        return model
     rate = float(rate)
     if not 0.0 <= rate < 1.0:
         raise ValueError(f"backbone option drop_path must be in [0, 1), got {rate}")
@@ -157,7 +191,10 @@ def _record_option(model: nn.Module, key: str, value: Any) -> None:
 
 
 def resolve_backbone_options(
-    settings: Mapping[str, Any] | None, recipe: Mapping[str, Any], random_start: bool
+    settings: Mapping[str, Any] | None,
+    recipe: Mapping[str, Any],
+    random_start: bool,
+    backbone: str | None = None,
 ) -> dict[str, Any]:
     """The backbone options of one pre-training run.
 
@@ -166,6 +203,10 @@ def resolve_backbone_options(
     which applies only to a backbone built from random weights. A start from
     an encoder file never zero-initialises (it would erase the imported
     blocks); an explicit ``drop_path`` still applies to it.
+
+    ``backbone`` names the network when known: for a timm backbone a recipe's
+    ``zero_init_residual`` (written for ResNets) is dropped, while an explicit
+    ``true`` in ``settings`` is refused by :func:`build_backbone`.
     """
     settings = dict(settings or {})
     for key in sorted(set(settings) - set(BACKBONE_OPTION_DEFAULTS)):
@@ -173,6 +214,8 @@ def resolve_backbone_options(
     options = dict(BACKBONE_OPTION_DEFAULTS)
     if random_start:
         options.update(recipe)
+        if backbone is not None and is_timm_backbone(backbone):
+            options["zero_init_residual"] = False
     options.update({k: v for k, v in settings.items() if v is not None})
     if not random_start:
         options["zero_init_residual"] = False
@@ -186,16 +229,28 @@ def resolve_backbone_options(
 
 
 def build_backbone(
-    name: str, in_channels: int, *, zero_init_residual: bool = False, drop_path: float = 0.0
-) -> ResNet:
-    """A randomly initialised ResNet with ``in_channels`` input channels and no classifier.
+    name: str,
+    in_channels: int,
+    *,
+    zero_init_residual: bool = False,
+    drop_path: float = 0.0,
+    img_size: int | list[int] | None = None,
+) -> nn.Module:
+    """A randomly initialised backbone with ``in_channels`` input channels and no classifier.
 
-    ``model.fc`` is ``nn.Identity`` so ``model(x)`` returns pooled features of
-    size :func:`feature_dim`. ``zero_init_residual`` and ``drop_path`` are the
+    ``model(x)`` returns pooled features of size :func:`feature_dim` (a
+    ResNet's ``fc`` is ``nn.Identity``; a timm network is built with
+    ``num_classes=0``). ``zero_init_residual`` and ``drop_path`` are the
     options of :data:`BACKBONE_OPTION_DEFAULTS`, kept on the model as
-    ``backbone_options``. An unknown ``name`` raises
-    :class:`~medssl.core.registry.UnknownNameError`.
+    ``backbone_options``; ``img_size`` is the build-time size of a ViT or Swin
+    (timm's default when None). An unknown ``name`` raises
+    :class:`~medssl.core.registry.UnknownNameError` listing every backbone.
     """
+    kind = look_up("backbone", name, _all_backbones())
+    if kind == "timm":
+        return _build_timm(name, in_channels, zero_init_residual, drop_path, img_size)
+    if img_size is not None:
+        raise ValueError(f"backbone {name!r} has no image size; got img_size={img_size}")
     model = BACKBONES[name](zero_init_residual=zero_init_residual)
     _record_option(model, "zero_init_residual", bool(zero_init_residual))
     set_drop_path(model, drop_path)
@@ -215,6 +270,51 @@ def build_backbone(
     return model
 
 
+def _build_timm(
+    name: str,
+    in_channels: int,
+    zero_init_residual: bool,
+    drop_path: float,
+    img_size: int | list[int] | None,
+) -> nn.Module:
+    """:func:`build_backbone` for a timm name: refuses the ResNet-only option."""
+    if zero_init_residual:
+        raise ValueError(
+            f"backbone option zero_init_residual applies to ResNets only "
+            f"({', '.join(sorted(BACKBONES))}); backbone {name!r} is a timm "
+            f"{timm_backbones.timm_spec(name).family}: set "
+            "pretrain.backbone_options.zero_init_residual to false"
+        )
+    model = timm_backbones.build_timm_backbone(
+        name, in_channels, drop_path=drop_path, img_size=img_size
+    )
+    model.backbone_options = dict(BACKBONE_OPTION_DEFAULTS)
+    _record_option(model, "drop_path", float(drop_path))
+    return model
+
+
+def stem_path(model: nn.Module) -> str:
+    """Dotted name of the first convolution: ``conv1``, ``stem.0`` or ``patch_embed.proj``."""
+    family = timm_backbones.family_of(model)
+    return "conv1" if family is None else timm_backbones.STEM_PATHS[family]
+
+
+def stem_conv(model: nn.Module) -> nn.Conv2d:
+    """The first convolution, which the stem policies adapt to the data's channels."""
+    return model.get_submodule(stem_path(model))
+
+
+def _set_stem_conv(model: nn.Module, conv: nn.Conv2d) -> None:
+    parent_path, _, attribute = stem_path(model).rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, attribute, conv)
+
+
+def input_channels(model: nn.Module) -> int:
+    """Channels the backbone takes (1 for a repeated RGB stem on CT)."""
+    return int(stem_conv(model).in_channels)
+
+
 class ChannelRepeatConv2d(nn.Conv2d):
     """A stem convolution with ``weight_channels`` kernels that takes fewer input channels.
 
@@ -223,6 +323,8 @@ class ChannelRepeatConv2d(nn.Conv2d):
     Conv2d subclass rather than a wrapper module so that the state dict keeps
     torchvision's ``conv1.weight`` and code reaching ``backbone.conv1`` (U-Net
     encoders, SparK's hooks) keeps working; ``in_channels`` is what it accepts.
+    The same holds for a timm stem (``stem.0``) or patch embedding
+    (``patch_embed.proj``).
     """
 
     def __init__(self, conv: nn.Conv2d, input_channels: int) -> None:
@@ -253,13 +355,13 @@ class ChannelRepeatConv2d(nn.Conv2d):
         return super().forward(x.repeat(1, self.weight_channels // self.in_channels, 1, 1))
 
 
-def _stem_sum(model: ResNet, in_channels: int) -> ResNet:
+def _stem_sum(model: nn.Module, in_channels: int) -> nn.Module:
     """Fold the stem over its input channels: one summed kernel per output channel.
 
     For a grey image (every RGB channel equal) this gives exactly the RGB
     stem's response, with a 1-channel convolution.
     """
-    conv = model.conv1
+    conv = stem_conv(model)
     if in_channels != 1:
         raise ValueError(f"sum stem folds to 1 input channel; the data has {in_channels}")
     folded = nn.Conv2d(
@@ -274,23 +376,23 @@ def _stem_sum(model: ResNet, in_channels: int) -> ResNet:
         folded.weight.copy_(conv.weight.sum(dim=1, keepdim=True))
         if conv.bias is not None:
             folded.bias.copy_(conv.bias)
-    model.conv1 = folded
+    _set_stem_conv(model, folded)
     return model
 
 
-def _stem_repeat(model: ResNet, in_channels: int) -> ResNet:
+def _stem_repeat(model: nn.Module, in_channels: int) -> nn.Module:
     """Keep the stem's kernels and tile the input channels to its width."""
-    model.conv1 = ChannelRepeatConv2d(model.conv1, in_channels)
+    _set_stem_conv(model, ChannelRepeatConv2d(stem_conv(model), in_channels))
     return model
 
 
-STEM_POLICIES: Registry[Callable[[ResNet, int], ResNet]] = Registry(
+STEM_POLICIES: Registry[Callable[[nn.Module, int], nn.Module]] = Registry(
     "stem policy", {"sum": _stem_sum, "repeat": _stem_repeat}
 )
 """How a stem trained on more channels (RGB) takes fewer (CT): see :func:`adapt_stem`."""
 
 
-def adapt_stem(model: ResNet, in_channels: int, policy: str) -> ResNet:
+def adapt_stem(model: nn.Module, in_channels: int, policy: str) -> nn.Module:
     """Make ``model`` take ``in_channels`` inputs, in place; a no-op when it already does.
 
     ``sum`` folds the kernels to one channel (a 1-channel stem from then on,
@@ -301,19 +403,35 @@ def adapt_stem(model: ResNet, in_channels: int, policy: str) -> ResNet:
     looked up first, so a misspelt one fails even when no adaptation is needed.
     """
     adapt = STEM_POLICIES[policy]
-    if int(model.conv1.in_channels) == in_channels:
+    if input_channels(model) == in_channels:
         return model
     return adapt(model, in_channels)
 
 
-def stem_channels(model: ResNet) -> int:
+def stem_channels(model: nn.Module) -> int:
     """Channels of the stem's kernels (3 for a repeated RGB stem taking 1 channel)."""
-    return int(getattr(model.conv1, "weight_channels", model.conv1.in_channels))
+    conv = stem_conv(model)
+    return int(getattr(conv, "weight_channels", conv.in_channels))
 
 
-def feature_dim(model: ResNet) -> int:
-    """Width of the pooled features the backbone returns."""
+def feature_dim(model: nn.Module) -> int:
+    """Width of the pooled features the backbone returns (any family)."""
     return int(model.feature_dim)
+
+
+def check_input_size(backbone: str, height: int, width: int) -> str | None:
+    """Why a ``height x width`` input cannot go through ``backbone``, in words, or None.
+
+    ResNets take any size (the U-Net adds its own multiple-of-32 rule at run
+    time); ConvNeXt and Swin need multiples of 32, ViTs multiples of their
+    patch (14 or 16). An unknown name raises, listing the known ones.
+    """
+    kind = look_up("backbone", backbone, _all_backbones())
+    if height < 1 or width < 1:
+        return f"input size must be positive, got {height}x{width}"
+    if kind == "timm":
+        return timm_backbones.check_timm_input_size(backbone, height, width)
+    return None
 
 
 def sidecar_path(encoder_path: str | Path) -> Path:
@@ -321,10 +439,20 @@ def sidecar_path(encoder_path: str | Path) -> Path:
     return Path(encoder_path).with_suffix(".json")
 
 
-def save_encoder(model: ResNet, path: str | Path, backbone: str, info: dict) -> None:
+def _size_record(model: nn.Module, backbone: str) -> dict[str, Any]:
+    """``{"img_size": [h, w]}`` when a ViT or Swin was built for another size than timm's."""
+    if not is_timm_backbone(backbone):
+        return {}
+    size = timm_backbones.build_img_size(model)
+    if size is None or size == timm_backbones.default_img_size(backbone):
+        return {}
+    return {"img_size": size}
+
+
+def save_encoder(model: nn.Module, path: str | Path, backbone: str, info: dict) -> None:
     """Save the backbone's weights (no classifier) and a sidecar describing them."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items() if not k.startswith("fc.")}
-    in_channels = int(model.conv1.in_channels)
+    in_channels = input_channels(model)
     stem = {}
     if stem_channels(model) != in_channels:
         # A repeated stem: the weights have more channels than the model takes.
@@ -336,7 +464,15 @@ def save_encoder(model: ResNet, path: str | Path, backbone: str, info: dict) -> 
     save_torch(path, state)
     write_json(
         sidecar_path(path),
-        {"backbone": backbone, "in_channels": in_channels, **stem, **recorded, **info},
+        {
+            "backbone": backbone,
+            "in_channels": in_channels,
+            **stem,
+            **_size_record(model, backbone),
+            **recorded,
+            **info,
+        }
+        | _padding_record(model),
     )
 
 
@@ -348,7 +484,7 @@ def read_sidecar(path: str | Path) -> dict:
     return read_json(side)
 
 
-def load_encoder(path: str | Path) -> tuple[ResNet, dict]:
+def load_encoder(path: str | Path) -> tuple[nn.Module, dict]:
     """Rebuild the backbone named in the sidecar and load the weights into it.
 
     The network is built with the default options (no stochastic depth):
@@ -360,7 +496,11 @@ def load_encoder(path: str | Path) -> tuple[ResNet, dict]:
     """
     info = read_sidecar(path)
     in_channels = int(info["in_channels"])
-    model = build_backbone(info["backbone"], int(info.get("stem_channels", in_channels)))
+    model = build_backbone(
+        info["backbone"],
+        int(info.get("stem_channels", in_channels)),
+        img_size=info.get("img_size"),
+    )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises UnpicklingError and others for unsafe files
@@ -373,4 +513,24 @@ def load_encoder(path: str | Path) -> tuple[ResNet, dict]:
         )
     if info.get("stem") == "repeat":
         adapt_stem(model, in_channels, "repeat")
+    _padding_variant(model, info)
     return model, info
+
+
+def _padding_record(model: nn.Module) -> dict[str, Any]:
+    """``{"padding": ...}`` for a network padded TensorFlow's way (medssl.models.padding)."""
+    from medssl.models.padding import padding_sidecar
+
+    return padding_sidecar(model)
+
+
+def _padding_variant(model: nn.Module, info: Mapping[str, Any]) -> nn.Module:
+    """Pad ``model`` as the sidecar's ``padding`` says (torchvision's when absent).
+
+    Applied after the stem is adapted, as :func:`medssl.models.padding.set_padding` asks.
+    """
+    if "padding" not in info:
+        return model
+    from medssl.models.padding import set_padding
+
+    return set_padding(model, str(info["padding"]))

@@ -2,12 +2,15 @@
 
 The checkpoint is read with ``torch.load(weights_only=True)``: tensors and
 plain containers only, so a file carrying pickled code is refused before
-anything in it runs. Its keys are mapped to torchvision's by the format's row
-in :mod:`medssl.models.checkpoint_formats` and loaded into a torchvision ResNet; every
+anything in it runs. Its keys are mapped to torchvision's (ResNets) or to the
+named timm model's (ConvNeXt, ViT, DeiT, Swin, DINOv2, SAM) by the format's row
+in :mod:`medssl.models.checkpoint_formats` and loaded into that network
+(position embeddings resampled to the input size first); every
 missing and unexpected key is logged, and a missing key other than the
 classifier stops the import (a silently random layer would poison every
 result downstream). The stem is then adapted to the data's channels by the
-chosen policy (:func:`medssl.models.backbones.adapt_stem`) and the encoder written by
+chosen policy (:func:`medssl.models.backbones.adapt_stem`), a ResNet takes the
+padding of the publisher's network (:mod:`medssl.models.padding`), and the encoder written by
 :func:`medssl.models.backbones.save_encoder`, the same file every pre-training writes.
 The stage ``python -m medssl.import_init`` is the command line of :func:`import_checkpoint`.
 """
@@ -22,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from medssl.core import provenance
 from medssl.core.registry import UnknownNameError
@@ -33,6 +37,7 @@ from medssl.models.checkpoint_formats import (
     Mapped,
     map_state_dict,
 )
+from medssl.models.padding import set_padding
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +95,7 @@ def _released_format(checkpoint: str | Path, fmt: str, backbone: str) -> Checkpo
         spec = FORMATS[fmt]
     except UnknownNameError as err:
         raise UnknownNameError(f"{checkpoint}: {err}") from None
-    if backbone not in spec.architectures:
+    if not spec.releases(backbone):
         raise CheckpointImportError(
             f"{checkpoint}: format {fmt!r} is released for {list(spec.architectures)}, "
             f"not {backbone!r}"
@@ -98,16 +103,78 @@ def _released_format(checkpoint: str | Path, fmt: str, backbone: str) -> Checkpo
     return spec
 
 
-def _empty_backbone(checkpoint: str | Path, mapped: Mapped, backbone: str) -> torch.nn.Module:
+def is_resnet(backbone: str) -> bool:
+    """Whether ``backbone`` is one of medssl's torchvision-layout ResNets (else a timm name)."""
+    return backbone in models.BACKBONES.names() and backbone.startswith("resnet")
+
+
+def _empty_timm_backbone(backbone: str, img_size: int | None) -> torch.nn.Module:
+    """The timm network ``backbone`` with random weights, no classifier, RGB input.
+
+    A backbone medssl builds comes from :func:`medssl.models.backbones.build_backbone`;
+    another timm name that a format releases (DINO's patch-8 ViTs, SAM ViT-L/H)
+    is built by timm the same way, so it imports, though no stage trains it.
+    ``img_size`` (transformers only) sets the size the position tables are made for.
+    """
+    if models.is_timm_backbone(backbone):
+        return models.build_backbone(backbone, 3, img_size=img_size)
+    import timm
+
+    if not timm.is_model(backbone):
+        raise UnknownNameError(f"unknown backbone {backbone!r}: neither medssl's nor timm's")
+    sized = {"img_size": img_size} if img_size is not None else {}
+    return timm.create_model(backbone, pretrained=False, num_classes=0, in_chans=3, **sized)
+
+
+def _fit_positions(
+    state: dict[str, torch.Tensor], model: torch.nn.Module
+) -> dict[str, torch.Tensor]:
+    """Position tables resampled to ``model``'s input size where their shapes differ.
+
+    A ViT's ``pos_embed`` (prefix rows kept, the square patch grid
+    interpolated bicubically, timm's resampler), SAM's NHWC ``pos_embed``
+    (the same, timm's NHWC resampler) and SAM's relative position tables
+    ``rel_pos_h``/``rel_pos_w`` of global-attention blocks (linearly along
+    the distance axis, as SAM itself interpolates them at run time).
+    """
+    from timm.layers import resample_abs_pos_embed, resample_abs_pos_embed_nhwc
+
+    expected = model.state_dict()
+    out = dict(state)
+    for key, value in state.items():
+        target = expected.get(key)
+        if target is None or target.shape == value.shape:
+            continue
+        if key == "pos_embed" and value.ndim == 3:
+            prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
+            grid = list(model.patch_embed.grid_size)
+            out[key] = resample_abs_pos_embed(value, grid, num_prefix_tokens=prefix)
+        elif key == "pos_embed" and value.ndim == 4:
+            out[key] = resample_abs_pos_embed_nhwc(value, list(target.shape[1:3]))
+        elif key.endswith(("attn.rel_pos_h", "attn.rel_pos_w")) and value.ndim == 2:
+            table = F.interpolate(value.T[None], size=target.shape[0], mode="linear")
+            out[key] = table[0].T.contiguous()
+    return out
+
+
+def _empty_backbone(
+    checkpoint: str | Path, mapped: Mapped, backbone: str, img_size: int | None = None
+) -> torch.nn.Module:
     """A ``backbone`` whose stem takes the checkpoint's channels, every tensor shape checked.
 
-    It keeps a classifier slot, so that ``fc.*`` reads as missing rather than
-    as a surprise in the load report.
+    A ResNet keeps a classifier slot, so that ``fc.*`` reads as missing
+    rather than as a surprise in the load report. A timm model has none (its
+    classifier is dropped by the format); its position tables are resampled
+    to ``img_size`` in ``mapped`` first.
     """
     state = mapped.state
-    rgb_channels = int(state["conv1.weight"].shape[1]) if "conv1.weight" in state else 3
-    model = models.build_backbone(backbone, rgb_channels)
-    model.fc = torch.nn.Linear(model.feature_dim, 1)
+    if is_resnet(backbone):
+        rgb_channels = int(state["conv1.weight"].shape[1]) if "conv1.weight" in state else 3
+        model = models.build_backbone(backbone, rgb_channels)
+        model.fc = torch.nn.Linear(model.feature_dim, 1)
+    else:
+        model = _empty_timm_backbone(backbone, img_size)
+        mapped.state = state = _fit_positions(state, model)
     expected = model.state_dict()
     wrong_shape = [
         f"{key} {tuple(value.shape)} != {tuple(expected[key].shape)}"
@@ -161,24 +228,31 @@ def import_encoder(
     backbone: str = IMPORT_DEFAULTS["backbone"],
     stem: str = IMPORT_DEFAULTS["stem"],
     in_channels: int = IMPORT_DEFAULTS["in_channels"],
+    img_size: int | None = None,
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Load ``checkpoint`` of format ``fmt`` into a ``backbone`` adapted to ``in_channels``.
 
-    Returns the network and a report (container, ignored, dropped, missing and
-    unexpected keys). Raises :class:`~medssl.core.registry.UnknownNameError`
-    for an unknown format and :class:`CheckpointImportError` when anything but
-    the classifier is missing, or a key is unexpected or has the wrong shape.
+    A ResNet is padded as the publisher's network was (the format's
+    ``padding``); ``img_size`` sizes the position embeddings of a
+    transformer. Returns the network and a report (container, ignored,
+    dropped, missing and unexpected keys, padding). Raises
+    :class:`~medssl.core.registry.UnknownNameError` for an unknown format and
+    :class:`CheckpointImportError` when anything but the classifier is
+    missing, or a key is unexpected or has the wrong shape.
     """
-    _released_format(checkpoint, fmt, backbone)
+    spec = _released_format(checkpoint, fmt, backbone)
     raw = read_checkpoint(checkpoint)
     try:
         mapped = map_state_dict(raw, fmt)
     except CheckpointFormatError as err:
         raise CheckpointImportError(f"{checkpoint}: {err}") from None
-    model = _empty_backbone(checkpoint, mapped, backbone)
+    model = _empty_backbone(checkpoint, mapped, backbone, img_size)
     report = _load_reported(checkpoint, model, mapped, fmt, backbone)
-    model.fc = torch.nn.Identity()
     models.adapt_stem(model, in_channels, stem)
+    if is_resnet(backbone):
+        model.fc = torch.nn.Identity()
+        set_padding(model, spec.padding)  # last: it hooks the adapted stem
+        report["padding"] = spec.padding
     return model, report
 
 
@@ -198,15 +272,25 @@ def import_checkpoint(
     backbone: str = IMPORT_DEFAULTS["backbone"],
     stem: str = IMPORT_DEFAULTS["stem"],
     in_channels: int = IMPORT_DEFAULTS["in_channels"],
+    img_size: int | None = None,
 ) -> dict[str, Any]:
     """Import ``checkpoint`` and write the encoder and its sidecar to ``out``.
 
     Returns the facts the sidecar adds about the import (source file and its
-    digest, load report, provenance), so a caller can log or check them.
+    digest, load report, provenance), so a caller can log or check them. A
+    TensorFlow-padded network's sidecar says ``"padding"`` (written by
+    :func:`~medssl.models.backbones.save_encoder`, as a transformer's input size).
     """
     checkpoint = Path(checkpoint)
-    model, report = import_encoder(checkpoint, fmt, backbone, stem, in_channels)
+    if backbone not in models.backbone_names():
+        raise CheckpointImportError(
+            f"{checkpoint}: {backbone!r} is not a backbone of medssl.models.backbones, so its "
+            f"encoder file could not be read back; import_encoder loads it in memory"
+        )
+    model, report = import_encoder(checkpoint, fmt, backbone, stem, in_channels, img_size)
     settings = {"format": fmt, "backbone": backbone, "stem": stem, "in_channels": in_channels}
+    if img_size is not None:
+        settings["img_size"] = img_size
     info = {
         "method": f"import:{fmt}",
         "source": {"checkpoint": str(checkpoint), "sha256": _sha256(checkpoint)},

@@ -181,6 +181,58 @@ def check_references(config: dict) -> Iterator[str]:
             f"choose one of {sorted(datasets)}"
         )
     yield from _check_inits(config)
+    yield from _check_input_sizes(config)
+    yield from _check_protocols(config)
+
+
+def _backbones_in_play(config: dict) -> dict[str, str]:
+    """Each backbone a fine-tune may build, and where the config names it."""
+    out = {config["pretrain"]["backbone"]: "pretrain.backbone"}
+    for name, init in config["inits"].items():
+        if init["source"] == "import":
+            out.setdefault(init["backbone"], f"inits.{name}.backbone")
+    return out
+
+
+def _check_input_sizes(config: dict) -> Iterator[str]:
+    """A ViT needs sides that are multiples of its patch, ConvNeXt and Swin of 32: checked
+    on every task's slice size (where it is fixed) and SwAV's local crops before any job."""
+    from medssl.models.timm_backbones import TIMM_BACKBONES, check_timm_input_size
+
+    timm_names = {b: w for b, w in _backbones_in_play(config).items() if b in TIMM_BACKBONES}
+    datasets = config["data"]["datasets"]
+    for task_name, task in config["tasks"].items():
+        dataset = datasets.get(task["dataset"], {})
+        size = {**config["data"].get("convert", {}), **dataset.get("convert", {})}.get("image_size")
+        for backbone, where in timm_names.items():
+            problem = size and check_timm_input_size(backbone, size, size)
+            if problem:
+                yield f"{where}: {problem} (image_size of task {task_name!r})"
+    pretrain = config["pretrain"]
+    backbone = pretrain["backbone"]
+    size = config["data"].get("convert", {}).get("image_size")
+    if backbone in TIMM_BACKBONES and size and "swav" in pretrain["methods"]:
+        local = int(round(size * float(pretrain.get("swav", {}).get("local_size", 96 / 224))))
+        problem = check_timm_input_size(backbone, local, local)
+        if problem:
+            yield f"pretrain.swav.local_size: {problem} (SwAV's local crops)"
+
+
+def _check_protocols(config: dict) -> Iterator[str]:
+    """The knn probe votes on classes: a segmentation task cannot take it."""
+    for init_name, init in config["inits"].items():
+        for task_name, task in config["tasks"].items():
+            protocol = {
+                **config["finetune"],
+                **task.get("finetune", {}),
+                **init.get("finetune", {}),
+            }["protocol"]
+            if protocol == "knn" and task_type_spec(task["type"]).dense:
+                yield (
+                    f"inits.{init_name} on task {task_name!r}: protocol knn votes on classes; "
+                    f"a {task['type']} task needs linear or full (set it in the task's or "
+                    "the init's finetune)"
+                )
 
 
 def _check_task(config: dict, name: str, task: dict) -> Iterator[str]:
@@ -244,7 +296,7 @@ def _check_task_masks(name: str, task: dict, dataset: dict) -> Iterator[str]:
 INIT_KEYS = {
     "scratch": {"finetune"},
     "pretrain": {"method", "from", "finetune"},
-    "import": {"checkpoint", "format", "backbone", "stem", "finetune"},
+    "import": {"checkpoint", "format", "backbone", "stem", "img_size", "finetune"},
     "supervised": {"task", "from", "seed", "finetune"},
 }
 """Keys each init source takes besides ``source`` (``finetune``: its fine-tunes' overrides)."""
@@ -290,11 +342,11 @@ def _check_inits(config: dict) -> Iterator[str]:
             checkpoint = Path(init["checkpoint"])
             if not checkpoint.is_file():
                 yield f"inits.{name}.checkpoint: file {str(checkpoint)!r} does not exist"
-            released = FORMATS[init["format"]].architectures
-            if init["backbone"] not in released:
+            spec = FORMATS[init["format"]]
+            if not spec.releases(init["backbone"]):
                 yield (
                     f"inits.{name}.backbone: format {init['format']!r} is released for "
-                    f"{list(released)}, not {init['backbone']!r}"
+                    f"{list(spec.architectures)}, not {init['backbone']!r}"
                 )
             if name in methods:
                 yield (

@@ -372,11 +372,16 @@ class WorkflowPlan:
     def import_settings(self, init: str) -> dict[str, Any]:
         """What the import reads from the config (a changed value reruns it)."""
         spec = self.config["inits"][init]
+        img_size = spec.get("img_size") or self.config["data"]["convert"].get("image_size")
+        if str(spec["backbone"]).startswith("resnet"):
+            img_size = None  # a ResNet has no position table: nothing to resample
         return {
             "format": spec["format"],
             "backbone": spec["backbone"],
             "stem": spec["stem"],
             "in_channels": data_channels(self.config),
+            # A transformer's position tables are resampled to this size at import.
+            "img_size_option": f"--img-size {int(img_size)}" if img_size else "",
         }
 
     def supervised_task(self, init: str) -> SupervisedTask:

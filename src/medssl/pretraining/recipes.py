@@ -198,7 +198,10 @@ def start_backbone(
     applies to one continued from an encoder.
     """
     options = models.resolve_backbone_options(
-        settings.get("backbone_options"), recipe or {}, random_start=init_encoder is None
+        settings.get("backbone_options"),
+        recipe or {},
+        random_start=init_encoder is None,
+        backbone=settings.get("backbone", PRETRAIN_DEFAULTS["backbone"]),
     )
     if init_encoder is None:
         name = settings.get("backbone", PRETRAIN_DEFAULTS["backbone"])

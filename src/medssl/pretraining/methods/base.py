@@ -1,10 +1,11 @@
 """The self-supervised method interface and the registry of method classes.
 
 A method owns a backbone (a torchvision ResNet whose ``fc`` is ``Identity``,
-from :func:`medssl.models.backbones.build_backbone`) plus whatever heads it trains, and
-turns a list of augmented views into a scalar loss. The one training loop in
-:mod:`medssl.pretraining.loop` drives every method through this interface, so methods
-differ only in what the paper differs in.
+or a timm ConvNeXt, ViT or Swin without classifier, from
+:func:`medssl.models.backbones.build_backbone`; each returns pooled features)
+plus whatever heads it trains, and turns a list of augmented views into a
+scalar loss. The one training loop in :mod:`medssl.pretraining.loop` drives
+every method through this interface, so methods differ only in what the paper differs in.
 """
 
 from __future__ import annotations
@@ -132,13 +133,17 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
         adaptation, as in SimCLR and BYOL: decaying a BN scale towards zero
         only fights the normalisation. ``lars_exclude`` marks the group. Methods
         whose originals treat every parameter alike set ``exclude_bias_and_norm``
-        to False and get one group.
+        to False and get one group. A timm backbone's ``no_weight_decay()``
+        names (a ViT's class and register tokens and position embedding, Swin's
+        relative position tables) join the second group, as timm's own
+        optimiser factory puts them.
         """
+        exempt = self._timm_no_decay_names()
         decay, no_decay = [], []
-        for parameter in self.parameters():
+        for name, parameter in self.named_parameters():
             if not parameter.requires_grad:
                 continue
-            excluded = self.exclude_bias_and_norm and parameter.ndim <= 1
+            excluded = self.exclude_bias_and_norm and (parameter.ndim <= 1 or name in exempt)
             (no_decay if excluded else decay).append(parameter)
         groups: list[dict[str, Any]] = [{"params": decay, "lars_exclude": False}]
         if no_decay:
@@ -151,6 +156,14 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
                 }
             )
         return groups
+
+    def _timm_no_decay_names(self) -> set[str]:
+        """Parameter names (in this module) that the backbone's ``no_weight_decay()`` lists."""
+        listed = getattr(self.backbone, "no_weight_decay", None)
+        if listed is None:
+            return set()
+        prefix = next(n for n, m in self.named_modules() if m is self.backbone)
+        return {f"{prefix}.{name}" for name in listed()}
 
     def make_views(self, augment: Mapping[str, Any] | None, seed: int) -> MultiView | MultiCrop:
         """The transform turning an image into this method's list of views.

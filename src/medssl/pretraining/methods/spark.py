@@ -9,6 +9,10 @@ projection to the decoder's width at that scale; a light UNet decoder adds
 them in as skips and reconstructs the image, scored only on the hidden patches
 against per-patch normalised pixels.
 
+The encoder is a ResNet or a timm ConvNeXt (the two families of the official
+code; a transformer has no sparse-convolution form and is refused). For a
+ConvNeXt the densify norm is a LayerNorm over channels, as there.
+
 Defaults follow the official code for ResNets: ratio 0.6, decoder width 768
 halving per scale, densify norm = sparse BatchNorm, a 1x1 projection at the
 coarsest scale (identity when the widths already match) and 3x3 elsewhere.
@@ -33,6 +37,8 @@ from torch import nn
 from torchvision.models.resnet import ResNet
 
 from medssl.core.registry import look_up
+from medssl.models import timm_backbones
+from medssl.models.backbones import BACKBONES, input_channels
 from medssl.pretraining import optimizers
 from medssl.pretraining.methods.base import Method, register
 from medssl.pretraining.methods.loss_helpers import wide
@@ -44,7 +50,32 @@ from medssl.pretraining.methods.sparse import (
 )
 
 DOWNSAMPLE = 32
-"""Total stride of a torchvision ResNet: the mask grid is the input / 32."""
+"""Total stride of a torchvision ResNet or a ConvNeXt: the mask grid is the input / 32."""
+
+SPARSE_FAMILIES = ("convnext",)
+"""timm families SparK can pre-train, besides every torchvision ResNet."""
+
+
+def spark_backbones() -> list[str]:
+    """Names of the backbones SparK can pre-train (ResNets and ConvNeXts)."""
+    timm_names = [
+        name
+        for name, spec in timm_backbones.TIMM_BACKBONES.items()
+        if spec.family in SPARSE_FAMILIES
+    ]
+    return sorted([*BACKBONES, *timm_names])
+
+
+def check_sparse_backbone(backbone: nn.Module) -> None:
+    """Refuse a backbone without a sparse-convolution form (any transformer), naming the others."""
+    family = timm_backbones.family_of(backbone)
+    if family is None or family in SPARSE_FAMILIES:
+        return
+    raise ValueError(
+        f"SparK needs a convolutional backbone; a {type(backbone).__name__} ({family}) has no "
+        f"sparse form. Supported: {', '.join(spark_backbones())}"
+    )
+
 
 SPARK_AUGMENT: dict[str, Any] = {
     "crop_scale": [0.67, 1.0],
@@ -61,8 +92,10 @@ Masked modelling needs no invariance to photometric changes; reconstructing
 pixels that noise or blur have altered would only teach the noise."""
 
 
-def stage_widths(backbone: ResNet) -> list[int]:
-    """Output channels of layer1..layer4 (read from their last BatchNorm)."""
+def stage_widths(backbone: nn.Module) -> list[int]:
+    """Output channels of the four stages (a ResNet's read from their last BatchNorm)."""
+    if timm_backbones.family_of(backbone) is not None:
+        return timm_backbones.feature_channels(backbone)
     widths = []
     for stage in (backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4):
         norms = [m for m in stage.modules() if isinstance(m, nn.BatchNorm2d)]
@@ -70,8 +103,10 @@ def stage_widths(backbone: ResNet) -> list[int]:
     return widths
 
 
-def stage_features(backbone: ResNet, x: torch.Tensor) -> list[torch.Tensor]:
-    """The outputs of layer1..layer4 (strides 4, 8, 16, 32), finest first."""
+def stage_features(backbone: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """The outputs of the four stages (strides 4, 8, 16, 32), finest first."""
+    if timm_backbones.family_of(backbone) is not None:
+        return timm_backbones.feature_maps(backbone, x)
     x = backbone.maxpool(backbone.relu(backbone.bn1(backbone.conv1(x))))
     features = []
     for stage in (backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4):
@@ -218,6 +253,7 @@ class SparK(Method):
     for a backbone built from random weights; an imported one keeps its own."""
 
     def __init__(self, backbone: ResNet, settings: Mapping[str, Any] | None = None) -> None:
+        check_sparse_backbone(backbone)
         super().__init__(backbone, settings)
         ratio = float(self.settings["mask_ratio"])
         if not 0.0 < ratio < 1.0:
@@ -235,7 +271,7 @@ class SparK(Method):
             token = nn.Parameter(torch.zeros(1, channels, 1, 1))
             nn.init.trunc_normal_(token, std=0.02, a=-0.02, b=0.02)
             self.mask_tokens.append(token)
-            self.densify_norms.append(SparseBatchNorm2d(channels, self.mask_state))
+            self.densify_norms.append(self._densify_norm(channels))
             decoder_channels = width // 2**level
             if level == 0 and channels == decoder_channels:
                 self.densify_projs.append(nn.Identity())
@@ -244,7 +280,19 @@ class SparK(Method):
                 self.densify_projs.append(
                     nn.Conv2d(channels, decoder_channels, kernel, padding=kernel // 2)
                 )
-        self.decoder = LightDecoder(width, int(self.backbone.conv1.in_channels))
+        self.decoder = LightDecoder(width, input_channels(self.backbone))
+
+    def _densify_norm(self, channels: int) -> nn.Module:
+        """Sparse BatchNorm for a ResNet; for a ConvNeXt a channel LayerNorm, as officially.
+
+        A LayerNorm acts on each position alone, so it needs no sparse form:
+        the masked positions it fills are replaced by mask tokens next.
+        """
+        if timm_backbones.family_of(self.backbone) == "convnext":
+            from timm.layers import LayerNorm2d
+
+            return LayerNorm2d(channels)
+        return SparseBatchNorm2d(channels, self.mask_state)
 
     def augment_overrides(self) -> dict[str, Any]:
         """SparK's crop-and-flip recipe, with ``spark.augment`` keys on top."""

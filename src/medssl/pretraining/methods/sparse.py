@@ -25,10 +25,18 @@ on ResNet-50). ``dense_masked`` (the default) computes the masked moments on
 the full map, weighting by the mask and keeping the count as a tensor, then
 normalises everywhere and re-masks: more arithmetic, no synchronisation, so
 the host can queue the whole step ahead of the device.
+
+A timm ConvNeXt (SparK's other encoder family) has no BatchNorm: its
+LayerNorms and MLPs act on each position alone, so they cannot mix masked
+positions into visible ones, but they turn a masked zero into a non-zero
+value (the norm's bias) that the next depth-wise convolution would spread.
+Re-masking the output of every ``LayerNorm2d`` and every block restores the
+sparse values, as the official sparse ConvNeXt's masking does.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -214,6 +222,20 @@ class SparseBatchNorm2d(nn.BatchNorm2d):
         return sparse_batch_norm(self, self.mask_state, x)
 
 
+def timm_masked_layers() -> tuple[type[nn.Module], ...]:
+    """ConvNeXt's layers (timm) whose outputs are re-masked: ``LayerNorm2d`` and its blocks.
+
+    Empty while timm is not imported: no network of this process can then be
+    a timm one, and importing it would cost a ResNet run seconds.
+    """
+    if "timm" not in sys.modules:
+        return ()
+    from timm.layers import LayerNorm2d
+    from timm.models.convnext import ConvNeXtBlock
+
+    return (LayerNorm2d, ConvNeXtBlock)
+
+
 def sparsify(model: nn.Module, state: MaskState) -> list[torch.utils.hooks.RemovableHandle]:
     """Make the conv, pooling and BatchNorm layers of ``model`` sparse while ``state`` has a mask.
 
@@ -222,8 +244,9 @@ def sparsify(model: nn.Module, state: MaskState) -> list[torch.utils.hooks.Remov
     SparK reads the stage outputs and never pools globally.
     """
     handles = []
+    hooked = SPARSE_HOOKED + timm_masked_layers()
     for module in model.modules():
-        if isinstance(module, SPARSE_HOOKED):
+        if isinstance(module, hooked):
             handles.append(module.register_forward_hook(partial(_zero_masked, state)))
         elif isinstance(module, nn.BatchNorm2d) and not isinstance(module, SparseBatchNorm2d):
             if type(module) is not nn.BatchNorm2d:
