@@ -234,6 +234,22 @@ def test_an_inits_finetune_keys_win_over_the_tasks_for_its_fine_tunes_only(confi
         revalidated(config, inits=bad)
 
 
+def test_an_init_with_its_own_tasks_is_fine_tuned_on_those_only(config: dict) -> None:
+    inits = copy.deepcopy(config["inits"])
+    inits["scratch"].update(tasks=["nodule"], finetune={"protocol": "knn"})
+    jobs = plan(revalidated(config, inits=inits))
+    assert jobs.init_tasks("scratch") == ["nodule"]
+    scratch = [p for p in jobs.finetune_metrics() if p.startswith("results/finetune/scratch/")]
+    assert scratch and all("/nodule/" in p for p in scratch)
+    assert any("/lung/" in p for p in jobs.finetune_metrics())
+    inits["scratch"]["tasks"] = ["nodule", "lung"]  # knn cannot segment
+    with pytest.raises(ConfigError, match=r"inits\.scratch on task 'lung': protocol knn"):
+        revalidated(config, inits=inits)
+    inits["scratch"]["tasks"] = ["nodul"]
+    with pytest.raises(ConfigError, match=r"inits\.scratch\.tasks: 'nodul' is not a task"):
+        revalidated(config, inits=inits)
+
+
 def test_a_datasets_convert_keys_replace_the_shared_ones_for_it_only(
     config: dict, tmp_path: Path
 ) -> None:

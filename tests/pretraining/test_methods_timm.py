@@ -66,3 +66,25 @@ def test_spark_steps_on_convnext_and_ignores_masked_pixels() -> None:
 def test_spark_refuses_a_transformer_naming_the_supported_backbones() -> None:
     with pytest.raises(ValueError, match="SparK needs a convolutional backbone.*convnext_tiny"):
         build_method("spark", models.build_backbone("deit_tiny_patch16_224", 1), {})
+
+
+SMALL_HEADS = {
+    "simclr": {"proj_dim": 16},
+    "moco_v2": {"proj_dim": 16, "queue_size": 16},
+    "byol": {"hidden_dim": 32, "proj_dim": 16},
+    "swav": {"hidden_dim": 32, "proj_dim": 16, "n_prototypes": 8, "n_local_crops": 0},
+    "barlow_twins": {"proj_dims": [16, 16, 16]},
+}
+"""Every contrastive method with narrow heads (and SwAV without local crops)."""
+
+
+@pytest.mark.parametrize("method_name", sorted(SMALL_HEADS))
+@pytest.mark.parametrize("backbone", ["convnext_atto", "deit_tiny_patch16_224"])
+def test_every_contrastive_method_steps_on_a_timm_backbone(method_name: str, backbone: str) -> None:
+    torch.manual_seed(0)
+    method = build_method(method_name, models.build_backbone(backbone, 1), SMALL_HEADS[method_name])
+    method.train()
+    loss = method(_views(4, 32, 1))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert models.stem_conv(method.backbone).weight.grad.abs().sum() > 0

@@ -58,7 +58,7 @@ def _job_counts(workdir: Path) -> dict[str, int]:
     return counts
 
 
-@pytest.mark.parametrize("study", ["wolf2023", "taher2021"])
+@pytest.mark.parametrize("study", ["wolf2023", "taher2021", "foundation2026"])
 def test_study_dry_run_lists_the_expected_jobs(study: str, tmp_path: Path) -> None:
     raw = yaml.safe_load((STUDIES / f"{study}.yaml").read_text())
     config = _fill(raw, tmp_path / "data")
@@ -67,18 +67,40 @@ def test_study_dry_run_lists_the_expected_jobs(study: str, tmp_path: Path) -> No
     (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     resolved = validate_config(yaml.safe_load((workdir / "config.yaml").read_text()))
     counts = _job_counts(workdir)
-    cells = len(resolved["inits"]) * len(resolved["tasks"]) * len(resolved["fractions"])
+    init_tasks = {
+        name: init.get("tasks") or list(resolved["tasks"])
+        for name, init in resolved["inits"].items()
+    }
+    cells = sum(map(len, init_tasks.values())) * len(resolved["fractions"])
     n_finetunes = cells * len(resolved["seeds"])
     per_job = resolved["compute"]["seeds_per_job"]
     assert counts["finetune"] == cells * -(-len(resolved["seeds"]) // per_job)
     assert counts.get("import_init", 0) == len(import_jobs(resolved))
-    assert counts.get("pretrain", 0) == len(pretrain_jobs(resolved))
+    runs = min(len(resolved["pretrain"]["seeds"]), len(resolved["seeds"]))  # pre-training runs
+    assert counts.get("pretrain", 0) == len(pretrain_jobs(resolved)) * runs
     assert counts["convert"] == len(resolved["data"]["datasets"])
     encoders = {encoder_name(resolved, init) for init in resolved["inits"]} - {None}
-    assert len(encoders) == sum(
-        counts.get(rule, 0) for rule in ("import_init", "pretrain", "supervised_init")
+    assert (
+        len(encoders)
+        == sum(counts.get(rule, 0) for rule in ("import_init", "supervised_init"))
+        + counts.get("pretrain", 0) // runs
     )
-    if study == "wolf2023":
+    if study == "foundation2026":
+        backbones = {init.get("backbone") for init in resolved["inits"].values()} - {None}
+        assert {"resnet50", "convnext_tiny", "vit_small_patch14_dinov2"} <= backbones
+        assert {"vit_base_patch14_dinov2", "vit_base_patch16_224"} <= backbones
+        protocols = {
+            {**resolved["finetune"], **init["finetune"]}["protocol"]
+            for init in resolved["inits"].values()
+        }
+        assert protocols == {"full", "linear", "knn"}
+        assert resolved["fractions"] == [0.01, 0.1, 1.0] and len(resolved["seeds"]) == 5
+        assert counts["pretrain"] == 2  # SparK, two pre-training runs
+        knn = [
+            init for init in resolved["inits"].values() if init["finetune"].get("protocol") == "knn"
+        ]
+        assert len(knn) == 7 and all(len(init["tasks"]) == 4 for init in knn)
+    elif study == "wolf2023":
         assert sorted(resolved["pretrain"]["methods"]) == ["byol", "moco_v2", "spark", "swav"]
         assert len(resolved["inits"]) == 5 and resolved["finetune"]["epochs"] == 70
     else:
@@ -142,6 +164,10 @@ def test_default_config_plans_spark_against_contrastive_methods(tmp_path: Path) 
     counts = _job_counts(tmp_path)
     assert counts["pretrain"] == len(methods) * len(resolved["pretrain"]["seeds"])
     per_job = resolved["compute"]["seeds_per_job"]
-    cells = len(resolved["inits"]) * len(resolved["tasks"]) * len(resolved["fractions"])
+    init_tasks = {
+        name: init.get("tasks") or list(resolved["tasks"])
+        for name, init in resolved["inits"].items()
+    }
+    cells = sum(map(len, init_tasks.values())) * len(resolved["fractions"])
     assert counts["finetune"] == cells * -(-len(resolved["seeds"]) // per_job)
     assert counts["costs"] == 1

@@ -221,7 +221,14 @@ def _check_input_sizes(config: dict) -> Iterator[str]:
 def _check_protocols(config: dict) -> Iterator[str]:
     """The knn probe votes on classes: a segmentation task cannot take it."""
     for init_name, init in config["inits"].items():
-        for task_name, task in config["tasks"].items():
+        for task_name in init.get("tasks") or config["tasks"]:
+            task = config["tasks"].get(task_name)
+            if task is None:
+                yield (
+                    f"inits.{init_name}.tasks: {task_name!r} is not a task; "
+                    f"choose from {sorted(config['tasks'])}"
+                )
+                continue
             protocol = {
                 **config["finetune"],
                 **task.get("finetune", {}),
@@ -230,8 +237,8 @@ def _check_protocols(config: dict) -> Iterator[str]:
             if protocol == "knn" and task_type_spec(task["type"]).dense:
                 yield (
                     f"inits.{init_name} on task {task_name!r}: protocol knn votes on classes; "
-                    f"a {task['type']} task needs linear or full (set it in the task's or "
-                    "the init's finetune)"
+                    f"a {task['type']} task needs linear or full (set the init's tasks or "
+                    "finetune)"
                 )
 
 
@@ -294,12 +301,13 @@ def _check_task_masks(name: str, task: dict, dataset: dict) -> Iterator[str]:
 
 
 INIT_KEYS = {
-    "scratch": {"finetune"},
-    "pretrain": {"method", "from", "finetune"},
-    "import": {"checkpoint", "format", "backbone", "stem", "img_size", "finetune"},
-    "supervised": {"task", "from", "seed", "finetune"},
+    "scratch": {"finetune", "tasks"},
+    "pretrain": {"method", "from", "finetune", "tasks"},
+    "import": {"checkpoint", "format", "backbone", "stem", "img_size", "finetune", "tasks"},
+    "supervised": {"task", "from", "seed", "finetune", "tasks"},
 }
-"""Keys each init source takes besides ``source`` (``finetune``: its fine-tunes' overrides)."""
+"""Keys each init source takes besides ``source`` (``finetune``: its fine-tunes' overrides;
+``tasks``: the tasks it is fine-tuned on, default all)."""
 
 
 def _check_inits(config: dict) -> Iterator[str]:

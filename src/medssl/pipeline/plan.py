@@ -421,12 +421,17 @@ class WorkflowPlan:
     def run_seeds(self, run: str) -> str:
         return " ".join(self.seed_blocks[run])
 
+    def init_tasks(self, init: str) -> list[str]:
+        """The tasks an init is fine-tuned on: its own ``tasks`` list, else every task."""
+        chosen = self.config["inits"][init].get("tasks")
+        return [task for task in self.tasks if chosen is None or task in chosen]
+
     def finetune_metrics(self) -> list[str]:
         """Every fine-tune job's metrics.json, in grid order."""
         return [
             f"results/finetune/{init}/{task}/frac{fraction}/{run}/metrics.json"
             for init in self.inits
-            for task in self.tasks
+            for task in self.init_tasks(init)
             for fraction in self.fractions
             for run in self.seed_blocks
         ]
