@@ -20,7 +20,7 @@ WHEELS="${MEDSSL_WHEELS:-$ROOT/bench/wheels}"
 SITE="${MEDSSL_DEVICE_SITE:-/tmp/medssl-device-site}"
 # lightly is the peer library of bench/peer_throughput.py (its loss and head modules
 # import without its declared pytorch_lightning and hydra dependencies).
-NEEDED=(monai==1.6.1 pydicom==3.0.2 hdf5plugin==7.1.0 lightly==1.6.0)
+NEEDED=(monai==1.6.1 pydicom==3.0.2 hdf5plugin==7.1.0 lightly==1.6.0 timm==1.0.31)
 
 args=("$@")
 out="${OUT:-}"
@@ -51,6 +51,6 @@ if ((${#missing[@]})); then
 fi
 export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
-"$PYTHON" -c "import medssl, monai, pydicom, hdf5plugin, torch; print('# medssl', medssl.__version__, 'torch', torch.__version__, 'monai', monai.__version__)"
+"$PYTHON" -c "import medssl, monai, pydicom, hdf5plugin, timm, torch; print('# medssl', medssl.__version__, 'torch', torch.__version__, 'monai', monai.__version__)"
 cd "$ROOT"
 exec "$PYTHON" bench/device/check.py "${args[@]}"

@@ -4,9 +4,11 @@ One small network per family (ResNet, ConvNeXt, ViT patch 16 and 14, Swin), a
 classification head and the family's segmentation decoder, batch 8 of
 1-channel slices, AdamW steps on CPU (or the current CUDA device). Prints one
 table; peak memory is the process's maximum resident set on CPU (it only
-grows, so networks run in increasing size) and torch's peak allocation on a GPU.
+grows, so networks run in increasing size) and torch's peak allocation per network
+on a GPU. ``--sizes base`` measures the base size of each family (on a GPU).
 
     python bench/finetune_families.py [--size 64] [--steps 5] [--batch 8]
+    python bench/finetune_families.py --sizes base --size 224 --batch 32 --device cuda
 """
 
 from __future__ import annotations
@@ -27,7 +29,16 @@ FAMILIES = [
     ("vit_small_patch14_reg4_dinov2", 56),
     ("swin_tiny_patch4_window7_224", 64),
 ]
-"""Backbone and the nearest valid side to the requested size's default (64 px)."""
+"""The tiny size of each family (``--sizes tiny``, for a CPU); the side is fitted per family."""
+
+BASE_FAMILIES = [
+    ("resnet50", 224),
+    ("convnext_base", 224),
+    ("deit_base_patch16_224", 224),
+    ("vit_base_patch14_dinov2", 224),
+    ("swin_base_patch4_window7_224", 224),
+]
+"""The base size of each family (``--sizes base``, for a GPU at 224 px)."""
 
 
 def _fit(name: str, size: int) -> int:
@@ -74,11 +85,16 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--sizes", choices=("tiny", "base"), default="tiny")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(args.device)
+    families = FAMILIES if args.sizes == "tiny" else BASE_FAMILIES
     print(f"device {device}, threads {torch.get_num_threads()}, batch {args.batch}")
     print(f"{'backbone':32s} {'px':>4s} {'cls img/s':>10s} {'seg img/s':>10s} {'peak MB':>9s}")
-    for name, _ in FAMILIES:
+    for name, _ in families:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         side = _fit(name, args.size)
         torch.manual_seed(0)
         images = torch.randn(args.batch, 1, side, side, device=device)

@@ -16,7 +16,7 @@ DEST="${MEDSSL_WHEELS:-$ROOT/bench/wheels}"
 PY_VERSION=3.12
 if [[ "${1:-}" == "--python-version" ]]; then PY_VERSION="$2"; fi
 # The versions pinned in pyproject.toml.
-PACKAGES=(monai==1.6.1 pydicom==3.0.2 hdf5plugin==7.1.0 lightly==1.6.0)
+PACKAGES=(monai==1.6.1 pydicom==3.0.2 hdf5plugin==7.1.0 lightly==1.6.0 timm==1.0.31)
 
 mkdir -p "$DEST"
 printf '*\n' >"$DEST/.gitignore"

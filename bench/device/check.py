@@ -41,19 +41,29 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 
-PARTS = ("throughput", "data_wait", "finetune", "finetune_stream", "ddp", "spark_sparse", "peer")
+PARTS = (
+    "throughput",
+    "data_wait",
+    "finetune",
+    "finetune_stream",
+    "families",
+    "ddp",
+    "spark_sparse",
+    "peer",
+)
 
 BUDGET_S = {
     "throughput": 125,
     "data_wait": 75,
     "finetune": 60,
     "finetune_stream": 45,
+    "families": 60,
     "ddp": 55,
     "spark_sparse": 45,
     "peer": 45,
 }
-"""Default seconds per part: 450 s together, so the whole check, its start-up and
-the wheel install stay under 8 minutes."""
+"""Default seconds per part: 510 s together, so the whole check, its start-up and
+the wheel install stay under 9 minutes."""
 
 GOALS = (
     ("spark", "images_per_s", ">=", 1500.0),
@@ -340,6 +350,27 @@ class Check:
         ]
         if not part.rows and part.status == "ok":
             part.note = "printed nothing"
+
+    def families(self, part: Part) -> None:
+        """Fine-tuning images/s and peak memory per backbone family: base sizes at 224 on a
+        GPU, the tiny ones on a CPU (bench/finetune_families.py)."""
+        on_gpu = self.args.device == "cuda"
+        argv = [self.python, str(REPO / "bench" / "finetune_families.py")]
+        argv += ["--device", self.args.device, "--steps", "3" if self.args.quick else "10"]
+        argv += ["--sizes", "base", "--size", "224", "--batch", "32"] if on_gpu else []
+        part.status, part.seconds, out = run_command(argv, self.budget["families"], self.log)
+        rows = []
+        for line in out.splitlines():
+            cells = line.split()
+            if len(cells) == 5 and cells[1].isdigit():
+                name, px, cls_rate, seg_rate, peak = cells
+                rows.append(
+                    {"backbone": name, "px": int(px), "cls_images_per_s": float(cls_rate)}
+                    | {"seg_images_per_s": float(seg_rate), "peak_mb": float(peak)}
+                )
+        part.rows = rows
+        if part.status == "ok" and not rows:
+            part.note = "printed no table"
 
     def run(self, names: list[str]) -> list[Part]:
         self.generate()
