@@ -76,6 +76,8 @@ import numpy as np
 import pandas as pd
 import statsmodels.formula.api as smf
 from scipy.integrate import trapezoid
+from scipy.sparse import coo_array
+from scipy.sparse.csgraph import connected_components
 from statsmodels.tools.sm_exceptions import ConvergenceWarning
 
 from medssl.analysis.comparisons import compare
@@ -129,27 +131,26 @@ def replication_clusters(data: pd.DataFrame) -> pd.Series:
 
     Only inits with two or more pre-training runs join seeds: with one run the
     pre-training noise cannot be measured, and joining would leave a single
-    cluster and no inference at all. Hand-written union-find: a few lines, and
-    no graph library is a dependency of this project.
+    cluster and no inference at all. The clusters are the connected components
+    (scipy's) of the graph whose nodes are seeds and whose edges link the seeds
+    of one pre-training run.
     """
-    seeds = data["seed"].astype(np.int64).to_numpy()
-    parent = {int(s): int(s) for s in np.unique(seeds)}
-
-    def root(seed: int) -> int:
-        while parent[seed] != seed:
-            parent[seed] = parent[parent[seed]]
-            seed = parent[seed]
-        return seed
-
+    seeds, node = np.unique(data["seed"].astype(np.int64).to_numpy(), return_inverse=True)
+    edges: list[tuple[int, int]] = []
     if "pretrain_seed" in data.columns:
         nested = data.dropna(subset=["pretrain_seed"])
         runs_per_init = nested.groupby("init")["pretrain_seed"].nunique()
         nested = nested[nested["init"].map(runs_per_init).fillna(0) >= 2]
+        position = {int(seed): i for i, seed in enumerate(seeds)}
         for _, linked in nested.groupby(["init", "pretrain_seed"]):
-            first, *rest = (int(s) for s in linked["seed"].unique())
-            for other in rest:
-                parent[root(other)] = root(first)
-    return pd.Series([root(int(s)) for s in seeds], index=data.index, name="cluster")
+            first, *rest = (position[int(s)] for s in linked["seed"].unique())
+            edges += [(first, other) for other in rest]
+    pairs = np.array(edges, dtype=np.int64).reshape(-1, 2)
+    graph = coo_array(
+        (np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(seeds.size, seeds.size)
+    )
+    _, component = connected_components(graph, directed=False)
+    return pd.Series(component[node], index=data.index, name="cluster")
 
 
 def _n_pretrain(data: pd.DataFrame, init: str) -> int:

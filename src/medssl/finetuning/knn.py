@@ -314,10 +314,26 @@ def neighbour_classifier(
     The bank is encoded ``batch_size`` images at a time with the backbone in
     eval mode; ``targets`` are the task type's training targets.
     """
-    check_task_type(task_type)
     if batch_size < 1:
         raise ValueError(f"kNN probe: batch_size must be at least 1, got {batch_size}")
-    backbone.eval()
     batches = zip(torch.split(images, batch_size), torch.split(targets, batch_size), strict=True)
+    return probe_from_batches(backbone, batches, task_type, n_outputs, k, temperature)
+
+
+def probe_from_batches(
+    backbone: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    task_type: str,
+    n_outputs: int,
+    k: int = DEFAULT_K,
+    temperature: float = DEFAULT_TEMPERATURE,
+) -> NeighbourClassifier:
+    """The kNN probe of ``backbone`` with the ``(images, targets)`` batches as its bank.
+
+    The task type is checked before the first batch is drawn, so a lazy
+    iterable over a streamed split reads nothing for a task the probe refuses.
+    """
+    check_task_type(task_type)
+    backbone.eval()
     bank = build_bank(backbone, batches)
     return NeighbourClassifier(backbone, bank, task_type, n_outputs, k, temperature)

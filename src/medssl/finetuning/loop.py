@@ -43,7 +43,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,7 +61,6 @@ from medssl.core.seeding import seed_everything
 from medssl.core.task_types import TASK_TYPES as TASK_TYPE_SPECS
 from medssl.datasets.maskfile import load_masks
 from medssl.datasets.splits import TARGETS_COLUMN, parse_targets, select_training
-from medssl.finetuning.knn import NeighbourClassifier, build_bank, check_task_type
 from medssl.finetuning.lr_decay import (
     DEFAULT_LAYER_DECAY,
     check_layer_decay,
@@ -70,16 +69,11 @@ from medssl.finetuning.lr_decay import (
 from medssl.finetuning.metrics import (
     EMPTY_REFERENCE_RULES,
     OverlapCounts,
-    case_counts,
     check_threshold_setting,
     metric_definitions,
-    metrics_from_counts,
     overlap_counts,
-    segmentation_flags,
-    undefined_flags,
 )
 from medssl.finetuning.protocols import (
-    KNN,
     PROTOCOL_SETTING_DEFAULTS,
     PROTOCOLS,
     Protocol,
@@ -477,32 +471,12 @@ def _evaluate_counts(
         *(np.concatenate([getattr(p, name) for p in parts]) for name in COUNT_FIELDS),
         pixels_per_slice=parts[0].pixels_per_slice,
     )
-    metrics = metrics_from_counts(counts, rows.patient_id, settings["empty_reference"])
     # The spread of two values [min, max] is the spread of every probability.
-    flags = segmentation_flags(torch.tensor([low, high]), counts)
-    flags += undefined_flags(metrics, kind.metrics)
-    arrays = segmentation_arrays(counts, rows)
-    return Evaluation({**metrics, "loss": loss}, threshold, flags, arrays)
+    scored = kind.assess_counts(counts, torch.tensor([low, high]), rows, settings)
+    return Evaluation({**scored.metrics, "loss": loss}, threshold, scored.flags, scored.arrays)
 
 
 COUNT_FIELDS = ("intersection", "pred_sum", "ref_sum")
-
-
-def segmentation_arrays(counts: OverlapCounts, rows: EvalRows) -> dict[str, np.ndarray]:
-    """The test predictions file's arrays of a segmentation split, from its slice counts."""
-    cases, per_case = case_counts(counts, rows.patient_id)
-    return {
-        "case_id": cases,
-        "intersection": per_case.intersection,
-        "pred_sum": per_case.pred_sum,
-        "ref_sum": per_case.ref_sum,
-        "sample_index": rows.sample_index,
-        "patient_id": rows.patient_id,
-        "slice_intersection": counts.intersection,
-        "slice_pred_sum": counts.pred_sum,
-        "slice_ref_sum": counts.ref_sum,
-        "pixels_per_slice": np.int64(counts.pixels_per_slice),
-    }
 
 
 def _is_better(value: float, best: float | None, metric: str) -> bool:
@@ -888,28 +862,17 @@ def _group_key(group: dict[str, Any], per_layer: bool) -> str:
     return f"{group['name']}/layer{group['layer_id']}" if per_layer else group["name"]
 
 
-def fit_probe(run: PreparedRun) -> FitResult:
-    """A protocol that trains nothing (``knn``): the kNN probe of the frozen encoder, its bank
-    the training subset read batch by batch, scored once on validation."""
-    probe = run.protocol
-    check_task_type(run.kind.name)  # segmentation has no neighbour vote: refused first
+def _training_batches(run: PreparedRun) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The training subset as ``(model input, targets)`` batches in row order, read lazily."""
     positions = _batches(torch.arange(len(run.data.train)), EVAL_BATCH)
     targets = run.data.y_train
-    batches = (
-        (x, targets[torch.from_numpy(where).to(targets.device)])
-        for where, x, _ in run.data.train.batches(positions)
-    )
-    run.model.backbone.eval()
-    bank = build_bank(run.model.backbone, batches)
-    run.model = NeighbourClassifier(
-        run.model.backbone,
-        bank,
-        run.kind.name,
-        run.data.n_outputs,
-        int(probe.settings["knn_k"]),
-        float(probe.settings["knn_temperature"]),
-    )
-    val = evaluate(
+    for where, x, _ in run.data.train.batches(positions):
+        yield x, targets[torch.from_numpy(where).to(targets.device)]
+
+
+def _evaluate_val(run: PreparedRun) -> Evaluation:
+    """The run's model scored on the validation split (metrics, threshold, flags)."""
+    return evaluate(
         run.model,
         run.data.val,
         run.data.y_val,
@@ -917,14 +880,22 @@ def fit_probe(run: PreparedRun) -> FitResult:
         settings=run.settings,
         rows=run.data.val_rows,
     )
-    log.info("kNN probe (k=%s): val %s", probe.settings["knn_k"], val.metrics.get(run.select))
-    return FitResult(best_val=val.metrics, best_threshold=val.threshold)
 
 
 def fit(run: PreparedRun) -> FitResult:
-    """Train epoch by epoch, scoring the validation split; keep the best state, stop on patience."""
-    if isinstance(run.protocol, KNN):
-        return fit_probe(run)
+    """Train epoch by epoch, scoring the validation split; keep the best state, stop on patience.
+
+    A protocol that trains nothing (``knn``) hands back the model that answers
+    instead, built from the training batches; it is scored once on validation.
+    """
+    answer = run.protocol.model_from_batches(
+        run.model, _training_batches(run), run.kind.name, run.data.n_outputs
+    )
+    if answer is not None:
+        run.model = answer
+        val = _evaluate_val(run)
+        log.info("%s: nothing trained; val %s", run.protocol.name, val.metrics.get(run.select))
+        return FitResult(best_val=val.metrics, best_threshold=val.threshold)
     fitted = FitResult()
     base_lr = float(run.settings["lr"])
     metrics = (*run.kind.metrics, "loss")
@@ -935,14 +906,7 @@ def fit(run: PreparedRun) -> FitResult:
             scale = group.get("lr_scale", 1.0)
             group["lr"] = base_lr * scale * plan.lr_factor[group["name"]]
         train_loss = _train_epoch(run, plan.train_backbone, epoch)
-        evaluation = evaluate(
-            run.model,
-            run.data.val,
-            run.data.y_val,
-            run.kind,
-            settings=run.settings,
-            rows=run.data.val_rows,
-        )
+        evaluation = _evaluate_val(run)
         val = evaluation.metrics
         lrs = {_group_key(g, per_layer): g["lr"] for g in run.optimizer.param_groups}
         fitted.history.append(
@@ -989,10 +953,7 @@ def score_test(run: PreparedRun, fitted: FitResult) -> Evaluation:
         run.model.load_state_dict(fitted.best_state)
     threshold = fitted.best_threshold
     if threshold is None:
-        val, y_val, val_rows = run.data.val, run.data.y_val, run.data.val_rows
-        threshold = evaluate(
-            run.model, val, y_val, run.kind, settings=run.settings, rows=val_rows
-        ).threshold
+        threshold = _evaluate_val(run).threshold
     return evaluate(
         run.model,
         run.data.test,

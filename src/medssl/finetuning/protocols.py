@@ -17,7 +17,7 @@ protocol's name, so a new protocol is one class and one registry line.
   subset become a bank, and each validation or test image is answered by the
   weighted vote of its ``knn_k`` nearest neighbours at ``knn_temperature``
   (DINO's protocol, :mod:`medssl.finetuning.knn`): zero epochs, and
-  :meth:`Protocol.model_without_training` gives the model that answers.
+  :meth:`Protocol.model_from_batches` gives the model that answers.
 
 A protocol's own settings and their defaults are :attr:`Protocol.setting_defaults`
 (all of them: :data:`PROTOCOL_SETTING_DEFAULTS`), checked by
@@ -26,6 +26,7 @@ A protocol's own settings and their defaults are :attr:`Protocol.setting_default
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -62,6 +63,21 @@ class Protocol:
         """Training epochs the run plans (``finetune.epochs``; early stopping may end it sooner)."""
         return int(self.settings["epochs"])
 
+    def model_from_batches(
+        self,
+        model: nn.Module,
+        batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+        task_type: str,
+        n_outputs: int,
+    ) -> nn.Module | None:
+        """For a protocol that trains nothing, the model that answers instead; else None.
+
+        ``model`` is the network built for the task (``model.backbone`` the
+        encoder), ``batches`` the training subset as ``(images, task-type
+        targets)`` batches, drawn only by a protocol that uses them.
+        """
+        return None
+
     def model_without_training(
         self,
         model: nn.Module,
@@ -70,13 +86,11 @@ class Protocol:
         task_type: str,
         n_outputs: int,
     ) -> nn.Module | None:
-        """For a protocol that trains nothing, the model that answers instead; else None.
+        """:meth:`model_from_batches` of a training subset held as two tensors."""
+        import torch  # lazy: this module stays torch-free at import
 
-        ``model`` is the network built for the task (``model.backbone`` the
-        encoder), ``images`` and ``targets`` the training subset and its
-        task-type targets.
-        """
-        return None
+        batches = zip(torch.split(images, 256), torch.split(targets, 256), strict=True)
+        return self.model_from_batches(model, batches, task_type, n_outputs)
 
     def plan(self, epoch: int) -> EpochPlan:
         """What epoch ``epoch`` (1-based) trains, and at what lr factor per group."""
@@ -162,21 +176,19 @@ class KNN(Protocol):
     def trains_backbone_ever(self) -> bool:
         return False
 
-    def model_without_training(
+    def model_from_batches(
         self,
         model: nn.Module,
-        images: torch.Tensor,
-        targets: torch.Tensor,
+        batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
         task_type: str,
         n_outputs: int,
     ) -> nn.Module:
         """The kNN probe of ``model.backbone`` with the training subset as its bank."""
-        from medssl.finetuning.knn import neighbour_classifier  # lazy: keeps torch out
+        from medssl.finetuning.knn import probe_from_batches  # lazy: keeps torch out
 
-        return neighbour_classifier(
+        return probe_from_batches(
             model.backbone,
-            images,
-            targets,
+            batches,
             task_type,
             n_outputs,
             k=int(self.settings["knn_k"]),

@@ -46,6 +46,7 @@ from medssl.core.task_types import TaskTypeSpec, task_type_spec
 from medssl.datasets.splits import IGNORED_TARGET
 from medssl.finetuning.metrics import (
     SEGMENTATION_THRESHOLD,
+    OverlapCounts,
     case_counts,
     choose_threshold,
     classification_flags,
@@ -503,6 +504,18 @@ class Segmentation(TaskType):
         """Cases are patients: :attr:`EvalRows.patient_id` groups the slices."""
         probs = probs.detach().cpu()
         counts = overlap_counts(targets[:, 0].detach().cpu(), probs, float(threshold.value))
+        return self.assess_counts(counts, probs, rows, settings)
+
+    def assess_counts(
+        self,
+        counts: OverlapCounts,
+        probs: torch.Tensor,
+        rows: EvalRows,
+        settings: dict[str, Any],
+    ) -> Assessment:
+        """:meth:`assess` from a split's per-slice overlap counts, which is all a streamed
+        evaluation keeps; ``probs`` need only hold the extreme probabilities (the flags
+        look at their spread)."""
         metrics = metrics_from_counts(counts, rows.patient_id, settings["empty_reference"])
         flags = segmentation_flags(probs, counts) + undefined_flags(metrics, self.metrics)
         cases, per_case = case_counts(counts, rows.patient_id)

@@ -7,7 +7,7 @@ file still ends as a slice or a reject.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,20 +98,36 @@ def iter_blocks(
         rejected: list[Rejection] = []
         stop = start + block
         for header, z in zip(plan.slices[start:stop], plan.z[start:stop], strict=True):
-            try:
-                hu = read_slice_hu(header)
-            except ValueError as err:
-                rejected.append(Rejection(header.label, plan.series_uid, str(err)))
-                continue
-            except Exception as err:  # I/O or decoder failures of every kind
-                reason = f"unreadable or truncated file ({type(err).__name__}: {err})"
-                rejected.append(Rejection(header.label, plan.series_uid, reason))
+            hu = read_or_reject(
+                lambda h=header: read_slice_hu(h), header.label, plan.series_uid, rejected
+            )
+            if hu is None:
                 continue
             geometry = grid.place((header.rows, header.columns), header.pixel_spacing)
             buffer[len(kept)] = store_slice(hu, geometry, intensity)
             kept.append((header, z, geometry))
 
         yield SeriesResult(buffer[: len(kept)], _block_meta(plan, kept), rejected)
+
+
+def read_or_reject(
+    read: Callable[[], np.ndarray], file: str, group: str, rejected: list[Rejection]
+) -> np.ndarray | None:
+    """The pixels ``read()`` decodes, or None with the reason appended to ``rejected``.
+
+    A ``ValueError`` is a problem the reader could name, kept as its message;
+    any other failure is an unreadable or truncated file, named by its type.
+    Every source's pixel pass rejects this way, so a reason reads the same
+    whichever format the file came in.
+    """
+    try:
+        return read()
+    except ValueError as err:
+        rejected.append(Rejection(file, group, str(err)))
+    except Exception as err:  # I/O or decoder failures of every kind
+        reason = f"unreadable or truncated file ({type(err).__name__}: {err})"
+        rejected.append(Rejection(file, group, reason))
+    return None
 
 
 def store_slice(native: np.ndarray, geometry: Geometry, intensity: Intensity) -> np.ndarray:

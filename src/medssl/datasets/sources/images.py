@@ -29,7 +29,12 @@ from medssl.datasets.conversion.chunks import encode_chunks
 from medssl.datasets.conversion.driver import SLICES_PER_TASK, Accounting
 from medssl.datasets.conversion.intensity import Intensity, ScaleIntensity
 from medssl.datasets.conversion.layout import META_COLUMNS
-from medssl.datasets.conversion.pixels import SeriesResult, geometry_meta, store_slice
+from medssl.datasets.conversion.pixels import (
+    SeriesResult,
+    geometry_meta,
+    read_or_reject,
+    store_slice,
+)
 from medssl.datasets.conversion.settings import resolve_settings
 from medssl.datasets.resizing import Geometry, Grid
 from medssl.datasets.sources.common import finish, make_pool, ordered_results, started_now
@@ -135,14 +140,10 @@ def convert_part(
     images = np.empty((len(tasks), intensity.n_channels, *grid.stored), intensity.numpy_dtype)
     n = 0
     for task in tasks:
-        try:
-            pixels = decode(task.path, rgb)
-        except ValueError as err:
-            rejected.append(Rejection(task.file, task.study_id, str(err)))
-            continue
-        except Exception as err:  # I/O or decoder failures of every kind
-            reason = f"unreadable or truncated file ({type(err).__name__}: {err})"
-            rejected.append(Rejection(task.file, task.study_id, reason))
+        pixels = read_or_reject(
+            lambda t=task: decode(t.path, rgb), task.file, task.study_id, rejected
+        )
+        if pixels is None:
             continue
         geometry = grid.place(pixels.shape[-2:], None)
         images[n] = store_slice(pixels, geometry, intensity)
